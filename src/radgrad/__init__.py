@@ -1,0 +1,35 @@
+"""radgrad: randomized automatic differentiation for PyTorch.
+
+A RAD layer computes its forward pass exactly but keeps, for the backward
+pass, only a random, compact, reweighted sketch of its input: weight gradients
+become unbiased estimates, everything else stays exact, and the memory saved
+for backward drops by about the keep fraction.
+
+Public names: :func:`convert` (one call for an existing model), :mod:`radgrad.nn`
+(the layers), :mod:`radgrad.functional`, :mod:`radgrad.memory` (the ruler),
+:mod:`radgrad.models` (the paper's models), and the sketch API for custom ops
+(:class:`SketchConfig`, :func:`pack`, :func:`unpack`, :func:`save_for_backward`,
+:func:`saved_tensors`).
+"""
+
+from radgrad import functional, memory, models, nn
+from radgrad.convert import convert
+from radgrad.saved import save_for_backward, saved_tensors
+from radgrad.sketch import METHODS, Sketch, SketchConfig, pack, unpack
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "METHODS",
+    "Sketch",
+    "SketchConfig",
+    "convert",
+    "functional",
+    "memory",
+    "models",
+    "nn",
+    "pack",
+    "save_for_backward",
+    "saved_tensors",
+    "unpack",
+]

@@ -1,0 +1,329 @@
+"""RAD autograd functions: linear, convolution, ReLU and pooling.
+
+Nothing here knows about modules: each public function takes tensors and a
+:class:`~radgrad.sketch.SketchConfig` and is a drop-in for its
+``torch.nn.functional`` twin.
+
+Contract of every function here:
+    * the forward value is exactly torch's;
+    * the gradient with respect to the input is exactly torch's (it needs the
+      weight, the 1-bit ReLU mask or the pooling indices, never the input);
+    * the bias gradient is exact;
+    * only the weight gradient is an estimate (unbiased): it is computed from
+      an unpacked sketch of the input (:mod:`radgrad.sketch`);
+    * with ``config.keep == 1``, with gradients disabled, or when the weight
+      needs no gradient, the torch function itself runs, unchanged;
+    * a second derivative through a randomized op raises RuntimeError.
+
+Under CPU or CUDA autocast the inputs are cast as autocast would cast them
+for the torch op, and the op runs in that dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd import Function
+
+from radgrad.bits import pack_bits, unpack_bits
+from radgrad.saved import save_for_backward, saved_tensors
+from radgrad.sketch import SketchConfig, pack
+
+__all__ = ["linear", "conv", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d"]
+
+_DEFAULT = SketchConfig()
+
+
+def _randomized(config: SketchConfig, weight: Tensor) -> bool:
+    return not config.exact and weight.requires_grad and torch.is_grad_enabled()
+
+
+def _check_input(name: str, input: Tensor) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"radgrad.{name}: input must be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(
+            f"radgrad.{name}: input must be a floating-point tensor "
+            f"(float16, bfloat16, float32 or float64), got {input.dtype}"
+        )
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast would run a matmul-like op in, or None outside autocast."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
+    # Autocast casts floating tensors other than float64 (see aten's cached_cast).
+    return [
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    ]
+
+
+def _apply(fn: type[Function], input: Tensor, weight: Tensor, bias: Tensor | None, *args) -> Tensor:
+    """Run a RAD Function as autocast would run its torch twin."""
+    device_type = input.device.type
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
+        return fn.apply(input, weight, bias, *args)
+    input, weight, bias = _cast(dtype, input, weight, bias)
+    with torch.autocast(device_type, enabled=False):
+        return fn.apply(input, weight, bias, *args)
+
+
+class _Linear(Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, config):
+        save_for_backward(ctx, pack(input, config, batch_dims=input.dim() - 1), weight)
+        return F.linear(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sketch, weight = saved_tensors(ctx, unpack=False)
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_input = grad.matmul(weight) if need_input else None
+        grad_weight = None
+        if need_weight:
+            estimate = sketch.unpack()
+            grad_weight = grad2d.t().mm(estimate.reshape(-1, estimate.shape[-1]))
+        grad_bias = grad2d.sum(0) if need_bias else None
+        return grad_input, grad_weight, grad_bias, None
+
+
+def linear(
+    input: Tensor, weight: Tensor, bias: Tensor | None = None, config: SketchConfig = _DEFAULT
+) -> Tensor:
+    """RAD ``F.linear``: exact output, weight gradient from a sketch of ``input``.
+
+    Each position of every leading dimension of ``input`` is a row of the
+    sketch (NOTE [Sketch layout] in :mod:`radgrad.sketch`).
+    """
+    _check_input("functional.linear", input)
+    if not _randomized(config, weight):
+        return F.linear(input, weight, bias)
+    return _apply(_Linear, input, weight, bias, config)
+
+
+class _Conv(Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, config):
+        ctx.options = (stride, padding, dilation, groups)
+        save_for_backward(ctx, pack(input, config, batch_dims=2), weight)
+        zeros = [0] * len(stride)
+        return torch.convolution(input, weight, bias, stride, padding, dilation, False, zeros, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sketch, weight = saved_tensors(ctx, unpack=False)
+        stride, padding, dilation, groups = ctx.options
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        # convolution_backward reads the input only for the weight gradient;
+        # otherwise a stride-0 placeholder of the right shape is enough.
+        estimate = sketch.unpack() if need_weight else grad.new_zeros(()).expand(sketch.shape)
+        grads = torch.ops.aten.convolution_backward(
+            grad, estimate, weight, [weight.shape[0]] if need_bias else None,
+            stride, padding, dilation, False, [0] * len(stride), groups,
+            [need_input, need_weight, need_bias],
+        )
+        return (*grads, None, None, None, None, None)
+
+
+def conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Sequence[int] | int = 1,
+    padding: Sequence[int] | int | str = 0,
+    dilation: Sequence[int] | int = 1,
+    groups: int = 1,
+    config: SketchConfig = _DEFAULT,
+) -> Tensor:
+    """RAD ``F.conv1d`` / ``F.conv2d`` / ``F.conv3d``, chosen by ``weight.dim()``.
+
+    The sketch samples spatial positions of ``input``: every (example,
+    channel) pair is a row. ``padding`` takes ints or ``"same"`` / ``"valid"``
+    as in torch; uneven ``"same"`` padding is applied with ``F.pad`` first, as
+    torch does.
+    """
+    _check_input("functional.conv", input)
+    n = weight.dim() - 2
+    if not _randomized(config, weight):
+        return _TORCH_CONV[n](input, weight, bias, stride, padding, dilation, groups)
+    unbatched = input.dim() == n + 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    stride, dilation = _tuple(stride, n), _tuple(dilation, n)
+    input, padding = _explicit_padding(input, padding, weight, stride, dilation)
+    out = _apply(_Conv, input, weight, bias, stride, padding, dilation, groups, config)
+    return out.squeeze(0) if unbatched else out
+
+
+_TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _tuple(value: Sequence[int] | int, n: int) -> list[int]:
+    return [value] * n if isinstance(value, int) else list(value)
+
+
+def _explicit_padding(
+    input: Tensor, padding: Sequence[int] | int | str, weight: Tensor, stride: list[int], dilation: list[int]
+) -> tuple[Tensor, list[int]]:
+    n = weight.dim() - 2
+    if padding == "valid":
+        return input, [0] * n
+    if padding != "same":
+        return input, _tuple(padding, n)
+    if any(s != 1 for s in stride):
+        raise ValueError("radgrad.functional.conv: padding='same' is not supported for strided convolutions")
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    left = [t // 2 for t in total]
+    extra = [t - l for t, l in zip(total, left)]
+    if any(extra[i] != left[i] for i in range(n)):
+        # torch pads the uneven remainder on the high side of each dimension.
+        pad = []
+        for i in reversed(range(n)):
+            pad += [0, extra[i] - left[i]]
+        input = F.pad(input, pad)
+    return input, left
+
+
+class _ReLU(Function):
+    @staticmethod
+    def forward(ctx, input):
+        output = torch.relu(input)
+        ctx.shape = input.shape
+        # torch's threshold_backward zeroes the gradient where output <= 0
+        # (NaN passes); the complement of that test is kept, one bit each.
+        ctx.save_for_backward(pack_bits(output <= 0))
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        return grad.masked_fill(unpack_bits(packed, ctx.shape), 0)
+
+
+def relu(input: Tensor) -> Tensor:
+    """Exact ReLU that saves a 1-bit mask instead of its output."""
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        return torch.relu(input)
+    return _ReLU.apply(input)
+
+
+class _AvgPool2d(Function):
+    @staticmethod
+    def forward(ctx, input, options):
+        ctx.shape, ctx.options = input.shape, options
+        return F.avg_pool2d(input, *options)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # avg_pool2d_backward reads only the input's shape: pass a stride-0 placeholder.
+        placeholder = grad.new_zeros(()).expand(ctx.shape)
+        return torch.ops.aten.avg_pool2d_backward(grad, placeholder, *ctx.options), None
+
+
+def avg_pool2d(
+    input: Tensor,
+    kernel_size: Sequence[int] | int,
+    stride: Sequence[int] | int | None = None,
+    padding: Sequence[int] | int = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+) -> Tensor:
+    """Exact ``F.avg_pool2d`` that saves nothing but the input's shape."""
+    options = (_tuple(kernel_size, 2), _tuple(kernel_size if stride is None else stride, 2),
+               _tuple(padding, 2), ceil_mode, count_include_pad, divisor_override)
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        return F.avg_pool2d(input, *options)
+    return _AvgPool2d.apply(input, options)
+
+
+def avg_pool1d(
+    input: Tensor,
+    kernel_size: Sequence[int] | int,
+    stride: Sequence[int] | int | None = None,
+    padding: Sequence[int] | int = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> Tensor:
+    """Exact ``F.avg_pool1d`` that saves nothing but the input's shape."""
+    stride = kernel_size if stride is None else stride
+    out = avg_pool2d(input.unsqueeze(-2), [1, *_tuple(kernel_size, 1)], [1, *_tuple(stride, 1)],
+                     [0, *_tuple(padding, 1)], ceil_mode, count_include_pad)
+    return out.squeeze(-2)
+
+
+class _MaxPool2d(Function):
+    @staticmethod
+    def forward(ctx, input, kernel, stride, padding, dilation, ceil_mode):
+        output, index = torch.ops.aten.max_pool2d_with_indices(
+            input, kernel, stride, padding, dilation, ceil_mode
+        )
+        ctx.shape, ctx.options = input.shape, (kernel, stride, padding, dilation)
+        ctx.save_for_backward(_window_offsets(index, input.shape[-1], ctx.options))
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        (offsets,) = ctx.saved_tensors
+        index = _plane_index(offsets, ctx.shape[-1], ctx.options)
+        planes = grad.numel() // (grad.shape[-2] * grad.shape[-1])
+        grad_input = grad.new_zeros(planes, ctx.shape[-2] * ctx.shape[-1])
+        grad_input.scatter_add_(1, index.reshape(planes, -1), grad.reshape(planes, -1))
+        return grad_input.view(ctx.shape), None, None, None, None, None
+
+
+# NOTE [Compact max-pool indices]
+#   torch saves int64 indices into the input plane (plus the whole input).
+#   The backward pass needs only which element of its window each output took:
+#   an offset below kernel_h * kernel_w, one byte for windows up to 256
+#   entries. The plane index is rebuilt from the output position.
+def _window_origin(shape_out: torch.Size, options, device) -> tuple[Tensor, Tensor]:
+    _, stride, padding, _ = options
+    rows = torch.arange(shape_out[-2], device=device).mul_(stride[0]).sub_(padding[0])
+    cols = torch.arange(shape_out[-1], device=device).mul_(stride[1]).sub_(padding[1])
+    return rows.unsqueeze(1), cols
+
+
+def _window_offsets(index: Tensor, width: int, options) -> Tensor:
+    kernel, _, _, dilation = options
+    top, left = _window_origin(index.shape, options, index.device)
+    dr = torch.div(index, width, rounding_mode="floor").sub_(top).div_(dilation[0], rounding_mode="floor")
+    dc = index.remainder(width).sub_(left).div_(dilation[1], rounding_mode="floor")
+    size = kernel[0] * kernel[1]
+    dtype = torch.uint8 if size <= 256 else torch.int16 if size <= 2**15 else torch.int32
+    return dr.mul_(kernel[1]).add_(dc).to(dtype)
+
+
+def _plane_index(offsets: Tensor, width: int, options) -> Tensor:
+    kernel, _, _, dilation = options
+    top, left = _window_origin(offsets.shape, options, offsets.device)
+    offsets = offsets.long()
+    row = torch.div(offsets, kernel[1], rounding_mode="floor").mul_(dilation[0]).add_(top)
+    col = offsets.remainder(kernel[1]).mul_(dilation[1]).add_(left)
+    return row.mul_(width).add_(col)
+
+
+def max_pool2d(
+    input: Tensor,
+    kernel_size: Sequence[int] | int,
+    stride: Sequence[int] | int | None = None,
+    padding: Sequence[int] | int = 0,
+    dilation: Sequence[int] | int = 1,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """Exact ``F.max_pool2d`` that saves one small offset per output, not the input."""
+    options = (_tuple(kernel_size, 2), _tuple(kernel_size if stride is None else stride, 2),
+               _tuple(padding, 2), _tuple(dilation, 2), ceil_mode)
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        return F.max_pool2d(input, *options)
+    return _MaxPool2d.apply(input, *options)

@@ -1,0 +1,177 @@
+"""Drop-in RAD layers: subclasses of the torch modules that call :mod:`radgrad.functional`.
+
+Each class has the very same parameters, buffers and ``state_dict`` keys as
+its torch parent; the sketch settings are a plain attribute, ``sketch``.
+
+In training mode with gradients on, ``Linear`` and ``Conv*`` store a random
+sketch of their input (weight gradient: unbiased estimate; output, input
+gradient and bias gradient: exact), ``ReLU`` stores a 1-bit mask and the
+pooling layers store no input at all (everything exact). In eval mode, under
+``torch.no_grad``, or when the weight needs no gradient, each module does
+exactly what its torch parent does.
+
+:func:`radgrad.convert` turns the torch modules of an existing model into
+these, in place, keeping the same Parameter objects.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from torch import Tensor, nn
+
+from radgrad import functional as RF
+from radgrad.sketch import SketchConfig
+
+__all__ = ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d"]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+class _Sketched:
+    """Mixin of the layers that sketch their input: holds the ``sketch`` config."""
+
+    sketch: SketchConfig
+
+    @classmethod
+    def from_torch(cls: type[M], module: nn.Module, config: SketchConfig) -> M:
+        """Turn ``module`` (an instance of the torch parent) into this class, in place."""
+        module.__class__ = cls
+        module.sketch = config
+        return module
+
+    def extra_repr(self) -> str:
+        c = self.sketch
+        return f"{super().extra_repr()}, keep={c.keep}, method={c.method!r}, per_example={c.per_example}"
+
+
+class _Exact:
+    """Mixin of the exact layers that only save less (ReLU, pooling)."""
+
+    @classmethod
+    def from_torch(cls: type[M], module: nn.Module, config: SketchConfig | None = None) -> M:
+        module.__class__ = cls
+        return module
+
+
+class Linear(_Sketched, nn.Linear):
+    """``nn.Linear`` whose weight gradient comes from a sketch of its input.
+
+    Args:
+        keep, method, per_example: see :class:`radgrad.SketchConfig`.
+        Other arguments as ``torch.nn.Linear``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype=None, *, keep: float = 0.1, method: str = "sample",
+                 per_example: bool = True) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self.sketch = SketchConfig(keep, method, per_example)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        return RF.linear(input, self.weight, self.bias, self.sketch)
+
+
+class _ConvNd(_Sketched):
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            input = nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return RF.conv(input, self.weight, self.bias, self.stride, padding, self.dilation,
+                       self.groups, self.sketch)
+
+
+class Conv1d(_ConvNd, nn.Conv1d):
+    """``nn.Conv1d`` whose weight gradient comes from a sketch of its input's positions.
+
+    Args:
+        keep, method, per_example: see :class:`radgrad.SketchConfig`.
+        Other arguments as ``torch.nn.Conv1d``.
+    """
+
+    def __init__(self, *args, keep: float = 0.1, method: str = "sample", per_example: bool = True,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sketch = SketchConfig(keep, method, per_example)
+
+
+class Conv2d(_ConvNd, nn.Conv2d):
+    """``nn.Conv2d`` whose weight gradient comes from a sketch of its input's positions.
+
+    Args:
+        keep, method, per_example: see :class:`radgrad.SketchConfig`.
+        Other arguments as ``torch.nn.Conv2d``.
+    """
+
+    def __init__(self, *args, keep: float = 0.1, method: str = "sample", per_example: bool = True,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sketch = SketchConfig(keep, method, per_example)
+
+
+class ReLU(_Exact, nn.ReLU):
+    """``nn.ReLU`` that saves a 1-bit mask instead of its output (exact).
+
+    While training, ``inplace=True`` is honoured in eval mode only: the RAD
+    path returns a new tensor.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        return RF.relu(input)
+
+
+class AvgPool1d(_Exact, nn.AvgPool1d):
+    """``nn.AvgPool1d`` that saves only its input's shape (exact)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        return RF.avg_pool1d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                             self.count_include_pad)
+
+
+class AvgPool2d(_Exact, nn.AvgPool2d):
+    """``nn.AvgPool2d`` that saves only its input's shape (exact)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        return RF.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                             self.count_include_pad, self.divisor_override)
+
+
+class MaxPool2d(_Exact, nn.MaxPool2d):
+    """``nn.MaxPool2d`` that saves one byte per output instead of its input and int64 indices (exact).
+
+    ``return_indices=True`` is not supported (:func:`radgrad.convert` leaves such modules alone).
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.return_indices:
+            raise ValueError("radgrad.nn.MaxPool2d: return_indices=True is not supported")
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        return RF.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                             self.ceil_mode)
+
+
+# torch module type -> RAD class; convert() and its documentation read this table.
+CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: Linear,
+    nn.Conv1d: Conv1d,
+    nn.Conv2d: Conv2d,
+    nn.ReLU: ReLU,
+    nn.AvgPool1d: AvgPool1d,
+    nn.AvgPool2d: AvgPool2d,
+    nn.MaxPool2d: MaxPool2d,
+}

@@ -1,0 +1,65 @@
+import pytest
+import torch
+from torch import nn
+
+import radgrad
+
+
+def _model():
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2),
+    )
+
+
+def test_converts_in_place_keeping_parameters_and_optimizer():
+    model = _model()
+    params = list(model.parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert radgrad.convert(model, keep=0.2) is model
+    assert [type(m).__module__ for m in model if not isinstance(m, nn.Flatten)] == ["radgrad.nn"] * 7
+    assert type(model[2]) is radgrad.nn.MaxPool2d and type(model[3]) is radgrad.nn.AvgPool2d
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert model.state_dict().keys() == state.keys()
+    model(torch.randn(3, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(model[0].weight, state["0.weight"])
+
+
+def test_converting_twice_is_harmless_and_updates_settings():
+    model = radgrad.convert(_model(), keep=0.2)
+    radgrad.convert(model, keep=0.2)
+    assert model[0].sketch == radgrad.SketchConfig(0.2)
+    radgrad.convert(model, keep=0.5, method="project", per_example=False)
+    assert model[-1].sketch == radgrad.SketchConfig(0.5, "project", False)
+    assert type(model[-1]) is radgrad.nn.Linear
+
+
+def test_exclude_by_name_and_type():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(nn.Linear(3, 3), nn.ReLU()), nn.Linear(3, 1))
+    radgrad.convert(model, exclude=["1"])
+    assert [type(m) for m in (model[0], model[1][0], model[1][1], model[2])] == [
+        radgrad.nn.Linear, nn.Linear, nn.ReLU, radgrad.nn.Linear]
+    model = radgrad.convert(nn.Sequential(nn.Linear(3, 3), nn.ReLU()), exclude=(nn.ReLU,))
+    assert type(model[1]) is nn.ReLU
+
+
+def test_converts_the_model_itself_and_skips_subclasses():
+    assert type(radgrad.convert(nn.Linear(2, 2))) is radgrad.nn.Linear
+    attention = nn.MultiheadAttention(4, 2)
+    radgrad.convert(attention)
+    assert type(attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    pool = nn.MaxPool2d(2, return_indices=True)
+    assert type(radgrad.convert(pool)) is nn.MaxPool2d
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"exclude names 'head', which is not a module of the model"):
+        radgrad.convert(_model(), exclude=["head"])
+    with pytest.raises(TypeError, match="exclude takes module names"):
+        radgrad.convert(_model(), exclude=[3])
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        radgrad.convert(lambda x: x)
+    with pytest.raises(ValueError, match=r"keep must be in \(0, 1\]"):
+        radgrad.convert(_model(), keep=2)

@@ -1,0 +1,124 @@
+"""radgrad.functional against torch.nn.functional: exact where the contract says exact."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import radgrad
+
+
+@st.composite
+def conv_cases(draw):
+    dims = draw(st.sampled_from([1, 2]))
+    groups = draw(st.sampled_from([1, 2]))
+    c_in, c_out = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    kernel = draw(st.integers(1, 4))
+    dilation = draw(st.integers(1, 2))
+    stride = draw(st.integers(1, 3))
+    padding = draw(st.one_of(st.integers(0, 2), st.sampled_from(["valid", "same"])))
+    if padding == "same":
+        stride = 1
+    mode = draw(st.sampled_from(["zeros", "reflect", "circular", "replicate"]))
+    size = draw(st.integers(dilation * (kernel - 1) + 3, 9))
+    spatial = (size,) * dims
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
+                   bias=draw(st.booleans()), padding_mode=mode)
+    keep = draw(st.sampled_from([0.05, 0.3, 1.0]))
+    method = draw(st.sampled_from(list(radgrad.METHODS)))
+    return dims, c_in, c_out, kernel, options, (draw(st.integers(1, 3)), c_in, *spatial), keep, method
+
+
+@settings(max_examples=60, deadline=None)
+@given(conv_cases())
+def test_conv_matches_torch(case):
+    dims, c_in, c_out, kernel, options, shape, keep, method = case
+    torch_type = {1: nn.Conv1d, 2: nn.Conv2d}[dims]
+    torch.manual_seed(0)
+    conv = torch_type(c_in, c_out, kernel, **options).double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    params = [x, *conv.parameters()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns once about uneven 'same' padding
+        out = conv(x)
+        grad = torch.randn_like(out)
+        expected = torch.autograd.grad(out, params, grad)
+    radgrad.convert(conv, keep=keep, method=method)
+    rad_out = conv(x)
+    got = torch.autograd.grad(rad_out, params, grad)
+    assert torch.equal(rad_out, out)
+    assert torch.equal(got[0], expected[0])  # input gradient
+    if options["bias"]:
+        assert torch.equal(got[2], expected[2])
+    if keep == 1.0:
+        torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-10)
+    else:
+        assert got[1].shape == expected[1].shape and got[1].isfinite().all()
+
+
+@st.composite
+def pool_cases(draw):
+    kind = draw(st.sampled_from(["avg1d", "avg2d", "max2d"]))
+    kernel = draw(st.integers(1, 4))
+    stride = draw(st.one_of(st.none(), st.integers(1, 3)))
+    padding = draw(st.integers(0, kernel // 2))
+    ceil_mode = draw(st.booleans())
+    dims = 1 if kind == "avg1d" else 2
+    dilation = draw(st.integers(1, 2)) if kind == "max2d" else 1
+    size = draw(st.integers(dilation * (kernel - 1) + 1, 9))
+    if kind == "avg1d":
+        module = nn.AvgPool1d(kernel, stride, padding, ceil_mode, draw(st.booleans()))
+    elif kind == "avg2d":
+        module = nn.AvgPool2d(kernel, stride, padding, ceil_mode, draw(st.booleans()),
+                              draw(st.sampled_from([None, 3])))
+    else:
+        module = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+    batch = draw(st.sampled_from([(), (2,)]))  # unbatched or batched, as torch accepts
+    return module, (*batch, 2, *(size,) * dims)
+
+
+@settings(max_examples=80, deadline=None)
+@given(pool_cases())
+def test_pooling_and_relu_are_exact(case):
+    module, shape = case
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    for layer in (module, nn.ReLU()):
+        out = layer(x)
+        grad = torch.randn_like(out)
+        (expected,) = torch.autograd.grad(out, x, grad)
+        radgrad.convert(layer)
+        rad_out = layer(x)
+        (got,) = torch.autograd.grad(rad_out, x, grad)
+        assert torch.equal(rad_out, out) and torch.equal(got, expected)
+
+
+def test_relu_nan_and_zero_gradients_match_torch():
+    x = torch.tensor([-1.0, 0.0, 2.0, float("nan")], requires_grad=True)
+    grad = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    (expected,) = torch.autograd.grad(torch.relu(x), x, grad)
+    (got,) = torch.autograd.grad(radgrad.functional.relu(x), x, grad)
+    assert torch.equal(got, expected)
+
+
+def test_large_max_pool_windows_use_wider_offsets():
+    x = torch.randn(1, 1, 20, 20, dtype=torch.float64, requires_grad=True)
+    out = nn.functional.max_pool2d(x, 17, 1)
+    grad = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, x, grad)
+    (got,) = torch.autograd.grad(radgrad.functional.max_pool2d(x, 17, 1), x, grad)
+    assert torch.equal(got, expected)
+
+
+def test_functional_linear_matches_torch_when_not_randomized():
+    x, w = torch.randn(3, 4), torch.randn(2, 4)
+    assert torch.equal(radgrad.functional.linear(x, w), nn.functional.linear(x, w))
+
+
+def test_strided_same_padding_is_an_error():
+    w = torch.randn(2, 1, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
+        radgrad.functional.conv(torch.randn(1, 1, 8), w, stride=2, padding="same")
