@@ -6,5 +6,5 @@ def test_public_names_are_pinned():
         "METHODS", "Sketch", "SketchConfig", "convert", "functional", "memory", "models", "nn",
         "pack", "save_for_backward", "saved_tensors", "unpack",
     ]
-    assert radgrad.nn.__all__ == ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d"]
+    assert radgrad.nn.__all__ == ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN"]
     assert sorted(radgrad.METHODS) == ["project", "sample"]

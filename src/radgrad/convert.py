@@ -23,14 +23,14 @@ def convert(
 ) -> nn.Module:
     """Make ``model`` store randomized sketches for backward; return it.
 
-    Every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.ReLU``,
+    Every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.RNN``, ``nn.ReLU``,
     ``nn.AvgPool1d``, ``nn.AvgPool2d`` and ``nn.MaxPool2d`` in ``model`` (the
     model itself included) becomes its :mod:`radgrad.nn` twin *in place*: the
     module objects, their Parameter objects, buffers, hooks and ``state_dict``
     keys stay the same, so a pretrained model stays pretrained and an
     optimizer built before the call stays valid. Subclasses of these torch
     types (for example the output projection of ``nn.MultiheadAttention``) and
-    ``MaxPool2d(return_indices=True)`` are left alone.
+    ``MaxPool2d(return_indices=True)`` and bidirectional RNNs are left alone.
 
     What is exact and what is estimated: the forward pass and every gradient
     except those of the converted linear and convolution weights are exact;
@@ -98,6 +98,6 @@ def _split_exclude(model: nn.Module, exclude) -> tuple[set[str], tuple[type, ...
 def _convert_one(module: nn.Module, config: SketchConfig) -> None:
     torch_type = _RAD_TYPES.get(type(module), type(module))
     rad_type = CONVERSIONS.get(torch_type)
-    if rad_type is None or getattr(module, "return_indices", False):
+    if rad_type is None or not rad_type.convertible(module):
         return
     rad_type.from_torch(module, config)

@@ -32,7 +32,7 @@ from radgrad.bits import pack_bits, unpack_bits
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig, pack
 
-__all__ = ["linear", "conv", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d"]
+__all__ = ["linear", "conv", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d", "recurrence"]
 
 _DEFAULT = SketchConfig()
 
@@ -327,3 +327,95 @@ def max_pool2d(
     if not (input.requires_grad and torch.is_grad_enabled()):
         return F.max_pool2d(input, *options)
     return _MaxPool2d.apply(input, *options)
+
+
+# NOTE [RAD recurrence]
+#   h_t = act(v_t + h_{t-1} W^T) for t = 0..T-1, with v = x W_ih^T + b_ih + b_hh
+#   computed outside (a RAD linear over all steps, so every step and example
+#   gets fresh samples there). The backward pass through time needs W and the
+#   derivative of act at every step: one bit per entry for ReLU, the output
+#   itself for tanh (1 - h^2). dL/dW = sum_t g_t^T h_{t-1} is linear in the
+#   previous states, which are stored as sketches, a fresh draw for every
+#   step and example. With tanh the outputs are stored anyway, so dL/dW is
+#   computed exactly from them and nothing is sketched. Steps are packed and
+#   unpacked in chunks so the backward pass never holds a full-length dense
+#   copy of the states.
+_RECURRENCE_CHUNK = 64
+
+
+class _Recurrence(Function):
+    @staticmethod
+    def forward(ctx, v, h0, weight, relu, config):
+        steps = v.shape[0]
+        output = v.new_empty(v.shape)
+        act = torch.relu_ if relu else torch.tanh_
+        h = h0
+        for t in range(steps):
+            h = output[t]
+            torch.addmm(v[t], output[t - 1] if t else h0, weight.t(), out=h)
+            act(h)
+        chunks = [(lo, min(steps, lo + _RECURRENCE_CHUNK)) for lo in range(0, steps, _RECURRENCE_CHUNK)]
+        ctx.relu, ctx.chunks, ctx.shape = relu, chunks, v.shape
+        if relu:
+            saved = [weight]
+            for lo, hi in chunks:
+                previous = _previous_states(output, h0, lo, hi)
+                saved += [pack(previous, config, batch_dims=2), pack_bits(output[lo:hi] <= 0)]
+        else:
+            saved = [weight, h0, output]
+        save_for_backward(ctx, *saved)
+        return output, output[-1].clone()
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_last):
+        weight, *rest = saved_tensors(ctx, unpack=False)
+        grad_v = torch.empty(ctx.shape, dtype=grad_output.dtype, device=grad_output.device)
+        grad_weight = torch.zeros_like(weight)
+        carry = grad_last
+        for i, (lo, hi) in reversed(list(enumerate(ctx.chunks))):
+            if ctx.relu:
+                previous, packed = rest[2 * i].unpack(), rest[2 * i + 1]
+                zero = unpack_bits(packed, torch.Size((hi - lo, *ctx.shape[1:])))
+            else:
+                h0, output = rest
+                previous = _previous_states(output, h0, lo, hi)
+            for t in reversed(range(lo, hi)):
+                g = grad_output[t] + carry
+                if ctx.relu:
+                    g.masked_fill_(zero[t - lo], 0)
+                else:
+                    g.mul_(1 - output[t].square())
+                grad_v[t] = g
+                carry = g.mm(weight)
+            grad_weight.addmm_(grad_v[lo:hi].flatten(0, 1).t(), previous.flatten(0, 1))
+        return grad_v, carry, grad_weight, None, None
+
+
+def _previous_states(output: Tensor, h0: Tensor, lo: int, hi: int) -> Tensor:
+    """States h_{lo-1} .. h_{hi-2}, the inputs of the recurrent matmul at steps lo .. hi-1."""
+    if lo:
+        return output[lo - 1 : hi - 1]
+    return torch.cat([h0.unsqueeze(0), output[: hi - 1]])
+
+
+def recurrence(
+    v: Tensor, h0: Tensor, weight: Tensor, nonlinearity: str = "relu", config: SketchConfig = _DEFAULT
+) -> tuple[Tensor, Tensor]:
+    """RAD Elman recurrence ``h_t = act(v_t + h_{t-1} W^T)`` over the first dimension of ``v``.
+
+    Args:
+        v: ``(T, B, H)`` input projections, biases included.
+        h0: ``(B, H)`` initial state.
+        weight: ``(H, H)`` recurrent weight.
+        nonlinearity: ``"relu"`` or ``"tanh"``.
+
+    Returns:
+        ``(output, h_T)``: all states ``(T, B, H)`` and the last one.
+
+    Exact: both outputs and the gradients with respect to ``v`` and ``h0``.
+    Estimated (ReLU, keep < 1): the gradient of ``weight``, from per-step
+    sketches of the states (NOTE [RAD recurrence]).
+    """
+    if nonlinearity not in ("relu", "tanh"):
+        raise ValueError(f"radgrad.functional.recurrence: nonlinearity must be 'relu' or 'tanh', got {nonlinearity!r}")
+    return _Recurrence.apply(v, h0, weight, nonlinearity == "relu", config)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import torch
 from torch import Tensor, nn
 
 from radgrad import functional as RF
 from radgrad.sketch import SketchConfig
 
-__all__ = ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d"]
+__all__ = ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -32,6 +33,11 @@ class _Sketched:
     """Mixin of the layers that sketch their input: holds the ``sketch`` config."""
 
     sketch: SketchConfig
+
+    @classmethod
+    def convertible(cls, module: nn.Module) -> bool:
+        """Whether :func:`radgrad.convert` can turn this torch module into ``cls``."""
+        return True
 
     @classmethod
     def from_torch(cls: type[M], module: nn.Module, config: SketchConfig) -> M:
@@ -47,6 +53,8 @@ class _Sketched:
 
 class _Exact:
     """Mixin of the exact layers that only save less (ReLU, pooling)."""
+
+    convertible = _Sketched.convertible
 
     @classmethod
     def from_torch(cls: type[M], module: nn.Module, config: SketchConfig | None = None) -> M:
@@ -158,11 +166,78 @@ class MaxPool2d(_Exact, nn.MaxPool2d):
         if self.return_indices:
             raise ValueError("radgrad.nn.MaxPool2d: return_indices=True is not supported")
 
+    @classmethod
+    def convertible(cls, module: nn.Module) -> bool:
+        return not module.return_indices
+
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return super().forward(input)
         return RF.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                              self.ceil_mode)
+
+
+class RNN(_Sketched, nn.RNN):
+    """``nn.RNN`` (Elman, ReLU or tanh) with RAD weight gradients.
+
+    Same parameters and ``state_dict`` as ``torch.nn.RNN``. While training,
+    each layer's input-to-hidden weight gradient comes from sketches of its
+    inputs and, with ``nonlinearity="relu"``, the hidden-to-hidden weight
+    gradient from sketches of the previous states: a fresh draw at every time
+    step and for every example. Outputs, the gradients with respect to the
+    input and ``hx``, and all bias gradients are exact. With tanh the states
+    are stored in full (the tanh derivative needs them), so the recurrent
+    weight gradient is exact too and only the input weights are randomized.
+
+    Not supported: ``bidirectional=True``, ``proj_size`` (LSTM only) and
+    ``PackedSequence`` inputs. See :func:`radgrad.models.irnn_init_` for the
+    IRNN initialisation.
+
+    Args:
+        keep, method, per_example: see :class:`radgrad.SketchConfig`.
+        Other arguments as ``torch.nn.RNN``.
+    """
+
+    def __init__(self, *args, keep: float = 0.1, method: str = "sample", per_example: bool = True,
+                 **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.bidirectional:
+            raise ValueError("radgrad.nn.RNN: bidirectional=True is not supported")
+        self.sketch = SketchConfig(keep, method, per_example)
+
+    @classmethod
+    def convertible(cls, module: nn.Module) -> bool:
+        return not module.bidirectional
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if not (self.training and torch.is_grad_enabled() and not self.sketch.exact
+                and any(p.requires_grad for p in self.parameters())):
+            return super().forward(input, hx)
+        if not isinstance(input, Tensor):
+            raise TypeError("radgrad.nn.RNN: PackedSequence inputs are not supported; "
+                            "exclude this module from radgrad.convert()")
+        batched = input.dim() == 3
+        if not batched:
+            input, hx = input.unsqueeze(1), None if hx is None else hx.unsqueeze(1)
+        elif self.batch_first:
+            input = input.transpose(0, 1)
+        if hx is None:
+            hx = input.new_zeros(self.num_layers, input.shape[1], self.hidden_size)
+        last = []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, *biases = (getattr(self, f"{name}_l{layer}") for name in
+                                   ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[: 4 if self.bias else 2])
+            v = RF.linear(input, w_ih, biases[0] if self.bias else None, self.sketch)
+            if self.bias:
+                v = v + biases[1]
+            input, h_last = RF.recurrence(v, hx[layer], w_hh, self.nonlinearity, self.sketch)
+            last.append(h_last)
+            if self.dropout and layer < self.num_layers - 1:
+                input = nn.functional.dropout(input, self.dropout, training=True)
+        h_n = torch.stack(last)
+        if not batched:
+            return input.squeeze(1), h_n.squeeze(1)
+        return (input.transpose(0, 1) if self.batch_first else input), h_n
 
 
 # torch module type -> RAD class; convert() and its documentation read this table.
@@ -174,4 +249,5 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.AvgPool1d: AvgPool1d,
     nn.AvgPool2d: AvgPool2d,
     nn.MaxPool2d: MaxPool2d,
+    nn.RNN: RNN,
 }

@@ -195,11 +195,11 @@ def unpack(sketch: Sketch) -> Tensor:
     if config.method == "sample":
         idx = _indices(gen, rows, d, k, config.per_example, values.device)
         est = values.new_zeros(rows, d)
+        scaled = values * (d / k)  # rows x k: the cheapest place to apply D/k
         if config.per_example:
-            est.scatter_add_(1, idx, values)
+            est.scatter_add_(1, idx, scaled)
         else:
-            est.index_add_(1, idx, values)
-        est.mul_(d / k)
+            est.index_add_(1, idx, scaled)
     elif config.per_example:
         est = values.new_empty(rows, d)
         for lo, hi, signs in _sign_chunks(gen, rows, d, k, values.dtype, values.device):
