@@ -199,15 +199,16 @@ class _ReLU(Function):
     def forward(ctx, input):
         output = torch.relu(input)
         ctx.shape = input.shape
-        # torch's threshold_backward zeroes the gradient where output <= 0
-        # (NaN passes); the complement of that test is kept, one bit each.
-        ctx.save_for_backward(pack_bits(output <= 0))
+        # torch's threshold_backward passes the gradient where output > 0 or
+        # NaN, that is where the output is nonzero: a cast to bool (much
+        # cheaper than a comparison on CPU) gives that mask, kept one bit each.
+        ctx.save_for_backward(pack_bits(output.bool()))
         return output
 
     @staticmethod
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
-        return grad.masked_fill(unpack_bits(packed, ctx.shape), 0)
+        return torch.where(unpack_bits(packed, ctx.shape), grad, 0)
 
 
 def relu(input: Tensor) -> Tensor:
@@ -360,7 +361,7 @@ class _Recurrence(Function):
             saved = [weight]
             for lo, hi in chunks:
                 previous = _previous_states(output, h0, lo, hi)
-                saved += [pack(previous, config, batch_dims=2), pack_bits(output[lo:hi] <= 0)]
+                saved += [pack(previous, config, batch_dims=2), pack_bits(output[lo:hi].bool())]
         else:
             saved = [weight, h0, output]
         save_for_backward(ctx, *saved)
@@ -375,14 +376,14 @@ class _Recurrence(Function):
         for i, (lo, hi) in reversed(list(enumerate(ctx.chunks))):
             if ctx.relu:
                 previous, packed = rest[2 * i].unpack(), rest[2 * i + 1]
-                zero = unpack_bits(packed, torch.Size((hi - lo, *ctx.shape[1:])))
+                passes = unpack_bits(packed, torch.Size((hi - lo, *ctx.shape[1:])))
             else:
                 h0, output = rest
                 previous = _previous_states(output, h0, lo, hi)
             for t in reversed(range(lo, hi)):
                 g = grad_output[t] + carry
                 if ctx.relu:
-                    g.masked_fill_(zero[t - lo], 0)
+                    g = torch.where(passes[t - lo], g, 0)
                 else:
                     g.mul_(1 - output[t].square())
                 grad_v[t] = g
