@@ -1,0 +1,83 @@
+"""Memory budgets, measured by the ruler (:mod:`radgrad.memory`): every figure comes from here.
+
+Saved memory does not depend on the input's values, only on its shape, so the
+measurements run the model on random inputs of the task's shape. They never
+disturb the caller's random streams: RAD draws seeds from torch's default
+generator, which is saved and restored around each measurement.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+import radgrad
+from radgrad.experiments.tasks import EXACT_KEEP, Method, Task, get_method
+
+__all__ = ["example_inputs", "prepare", "saved_bytes", "param_bytes", "reduced_batch", "BUDGET_METHOD"]
+
+#: The RAD method whose memory sets the reduced batch (project and same-sample keep as many values).
+BUDGET_METHOD = "different-sample"
+
+
+def example_inputs(task: Task, batch: int) -> Tensor:
+    """Random inputs in [0, 1) of the task's shape, from a private generator."""
+    return torch.rand((batch, *task.input_shape), generator=torch.Generator().manual_seed(0))
+
+
+def prepare(model: nn.Module, method: Method | str, keep: float) -> nn.Module:
+    """Convert ``model`` in place for ``method`` and return it.
+
+    Exact methods become radgrad layers at keep 1 (exact gradients; ReLU stores
+    1-bit masks, pooling nothing); RAD methods use their estimator at ``keep``.
+    """
+    method = get_method(method) if isinstance(method, str) else method
+    if method.rad:
+        return radgrad.convert(model, keep=keep, method=method.sketch, per_example=method.per_example)
+    return radgrad.convert(model, keep=EXACT_KEEP)
+
+
+def saved_bytes(model: nn.Module, task: Task, batch: int) -> int:
+    """Bytes ``model`` saves for backward on one training step at ``batch`` (measured)."""
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return radgrad.memory.saved_bytes(model, example_inputs(task, batch))
+    finally:
+        model.train(was_training)
+
+
+def param_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def reduced_batch(model: nn.Module, task: Task, keep: float, batch: int) -> int:
+    """The largest batch whose exact saved memory does not exceed RAD's at ``keep`` and ``batch``.
+
+    RAD's memory is that of :data:`BUDGET_METHOD`. Memory is affine in the
+    batch, so two measurements give a guess that is then checked (and moved)
+    with the ruler until ``saved(b) <= budget < saved(b + 1)``.
+
+    Args:
+        model: a torch model of the task (not modified; copies are converted).
+        task: its task (for the input shape).
+        keep: RAD's keep fraction.
+        batch: RAD's batch.
+
+    Returns:
+        The reduced batch, at least 1.
+    """
+    budget = saved_bytes(prepare(copy.deepcopy(model), BUDGET_METHOD, keep), task, batch)
+    exact = prepare(copy.deepcopy(model), "baseline", keep)
+    one, two = saved_bytes(exact, task, 1), saved_bytes(exact, task, 2)
+    slope = max(1, two - one)
+    guess = max(1, (budget - (one - slope)) // slope)
+    while guess > 1 and saved_bytes(exact, task, guess) > budget:
+        guess -= 1
+    while saved_bytes(exact, task, guess + 1) <= budget:
+        guess += 1
+    return int(guess)

@@ -1,0 +1,37 @@
+"""Tables out of experiment rows: markdown for the terminal and reports, CSV for tools."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["markdown", "csv_text", "write_outputs"]
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-markdown table."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: Sequence[dict[str, Any]]) -> str:
+    """CSV with a header taken from the first row's keys."""
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_outputs(out: Path, stem: str, md: str, rows: Sequence[dict[str, Any]]) -> list[Path]:
+    """Write ``out/stem.md`` and ``out/stem.csv``; return their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.md", out / f"{stem}.csv"]
+    paths[0].write_text(md)
+    paths[1].write_text(csv_text(rows))
+    return paths
