@@ -35,11 +35,8 @@ def _tensors(task: str, source: str) -> tuple[torch.Tensor, torch.Tensor]:
     if source == "random":
         shape = (6000, 1, 28, 28) if task == "mlp" else (6000, 3, 32, 32)
         return torch.rand(shape), torch.randint(10, (shape[0],))
-    if task == "mlp":
-        train = datasets.to_tensors(datasets.load_mnist()).train
-    else:
-        train = datasets.to_tensors(datasets.load_cifar10()).train
-    return train
+    data = datasets.to_tensors(datasets.load_mnist() if task == "mlp" else datasets.load_cifar10())
+    return data.train_x, data.train_y
 
 
 def _step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:

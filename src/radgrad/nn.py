@@ -29,10 +29,8 @@ __all__ = ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxP
 M = TypeVar("M", bound=nn.Module)
 
 
-class _Sketched:
-    """Mixin of the layers that sketch their input: holds the ``sketch`` config."""
-
-    sketch: SketchConfig
+class _Exact:
+    """Mixin of the exact layers that only save less (ReLU, pooling); base of every RAD layer."""
 
     @classmethod
     def convertible(cls, module: nn.Module) -> bool:
@@ -43,23 +41,23 @@ class _Sketched:
     def from_torch(cls: type[M], module: nn.Module, config: SketchConfig) -> M:
         """Turn ``module`` (an instance of the torch parent) into this class, in place."""
         module.__class__ = cls
+        return module
+
+
+class _Sketched(_Exact):
+    """Mixin of the layers that sketch their input: holds the ``sketch`` config."""
+
+    sketch: SketchConfig
+
+    @classmethod
+    def from_torch(cls: type[M], module: nn.Module, config: SketchConfig) -> M:
+        module = super().from_torch(module, config)
         module.sketch = config
         return module
 
     def extra_repr(self) -> str:
         c = self.sketch
         return f"{super().extra_repr()}, keep={c.keep}, method={c.method!r}, per_example={c.per_example}"
-
-
-class _Exact:
-    """Mixin of the exact layers that only save less (ReLU, pooling)."""
-
-    convertible = _Sketched.convertible
-
-    @classmethod
-    def from_torch(cls: type[M], module: nn.Module, config: SketchConfig | None = None) -> M:
-        module.__class__ = cls
-        return module
 
 
 class Linear(_Sketched, nn.Linear):
