@@ -93,8 +93,11 @@ def main() -> None:
     parser.add_argument("--cnn-steps", type=int, default=300, help="training steps for the CIFAR-10 convnet")
     parser.add_argument("--data", choices=["real", "random"], default="real", help="real datasets or random tensors")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results = [run_task("mlp", args.mlp_steps, args.data, args.seed),
                run_task("cnn", args.cnn_steps, args.data, args.seed)]
     print("| model | steps | saved bytes exact | saved bytes RAD | memory ratio | step ratio (median) "

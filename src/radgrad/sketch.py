@@ -40,7 +40,7 @@ Exact: the forward value of every op (nothing here touches it) and ``keep=1``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -105,31 +105,37 @@ class SketchConfig:
         return max(1, round(self.keep * d))
 
 
-@dataclass(frozen=True)
 class Sketch:
     """A packed tensor: the kept values plus what is needed to rebuild the rest.
 
     ``values`` is the only tensor; an autograd function saves it with
     ``ctx.save_for_backward`` (see :mod:`radgrad.saved`). For an exact config
-    ``values`` is the original tensor and ``seed`` is ``None``.
+    ``values`` is the original tensor and ``seed`` is ``None``. (A plain
+    slotted class rather than a dataclass: one is built on every forward
+    and backward of every RAD op, so construction cost matters.)
     """
 
-    values: Tensor
-    seed: int | None
-    shape: tuple[int, ...]
-    batch_dims: int
-    config: SketchConfig
+    __slots__ = ("values", "seed", "shape", "batch_dims", "config")
 
-    def with_values(self, values: Tensor) -> Sketch:
-        return replace(self, values=values)
+    def __init__(self, values: Tensor | None, seed: int | None, shape: tuple[int, ...],
+                 batch_dims: int, config: SketchConfig) -> None:
+        self.values, self.seed, self.shape = values, seed, shape
+        self.batch_dims, self.config = batch_dims, config
+
+    def with_values(self, values: Tensor | None) -> Sketch:
+        return Sketch(values, self.seed, self.shape, self.batch_dims, self.config)
 
     def unpack(self) -> Tensor:
         return unpack(self)
 
+    def __repr__(self) -> str:
+        return (f"Sketch(shape={self.shape}, batch_dims={self.batch_dims}, seed={self.seed}, "
+                f"config={self.config})")
+
 
 def draw_seed(device: torch.device | str = "cpu") -> int:
     """Draw a seed from torch's default generator of ``device``, mixed with the rank."""
-    seed = int(torch.randint(_SEED_BOUND, (), device=device))
+    seed = torch.randint(_SEED_BOUND, (1,), device=device).item()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         seed = (seed + torch.distributed.get_rank() * _RANK_STRIDE) % 2**63
     return seed
