@@ -350,11 +350,9 @@ class _Recurrence(Function):
         steps = v.shape[0]
         output = v.new_empty(v.shape)
         act = torch.relu_ if relu else torch.tanh_
-        h = h0
         for t in range(steps):
-            h = output[t]
-            torch.addmm(v[t], output[t - 1] if t else h0, weight.t(), out=h)
-            act(h)
+            torch.addmm(v[t], output[t - 1] if t else h0, weight.t(), out=output[t])
+            act(output[t])
         chunks = [(lo, min(steps, lo + _RECURRENCE_CHUNK)) for lo in range(0, steps, _RECURRENCE_CHUNK)]
         ctx.relu, ctx.chunks, ctx.shape = relu, chunks, v.shape
         if relu:
