@@ -68,11 +68,11 @@ def main() -> None:
     steps = round(args.t_end * 4096)
     print(f"## Reactor, nx=32 (31x31 unknowns), dt=1/4096, T={args.t_end:g} ({steps} steps), "
           f"float64, torch {torch.__version__}, {args.threads} thread(s)\n")
-    print("| method | time per loss+grad (median) | repeats | vs plain loop | max abs grad diff vs keep=1 |")
+    print("| method | time per loss+grad (median) | repeats | speed-up vs plain loop | max abs grad diff vs keep=1 |")
     print("|---|---|---|---|---|")
     for name in methods:
         diff = (grads[name] - exact_grad).abs().max().item()
-        print(f"| {name} | {median[name]:.3f} s | {len(times[name])} | {plain / median[name]:.1f}x faster "
+        print(f"| {name} | {median[name]:.3f} s | {len(times[name])} | {plain / median[name]:.1f}x "
               f"| {diff:.1e} |")
     rows = [(f"keep={k:g}", reactor.loss, dict(opts, keep=k)) for k in KEEPS]
     rows += [(f"checkpointing every {m}", reactor.loss, dict(opts, checkpoint_every=m)) for m in args.checkpoint_every]

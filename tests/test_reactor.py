@@ -130,7 +130,8 @@ def test_theta_shape(shape):
 
 
 def test_unstable_dt():
-    with pytest.raises(ValueError, match=r"radgrad\.reactor: dt=0\.001 is unstable .* dx\^2/\(4\*diffusion\) = 0\.0009765625"):
+    bound = r"dx\^2/\(4\*diffusion\) = 0\.0009765625"
+    with pytest.raises(ValueError, match=r"radgrad\.reactor: dt=0\.001 is unstable .*" + bound):
         reactor.loss(_theta(), dt=0.001, t_end=0.5)
     reactor.validate(dt=1 / 1024, t_end=0.5)  # exactly at the bound: allowed
 
@@ -202,3 +203,20 @@ def test_float32_theta():
     g32 = _grad(theta.detach().float().requires_grad_(), **SMALL)
     assert g32.dtype == torch.float32
     torch.testing.assert_close(g32.double(), _grad(theta, **SMALL), rtol=1e-3, atol=1e-6)
+
+
+def test_cli_writes_json_and_plots(tmp_path):
+    import json
+
+    from radgrad.experiments import reactor_cli
+
+    argv = ["--keep", "1", "0.1", "--iters", "3", "--nx", "8", "--dt", "0.00390625", "--t-end", "0.5",
+            "--seed", "0", "--out", str(tmp_path)]
+    assert reactor_cli.main(argv) == 0
+    result = json.loads((tmp_path / "reactor.json").read_text())
+    assert result["radgrad_version"] == radgrad.__version__ and result["seed"] == 0
+    assert result["config"]["keep"] == [1.0, 0.1] and result["config"]["optimizer"] == "adam"
+    assert [len(r["losses"]) for r in result["runs"]] == [4, 4]
+    assert result["runs"][1]["saved_bytes"] < result["runs"][0]["saved_bytes"]
+    assert (tmp_path / "reactor_loss.png").stat().st_size > 0 and (tmp_path / "reactor_flux.png").stat().st_size > 0
+    assert reactor_cli.main(argv[:-2] + ["--keep", "0", "--out", str(tmp_path)]) == 2
