@@ -370,13 +370,14 @@ class _Recurrence(Function):
         weight, *rest = saved_tensors(ctx, unpack=False)
         grad_v = torch.empty(ctx.shape, dtype=grad_output.dtype, device=grad_output.device)
         grad_weight = torch.zeros_like(weight)
+        if not ctx.relu:
+            h0, output = rest
         carry = grad_last
         for i, (lo, hi) in reversed(list(enumerate(ctx.chunks))):
             if ctx.relu:
                 previous, packed = rest[2 * i].unpack(), rest[2 * i + 1]
                 passes = unpack_bits(packed, torch.Size((hi - lo, *ctx.shape[1:])))
             else:
-                h0, output = rest
                 previous = _previous_states(output, h0, lo, hi)
             for t in reversed(range(lo, hi)):
                 g = grad_output[t] + carry

@@ -223,11 +223,11 @@ class RNN(_Sketched, nn.RNN):
             hx = input.new_zeros(self.num_layers, input.shape[1], self.hidden_size)
         last = []
         for layer in range(self.num_layers):
-            w_ih, w_hh, *biases = (getattr(self, f"{name}_l{layer}") for name in
-                                   ("weight_ih", "weight_hh", "bias_ih", "bias_hh")[: 4 if self.bias else 2])
-            v = RF.linear(input, w_ih, biases[0] if self.bias else None, self.sketch)
+            w_ih, w_hh = getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}")
+            b_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
+            v = RF.linear(input, w_ih, b_ih, self.sketch)
             if self.bias:
-                v = v + biases[1]
+                v = v + getattr(self, f"bias_hh_l{layer}")
             input, h_last = RF.recurrence(v, hx[layer], w_hh, self.nonlinearity, self.sketch)
             last.append(h_last)
             if self.dropout and layer < self.num_layers - 1:
