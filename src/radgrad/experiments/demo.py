@@ -4,7 +4,8 @@
 
 Three methods, each with the paper's learning rate and weight decay:
 ``baseline`` (batch 150, exact), ``reduced-batch`` (the largest batch whose
-saved memory, measured by the ruler, does not exceed RAD's) and ``rad``
+saved memory, measured by the ruler, does not exceed RAD's; see
+:func:`radgrad.experiments.budget.reduced_batch`) and ``rad``
 (batch 150, keep 0.1, a different sample per example). Prints the measured
 memory, the final training loss and the test accuracy of each, and writes a
 JSON file and a learning-curve PNG that name the config.
@@ -23,21 +24,16 @@ from torch import nn
 from tqdm import tqdm
 
 import radgrad
+from radgrad.experiments import budget
 from radgrad.experiments import data as datasets
+from radgrad.experiments.tasks import get_task
 
 BATCH = 150
 KEEP = 0.1
-# (learning rate, weight decay) from the paper's MNIST table
-HYPER = {"baseline": (1.35e-3, 4.07e-7), "reduced-batch": (6.45e-4, 5.69e-5), "rad": (9.34e-4, 1.25e-6)}
-
-
-def reduced_batch(model: nn.Module, rad_model: nn.Module, images: torch.Tensor) -> int:
-    """Largest batch whose exact saved memory fits in RAD's at batch 150 (measured)."""
-    budget = radgrad.memory.saved_bytes(rad_model, images[:BATCH])
-    batch = 1
-    while radgrad.memory.saved_bytes(model, images[: batch + 1]) <= budget:
-        batch += 1
-    return batch
+TASK = get_task("mnist-mlp")
+# (learning rate, weight decay) of each demo run: the paper's, from the task registry
+HYPER = {name: TASK.lr_wd(method) for name, method in
+         (("baseline", "baseline"), ("reduced-batch", "reduced-batch"), ("rad", "different-sample"))}
 
 
 def train(model: nn.Module, name: str, batch: int, steps: int, images, labels) -> list[float]:
@@ -77,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     init = radgrad.models.mnist_mlp()
     rad = radgrad.convert(copy.deepcopy(init), keep=KEEP, method="sample", per_example=True)
-    small = reduced_batch(init, rad, data.train_x)
+    small = budget.reduced_batch(init, TASK, KEEP, BATCH)
     runs = {"baseline": (copy.deepcopy(init), BATCH), "reduced-batch": (copy.deepcopy(init), small),
             "rad": (rad, BATCH)}
     results = {}
