@@ -73,7 +73,8 @@ def test_eval_no_grad_and_frozen_weights_run_torch_itself():
     out = linear(torch.randn(2, 4, requires_grad=True))
     assert type(out.grad_fn).__name__ == "AddmmBackward0"
     linear.weight.requires_grad_(True)
-    assert type(linear(torch.randn(2, 4)).grad_fn).__name__ == "_LinearBackward"
+    name = linear(torch.randn(2, 4)).grad_fn.name()
+    assert name == "_LinearBackward" or "SampledLinear" in name  # the compiled node on the CPU
 
 
 def test_layers_take_torch_arguments_and_state_dicts():

@@ -167,8 +167,8 @@ def test_memory_scales_with_keep():
     assert saved["ckpt64"] == pytest.approx(saved["exact"] / 64, rel=0.01)
 
 
-def _sgd(keep: float, lr: float, iters: int = 40) -> float:
-    torch.manual_seed(1)
+def _sgd(keep: float, lr: float, iters: int = 40, seed: int = 1) -> float:
+    torch.manual_seed(seed)
     options = dict(nx=8, dt=1 / 256, t_end=1.0)
     theta = _theta()
     opt = torch.optim.SGD([theta], lr=lr)
@@ -182,11 +182,14 @@ def _sgd(keep: float, lr: float, iters: int = 40) -> float:
 def test_sgd_with_rad_decreases_loss_like_exact():
     start = reactor.loss(_theta().detach(), nx=8, dt=1 / 256, t_end=1.0).item()
     exact = start - _sgd(1.0, lr=3.0)
-    rad = start - _sgd(0.1, lr=3.0)
+    # One RAD run's decrease, relative to exact, has mean 0.97 and standard
+    # deviation 0.057 over seeds (12 seeds measured): the mean of 6 seeds has a
+    # standard error of 0.023, so the band below is over 5 standard errors wide.
+    rad = sum(start - _sgd(0.1, lr=3.0, seed=seed) for seed in range(6)) / 6
     # Without the 1/keep rescaling the gradient would shrink by k/D = 5/49: like a smaller step.
     unscaled = start - _sgd(1.0, lr=3.0 * 5 / 49)
     assert exact > 0.4 * start
-    assert 0.85 * exact <= rad <= 1.15 * exact
+    assert 0.85 * exact <= rad <= 1.1 * exact
     assert unscaled < 0.5 * exact
 
 

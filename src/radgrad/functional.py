@@ -21,16 +21,17 @@ for the torch op, and the op runs in that dtype.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from radgrad.bits import pack_bits, unpack_bits
+from radgrad import kernels
+from radgrad.kernels import masked_grad, pack_nonzero, unpack_mask
 from radgrad.saved import save_for_backward, saved_tensors
-from radgrad.sketch import SketchConfig, pack
+from radgrad.sketch import SketchConfig, draw_seed, pack
 
 __all__ = ["linear", "conv", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d", "recurrence"]
 
@@ -42,6 +43,8 @@ def _randomized(config: SketchConfig, weight: Tensor) -> bool:
 
 
 def _check_input(name: str, input: Tensor) -> None:
+    if isinstance(input, Tensor) and input.is_floating_point():
+        return
     if not isinstance(input, Tensor):
         raise TypeError(f"radgrad.{name}: input must be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -49,13 +52,6 @@ def _check_input(name: str, input: Tensor) -> None:
             f"radgrad.{name}: input must be a floating-point tensor "
             f"(float16, bfloat16, float32 or float64), got {input.dtype}"
         )
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast would run a matmul-like op in, or None outside autocast."""
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
 
 
 def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
@@ -66,15 +62,14 @@ def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
     ]
 
 
-def _apply(fn: type[Function], input: Tensor, weight: Tensor, bias: Tensor | None, *args) -> Tensor:
-    """Run a RAD Function as autocast would run its torch twin."""
+def _apply(fn: Callable[..., Tensor], input: Tensor, weight: Tensor, bias: Tensor | None, *args) -> Tensor:
+    """Run a RAD op as autocast would run its torch twin."""
     device_type = input.device.type
-    dtype = _autocast_dtype(device_type)
-    if dtype is None:
-        return fn.apply(input, weight, bias, *args)
-    input, weight, bias = _cast(dtype, input, weight, bias)
+    if not torch.is_autocast_enabled(device_type):
+        return fn(input, weight, bias, *args)
+    input, weight, bias = _cast(torch.get_autocast_dtype(device_type), input, weight, bias)
     with torch.autocast(device_type, enabled=False):
-        return fn.apply(input, weight, bias, *args)
+        return fn(input, weight, bias, *args)
 
 
 class _Linear(Function):
@@ -87,14 +82,27 @@ class _Linear(Function):
     def backward(ctx, grad):
         sketch, weight = saved_tensors(ctx, unpack=False)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad2d = grad if grad.dim() == 2 else grad.reshape(-1, grad.shape[-1])
         grad_input = grad.matmul(weight) if need_input else None
         grad_weight = None
         if need_weight:
             estimate = sketch.unpack()
-            grad_weight = grad2d.t().mm(estimate.reshape(-1, estimate.shape[-1]))
+            if estimate.dim() != 2:
+                estimate = estimate.reshape(-1, estimate.shape[-1])
+            grad_weight = grad2d.t().mm(estimate)
         grad_bias = grad2d.sum(0) if need_bias else None
         return grad_input, grad_weight, grad_bias, None
+
+
+def _sampled_linear(input: Tensor, weight: Tensor, bias: Tensor | None, config: SketchConfig) -> Tensor:
+    # Sampling on the CPU runs as one compiled autograd node (SampledLinear in
+    # csrc/kernels.cpp): the same ops as _Linear, so the same bits, without the
+    # Python overhead of a custom Function, which is a sizeable part of a
+    # small layer's step.
+    if config.method == "sample" and input.device.type == "cpu" and kernels.compiled():
+        k = config.kept(input.shape[-1])
+        return torch.ops.radgrad.sampled_linear(input, weight, bias, k, config.per_example, draw_seed(input.device))
+    return _Linear.apply(input, weight, bias, config)
 
 
 def linear(
@@ -108,7 +116,7 @@ def linear(
     _check_input("functional.linear", input)
     if not _randomized(config, weight):
         return F.linear(input, weight, bias)
-    return _apply(_Linear, input, weight, bias, config)
+    return _apply(_sampled_linear, input, weight, bias, config)
 
 
 class _Conv(Function):
@@ -161,7 +169,7 @@ def conv(
         input = input.unsqueeze(0)
     stride, dilation = _tuple(stride, n), _tuple(dilation, n)
     input, padding = _explicit_padding(input, padding, weight, stride, dilation)
-    out = _apply(_Conv, input, weight, bias, stride, padding, dilation, groups, config)
+    out = _apply(_Conv.apply, input, weight, bias, stride, padding, dilation, groups, config)
     return out.squeeze(0) if unbatched else out
 
 
@@ -198,23 +206,23 @@ class _ReLU(Function):
     @staticmethod
     def forward(ctx, input):
         output = torch.relu(input)
-        ctx.shape = input.shape
-        # torch's threshold_backward passes the gradient where output > 0 or
-        # NaN, that is where the output is nonzero: a cast to bool (much
-        # cheaper than a comparison on CPU) gives that mask, kept one bit each.
-        ctx.save_for_backward(pack_bits(output.bool()))
+        # torch's ReLU backward passes the gradient where output > 0 or NaN,
+        # that is where the output is nonzero: one bit per entry.
+        ctx.save_for_backward(pack_nonzero(output))
         return output
 
     @staticmethod
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
-        return torch.where(unpack_bits(packed, ctx.shape), grad, 0)
+        return masked_grad(grad, packed)
 
 
 def relu(input: Tensor) -> Tensor:
     """Exact ReLU that saves a 1-bit mask instead of its output."""
     if not (input.requires_grad and torch.is_grad_enabled()):
         return torch.relu(input)
+    if input.device.type == "cpu" and kernels.compiled():
+        return torch.ops.radgrad.masked_relu(input)  # _ReLU as one compiled node (csrc/kernels.cpp)
     return _ReLU.apply(input)
 
 
@@ -359,7 +367,7 @@ class _Recurrence(Function):
             saved = [weight]
             for lo, hi in chunks:
                 previous = _previous_states(output, h0, lo, hi)
-                saved += [pack(previous, config, batch_dims=2), pack_bits(output[lo:hi].bool())]
+                saved += [pack(previous, config, batch_dims=2), pack_nonzero(output[lo:hi])]
         else:
             saved = [weight, h0, output]
         save_for_backward(ctx, *saved)
@@ -376,13 +384,13 @@ class _Recurrence(Function):
         for i, (lo, hi) in reversed(list(enumerate(ctx.chunks))):
             if ctx.relu:
                 previous, packed = rest[2 * i].unpack(), rest[2 * i + 1]
-                passes = unpack_bits(packed, torch.Size((hi - lo, *ctx.shape[1:])))
+                passes = unpack_mask(packed, torch.Size((hi - lo, *ctx.shape[1:]))).to(grad_output.dtype)
             else:
                 previous = _previous_states(output, h0, lo, hi)
             for t in reversed(range(lo, hi)):
                 g = grad_output[t] + carry
                 if ctx.relu:
-                    g = torch.where(passes[t - lo], g, 0)
+                    g = torch.ops.aten.threshold_backward(g, passes[t - lo], 0)
                 else:
                     g.mul_(1 - output[t].square())
                 grad_v[t] = g

@@ -25,7 +25,9 @@ NOTE [Estimators]
 
 NOTE [Seeds]
     Only the kept values and one integer seed are stored: indices and sign
-    matrices are rebuilt from the seed in the backward pass. Seeds are drawn
+    matrices are rebuilt from the seed in the backward pass (indices by a
+    counter-based hash of the seed, NOTE [Counter-based indices] in
+    :mod:`radgrad.kernels`; signs by a torch generator seeded with it). Seeds are drawn
     from torch's default generator of the tensor's device, so
     ``torch.manual_seed`` makes a run bitwise reproducible. Under
     ``torch.distributed`` the rank is added to the seed: two ranks seeded alike
@@ -45,6 +47,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from radgrad import kernels
+
 __all__ = ["METHODS", "SketchConfig", "Sketch", "pack", "unpack", "draw_seed"]
 
 #: Names of the estimators, each with a one-line description (the CLI shows these).
@@ -55,7 +59,7 @@ METHODS: dict[str, str] = {
 
 # Odd, so rank * _RANK_STRIDE differs between ranks in the low 32 bits of a seed.
 _RANK_STRIDE = 0x9E3779B97F4A7C15
-_SEED_BOUND = 2**62
+_DISTRIBUTED = torch.distributed.is_available()
 # Largest number of sign entries generated at once by a per-example projection.
 _PROJECT_CHUNK = 2**22
 
@@ -135,8 +139,8 @@ class Sketch:
 
 def draw_seed(device: torch.device | str = "cpu") -> int:
     """Draw a seed from torch's default generator of ``device``, mixed with the rank."""
-    seed = torch.randint(_SEED_BOUND, (1,), device=device).item()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    seed = kernels.draw_seed(device if isinstance(device, torch.device) else torch.device(device))
+    if _DISTRIBUTED and torch.distributed.is_initialized():
         seed = (seed + torch.distributed.get_rank() * _RANK_STRIDE) % 2**63
     return seed
 
@@ -150,8 +154,8 @@ def pack(
         x: a floating-point tensor.
         config: keep fraction, method and per-example setting.
         batch_dims: how many leading dimensions index rows (NOTE [Sketch layout]).
-        seed: the seed to draw from; by default a fresh one from torch's
-            default generator (NOTE [Seeds]).
+        seed: the seed to draw from, an int in [0, 2**63); by default a fresh
+            one from torch's default generator (NOTE [Seeds]).
 
     Returns:
         A Sketch holding ``rows x k`` kept values (``k = max(1, round(keep * D))``)
@@ -159,7 +163,8 @@ def pack(
 
     Raises:
         TypeError: ``x`` is not a floating-point tensor.
-        ValueError: ``batch_dims`` is not between 0 and ``x.dim()``.
+        ValueError: ``batch_dims`` is not between 0 and ``x.dim()``, or ``seed``
+            is not an int in [0, 2**63).
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, Tensor) else type(x).__name__
@@ -169,19 +174,20 @@ def pack(
             f"radgrad: batch_dims must be in [0, {x.dim()}] for a tensor of shape "
             f"{tuple(x.shape)}, got {batch_dims}"
         )
-    shape = tuple(x.shape)
+    shape = x.shape
     if config.exact:
         return Sketch(x, None, shape, batch_dims, config)
     rows, d = _rows_and_width(shape, batch_dims)
     k = config.kept(d)
     if seed is None:
         seed = draw_seed(x.device)
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"radgrad: seed must be an int in [0, 2**63), got {seed!r}")
     x2 = x.reshape(rows, d)
-    gen = _generator(seed, x.device)
     if config.method == "sample":
-        idx = _indices(gen, rows, d, k, config.per_example, x.device)
-        values = x2.gather(1, idx) if config.per_example else x2.index_select(1, idx)
-    elif config.per_example:
+        return Sketch(kernels.sample_pack(x2, k, config.per_example, seed), seed, shape, batch_dims, config)
+    gen = _generator(seed, x.device)
+    if config.per_example:
         values = torch.empty(rows, k, dtype=x.dtype, device=x.device)
         for lo, hi, signs in _sign_chunks(gen, rows, d, k, x.dtype, x.device):
             values[lo:hi] = torch.bmm(x2[lo:hi].unsqueeze(1), signs).squeeze(1)
@@ -197,16 +203,11 @@ def unpack(sketch: Sketch) -> Tensor:
         return values
     rows, d = _rows_and_width(sketch.shape, sketch.batch_dims)
     k = values.shape[1]
-    gen = _generator(sketch.seed, values.device)
     if config.method == "sample":
-        idx = _indices(gen, rows, d, k, config.per_example, values.device)
-        est = values.new_zeros(rows, d)
-        scaled = values * (d / k)  # rows x k: the cheapest place to apply D/k
-        if config.per_example:
-            est.scatter_add_(1, idx, scaled)
-        else:
-            est.index_add_(1, idx, scaled)
-    elif config.per_example:
+        est = kernels.sample_unpack(values, d, config.per_example, sketch.seed, d / k)
+        return est.view(sketch.shape)
+    gen = _generator(sketch.seed, values.device)
+    if config.per_example:
         est = values.new_empty(rows, d)
         for lo, hi, signs in _sign_chunks(gen, rows, d, k, values.dtype, values.device):
             est[lo:hi] = torch.bmm(values[lo:hi].unsqueeze(1), signs.transpose(1, 2)).squeeze(1)
@@ -224,13 +225,6 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
-
-
-def _indices(
-    gen: torch.Generator, rows: int, d: int, k: int, per_example: bool, device: torch.device
-) -> Tensor:
-    size = (rows, k) if per_example else (k,)
-    return torch.randint(d, size, generator=gen, device=device)
 
 
 def _signs(gen: torch.Generator, size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
