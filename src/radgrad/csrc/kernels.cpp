@@ -19,7 +19,9 @@
 namespace {
 
 constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
-constexpr int64_t kRowGrain = 16;
+// Entries per parallel task (torch's own grain for cheap elementwise work):
+// smaller jobs run on one thread, where a fork-join would cost more than it saves.
+constexpr int64_t kGrain = 32768;
 
 // SplitMix64's output function.
 inline uint64_t mix(uint64_t z) {
@@ -67,15 +69,16 @@ template <typename F>
 void for_each_row(int64_t rows, int64_t k, int64_t d, bool per_example, int64_t seed, const F& body) {
   check_stream(rows, k, d);
   const uint64_t s = static_cast<uint64_t>(seed), thr = threshold(d);
+  const int64_t row_grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(k, 1));
   if (!per_example) {
     std::vector<int64_t> idx(k);
     fill_indices(s, 0, k, d, thr, idx.data());
-    at::parallel_for(0, rows, kRowGrain, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, rows, row_grain, [&](int64_t lo, int64_t hi) {
       for (int64_t r = lo; r < hi; ++r) body(r, idx.data());
     });
     return;
   }
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, rows, row_grain, [&](int64_t lo, int64_t hi) {
     std::vector<int64_t> idx(k);
     for (int64_t r = lo; r < hi; ++r) {
       fill_indices(s, static_cast<uint64_t>(r * k), k, d, thr, idx.data());
@@ -149,7 +152,7 @@ at::Tensor pack_nonzero(const at::Tensor& x) {
     using U = typename Bits<scalar_t>::type;
     constexpr U magnitude = static_cast<U>(std::numeric_limits<U>::max() >> 1);
     const U* src = reinterpret_cast<const U*>(x.data_ptr<scalar_t>());
-    at::parallel_for(0, full, 4096, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, full, kGrain / 8, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
         uint8_t byte = 0;
         for (int i = 0; i < 8; ++i) byte |= static_cast<uint8_t>((src[8 * b + i] & magnitude) != 0) << i;
@@ -180,7 +183,7 @@ at::Tensor masked_grad(const at::Tensor& grad, const at::Tensor& packed) {
     U* o = reinterpret_cast<U*>(out.data_ptr<scalar_t>());
     auto keep = [](U value, uint8_t byte, int i) { return static_cast<U>(value & (U(0) - ((byte >> i) & 1))); };
     const int64_t full = n / 8;
-    at::parallel_for(0, full, 4096, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, full, kGrain / 8, [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b)
         for (int i = 0; i < 8; ++i) o[8 * b + i] = keep(g[8 * b + i], bits[b], i);
     });
