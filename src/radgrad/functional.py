@@ -99,7 +99,7 @@ def _sampled_linear(input: Tensor, weight: Tensor, bias: Tensor | None, config: 
     # csrc/kernels.cpp): the same ops as _Linear, so the same bits, without the
     # Python overhead of a custom Function, which is a sizeable part of a
     # small layer's step.
-    if config.method == "sample" and input.device.type == "cpu" and kernels.compiled():
+    if config.method == "sample" and kernels.available(input.device):
         k = config.kept(input.shape[-1])
         return torch.ops.radgrad.sampled_linear(input, weight, bias, k, config.per_example, draw_seed(input.device))
     return _Linear.apply(input, weight, bias, config)
@@ -221,7 +221,7 @@ def relu(input: Tensor) -> Tensor:
     """Exact ReLU that saves a 1-bit mask instead of its output."""
     if not (input.requires_grad and torch.is_grad_enabled()):
         return torch.relu(input)
-    if input.device.type == "cpu" and kernels.compiled():
+    if kernels.available(input.device):
         return torch.ops.radgrad.masked_relu(input)  # _ReLU as one compiled node (csrc/kernels.cpp)
     return _ReLU.apply(input)
 

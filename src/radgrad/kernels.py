@@ -69,20 +69,21 @@ def _build() -> bool:
         return False
 
 
-def _use_kernels(t: Tensor) -> bool:
-    return t.device.type == "cpu" and (_compiled if _compiled is not None else compiled())
+def available(device: torch.device) -> bool:
+    """Whether the compiled kernels run for tensors on ``device`` (the CPU, once built)."""
+    return device.type == "cpu" and (_compiled if _compiled is not None else compiled())
 
 
 def draw_seed(device: torch.device) -> int:
     """A seed in [0, 2^62) from torch's default generator of ``device``."""
-    if device.type == "cpu" and (_compiled if _compiled is not None else compiled()):
+    if available(device):
         return torch.ops.radgrad.draw_seed()  # the same number, without a tensor
     return torch.randint(2**62, (1,), device=device).item()
 
 
 def sample_indices(rows: int, k: int, d: int, per_example: bool, seed: int, device: torch.device) -> Tensor:
     """The sampled indices: ``(rows, k)`` per example, ``(k,)`` shared (NOTE [Counter-based indices])."""
-    if device.type == "cpu" and compiled():
+    if available(device):
         return torch.ops.radgrad.sample_indices(rows, k, d, per_example, seed)
     n = rows * k if per_example else k
     counters = torch.arange(n, dtype=torch.int64, device=device)
@@ -92,7 +93,7 @@ def sample_indices(rows: int, k: int, d: int, per_example: bool, seed: int, devi
 
 def sample_pack(x: Tensor, k: int, per_example: bool, seed: int) -> Tensor:
     """``rows x k`` values of the matrix ``x`` at the sampled indices."""
-    if _use_kernels(x):
+    if available(x.device):
         return torch.ops.radgrad.sample_pack(x.contiguous(), k, per_example, seed)
     idx = sample_indices(x.shape[0], k, x.shape[1], per_example, seed, x.device)
     return x.gather(1, idx) if per_example else x.index_select(1, idx)
@@ -100,7 +101,7 @@ def sample_pack(x: Tensor, k: int, per_example: bool, seed: int) -> Tensor:
 
 def sample_unpack(values: Tensor, d: int, per_example: bool, seed: int, scale: float) -> Tensor:
     """The ``rows x d`` matrix with ``values * scale`` added at the sampled indices."""
-    if _use_kernels(values):
+    if available(values.device):
         return torch.ops.radgrad.sample_unpack(values.contiguous(), d, per_example, seed, scale)
     rows, k = values.shape
     idx = sample_indices(rows, k, d, per_example, seed, values.device)
@@ -110,7 +111,7 @@ def sample_unpack(values: Tensor, d: int, per_example: bool, seed: int, scale: f
 
 def pack_nonzero(x: Tensor) -> Tensor:
     """``ceil(numel / 8)`` bytes, bit ``i`` of byte ``j`` set where entry ``8 j + i`` is nonzero."""
-    if _use_kernels(x):
+    if available(x.device):
         return torch.ops.radgrad.pack_nonzero(x.contiguous())
     flat = x.reshape(-1).bool()
     if flat.device.type == "cpu":
@@ -130,7 +131,7 @@ def unpack_mask(packed: Tensor, shape: torch.Size) -> Tensor:
 
 def masked_grad(grad: Tensor, packed: Tensor) -> Tensor:
     """``grad`` where the packed bit is set, else 0 (NaN grads included): ReLU's backward."""
-    if _use_kernels(grad):
+    if available(grad.device):
         return torch.ops.radgrad.masked_grad(grad.contiguous(), packed)
     mask = unpack_mask(packed, grad.shape).to(grad.dtype)
     return torch.ops.aten.threshold_backward(grad, mask, 0)
