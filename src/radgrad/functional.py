@@ -29,7 +29,6 @@ from torch import Tensor
 from torch.autograd import Function
 
 from radgrad import kernels
-from radgrad.kernels import masked_grad, pack_nonzero, unpack_mask
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig, draw_seed, pack
 
@@ -43,8 +42,6 @@ def _randomized(config: SketchConfig, weight: Tensor) -> bool:
 
 
 def _check_input(name: str, input: Tensor) -> None:
-    if isinstance(input, Tensor) and input.is_floating_point():
-        return
     if not isinstance(input, Tensor):
         raise TypeError(f"radgrad.{name}: input must be a Tensor, got {type(input).__name__}")
     if not input.is_floating_point():
@@ -82,14 +79,12 @@ class _Linear(Function):
     def backward(ctx, grad):
         sketch, weight = saved_tensors(ctx, unpack=False)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad2d = grad if grad.dim() == 2 else grad.reshape(-1, grad.shape[-1])
+        grad2d = grad.reshape(-1, grad.shape[-1])
         grad_input = grad.matmul(weight) if need_input else None
         grad_weight = None
         if need_weight:
             estimate = sketch.unpack()
-            if estimate.dim() != 2:
-                estimate = estimate.reshape(-1, estimate.shape[-1])
-            grad_weight = grad2d.t().mm(estimate)
+            grad_weight = grad2d.t().mm(estimate.reshape(-1, estimate.shape[-1]))
         grad_bias = grad2d.sum(0) if need_bias else None
         return grad_input, grad_weight, grad_bias, None
 
@@ -208,13 +203,13 @@ class _ReLU(Function):
         output = torch.relu(input)
         # torch's ReLU backward passes the gradient where output > 0 or NaN,
         # that is where the output is nonzero: one bit per entry.
-        ctx.save_for_backward(pack_nonzero(output))
+        ctx.save_for_backward(kernels.pack_nonzero(output))
         return output
 
     @staticmethod
     def backward(ctx, grad):
         (packed,) = ctx.saved_tensors
-        return masked_grad(grad, packed)
+        return kernels.masked_grad(grad, packed)
 
 
 def relu(input: Tensor) -> Tensor:
@@ -367,7 +362,7 @@ class _Recurrence(Function):
             saved = [weight]
             for lo, hi in chunks:
                 previous = _previous_states(output, h0, lo, hi)
-                saved += [pack(previous, config, batch_dims=2), pack_nonzero(output[lo:hi])]
+                saved += [pack(previous, config, batch_dims=2), kernels.pack_nonzero(output[lo:hi])]
         else:
             saved = [weight, h0, output]
         save_for_backward(ctx, *saved)
@@ -384,7 +379,7 @@ class _Recurrence(Function):
         for i, (lo, hi) in reversed(list(enumerate(ctx.chunks))):
             if ctx.relu:
                 previous, packed = rest[2 * i].unpack(), rest[2 * i + 1]
-                passes = unpack_mask(packed, torch.Size((hi - lo, *ctx.shape[1:]))).to(grad_output.dtype)
+                passes = kernels.unpack_mask(packed, torch.Size((hi - lo, *ctx.shape[1:]))).to(grad_output.dtype)
             else:
                 previous = _previous_states(output, h0, lo, hi)
             for t in reversed(range(lo, hi)):

@@ -71,7 +71,7 @@ def _build() -> bool:
 
 def available(device: torch.device) -> bool:
     """Whether the compiled kernels run for tensors on ``device`` (the CPU, once built)."""
-    return device.type == "cpu" and (_compiled if _compiled is not None else compiled())
+    return device.type == "cpu" and compiled()
 
 
 def draw_seed(device: torch.device) -> int:
