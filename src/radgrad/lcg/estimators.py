@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
-from radgrad.sketch import SketchConfig, draw_seed, pack, unpack
+from radgrad.sketch import Sketch, SketchConfig, pack, unpack
 
 if TYPE_CHECKING:
     from radgrad.lcg.graph import LCG
@@ -136,8 +136,8 @@ def inject(
     Injecting at vertex ``v`` replaces the stored tensor ``s`` of every edge
     into ``v`` (the forward values its local Jacobian needs, e.g. the
     derivative vector ``d`` of ``tanh`` or ``mul``, the other operand of a
-    matmul) by ``P s = radgrad.unpack(radgrad.pack(s, ...))``, with one seed
-    per vertex: ``P`` is drawn once for ``v``, ``E[P] = I``. Only the packed
+    matmul) by ``P s = radgrad.unpack(radgrad.pack(s, ...))``, with one draw
+    per vertex (and stored shape): ``P`` is drawn once for ``v``, ``E[P] = I``. Only the packed
     values are kept: ``k = max(1, round(keep * D))`` per row of ``s`` (the last
     dimension is ``D``, the leading ones index rows, NOTE [Sketch layout] in
     :mod:`radgrad.sketch`). For ``method="sample"`` and a diagonal Jacobian,
@@ -146,7 +146,7 @@ def inject(
     its stored tensor, so it is unbiased in expectation.
 
     Unbiased: each scalar path enters a vertex through one edge, so the sketches
-    on one path are independent (different vertices draw different seeds) and
+    on one path are independent (different vertices draw independently) and
     the expected product is the product of the expectations. Edges with a
     constant Jacobian (``add``, ``sum``, reshapes, ``2 * x``) store nothing
     and are left exact.
@@ -170,7 +170,7 @@ def inject(
     config = SketchConfig(keep, method, per_example)
     targets = injection_targets(graph, at)
     replaced: dict[int, LocalJacobian] = {}
-    seeds = {v: draw_seed(graph.vertices[v].value.device) for v in sorted(targets)}
+    first: dict[tuple[int, torch.Size], Sketch] = {}  # one draw per vertex and stored shape
     stored = exact = 0
     for i, edge in enumerate(graph.edges):
         s = edge.jacobian.stored
@@ -180,7 +180,9 @@ def inject(
         if edge.dst not in targets:
             stored += s.numel()
             continue
-        sketch = pack(s, config, batch_dims=max(s.dim() - 1, 0), seed=seeds[edge.dst])
+        key = (edge.dst, s.shape)
+        sketch = pack(s, config, batch_dims=max(s.dim() - 1, 0), like=first.get(key))
+        first.setdefault(key, sketch)
         stored += sketch.values.numel()
         replaced[i] = edge.jacobian.with_stored(unpack(sketch))
     gradient = graph.reverse(lambda i, edge: replaced.get(i, edge.jacobian))
