@@ -3,9 +3,11 @@
 ``dL/db = a^T @ dL/dy`` is linear in ``a``, so the op may keep only a sketch
 of ``a`` for the backward pass and still return an unbiased ``dL/db``;
 ``dL/da = dL/dy @ b^T`` needs only ``b`` and stays exact. Everything random
-(seeds, sampling, rescaling) comes from :func:`radgrad.pack`; the kept values
-go through ``ctx.save_for_backward`` via :func:`radgrad.save_for_backward`,
-so :mod:`radgrad.memory` sees them. At ``keep=1`` the op is exact.
+(the draw, sampling, rescaling) comes from :func:`radgrad.pack`; the kept
+values go through ``ctx.save_for_backward`` via :func:`radgrad.save_for_backward`,
+so :mod:`radgrad.memory` sees them. :func:`radgrad.tie` makes the output
+depend on the draw, which keeps ``torch.compile`` from drawing again in the
+backward pass. At ``keep=1`` the op is exact.
 
 Run it: ``python examples/custom_op.py``.
 """
@@ -23,7 +25,7 @@ class SketchedBmm(torch.autograd.Function):
         need_a, need_b = ctx.needs_input_grad[:2]
         sketch = radgrad.pack(a, config, batch_dims=2) if need_b else None
         radgrad.save_for_backward(ctx, sketch, b if need_a else None)
-        return torch.bmm(a, b)
+        return radgrad.tie(torch.bmm(a, b), sketch.state if sketch is not None else None)
 
     @staticmethod
     def backward(ctx, grad):

@@ -88,27 +88,30 @@ def test_per_example_projection_chunks_agree_with_one_chunk(monkeypatch):
     config = SketchConfig(0.5, "project", True)
     one = pack(x, config, batch_dims=1)
     monkeypatch.setattr(radgrad.sketch, "_PROJECT_CHUNK", 12 * 6 * 2)  # two rows per chunk
-    many = pack(x, config, batch_dims=1, like=one)
+    many = pack(x, config, batch_dims=1, state=one.state)
     torch.testing.assert_close(many.values, one.values, rtol=1e-12, atol=0)
     torch.testing.assert_close(unpack(many), unpack(one), rtol=1e-12, atol=0)
 
 
-def test_generator_and_like_reuse_a_draw():
+def test_generator_and_state_reuse_a_draw():
     x = torch.randn(5, 30)
     for method, per_example in CONFIGS:
         config = SketchConfig(0.2, method, per_example)
         a = pack(x, config, batch_dims=1, generator=torch.Generator().manual_seed(4))
         b = pack(x, config, batch_dims=1, generator=torch.Generator().manual_seed(4))
         assert torch.equal(unpack(a), unpack(b))
-        c = pack(2 * x, config, batch_dims=1, like=a)
+        c = pack(2 * x, config, batch_dims=1, state=a.state)
         assert torch.equal(c.state, a.state)
         torch.testing.assert_close(unpack(c), 2 * unpack(a))
 
 
-def test_like_must_match():
+def test_state_must_fit():
     a = pack(torch.randn(5, 30), SketchConfig(0.2), batch_dims=1)
-    with pytest.raises(ValueError, match=r"like= must be a sketch of the same shape, batch_dims and config"):
-        pack(torch.randn(5, 31), SketchConfig(0.2), batch_dims=1, like=a)
+    with pytest.raises(ValueError, match=r"state must be the draw of a sketch with the same config.*"
+                                         r"shape \(12,\)\), got torch.int16 of shape \(11,\)"):
+        pack(torch.randn(6, 30), SketchConfig(0.2), batch_dims=1, state=a.state)
+    with pytest.raises(ValueError, match=r"state must be.*shape \(\)\), got torch.int16 of shape \(11,\)"):
+        pack(torch.randn(5, 30), SketchConfig(0.2, "project"), batch_dims=1, state=a.state)
 
 
 def test_sample_indices_are_uniform_and_pairwise_independent():

@@ -8,14 +8,15 @@ for backward drops by about the keep fraction.
 Public names: :func:`convert` (one call for an existing model), :mod:`radgrad.nn`
 (the layers), :mod:`radgrad.functional`, :mod:`radgrad.memory` (the ruler),
 :mod:`radgrad.models` (the paper's models), and the sketch API for custom ops
-(:class:`SketchConfig`, :func:`pack`, :func:`unpack`, :func:`save_for_backward`,
-:func:`saved_tensors`).
+(:class:`SketchConfig`, :func:`draw`, :func:`pack`, :func:`unpack`, :func:`tie`,
+:func:`save_for_backward`, :func:`saved_tensors`).
 """
 
 from radgrad import functional, memory, models, nn
 from radgrad.convert import convert
+from radgrad.rng import tie
 from radgrad.saved import save_for_backward, saved_tensors
-from radgrad.sketch import METHODS, Sketch, SketchConfig, pack, unpack
+from radgrad.sketch import METHODS, Sketch, SketchConfig, draw, pack, unpack
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "Sketch",
     "SketchConfig",
     "convert",
+    "draw",
     "functional",
     "memory",
     "models",
@@ -31,5 +33,6 @@ __all__ = [
     "pack",
     "save_for_backward",
     "saved_tensors",
+    "tie",
     "unpack",
 ]

@@ -38,7 +38,9 @@ class Bits:
 
 def _memory_order(t: Tensor) -> tuple[int, ...] | None:
     """Dimensions from outermost to innermost in memory, if ``t`` is dense in that order."""
-    order = tuple(sorted(range(t.dim()), key=lambda i: -t.stride(i)))
+    if torch.compiler.is_compiling():
+        return None  # the compiler chooses layouts itself (and cannot trace this sort)
+    order = tuple(i for _, i in sorted((-stride, i) for i, stride in enumerate(t.stride())))
     return order if t.permute(order).is_contiguous() else None
 
 

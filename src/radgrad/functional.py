@@ -29,8 +29,9 @@ from torch import Tensor
 from torch.autograd import Function
 
 from radgrad import bits
+from radgrad.rng import tie
 from radgrad.saved import save_for_backward, saved_tensors
-from radgrad.sketch import SketchConfig, pack
+from radgrad.sketch import SketchConfig, draw, pack
 
 __all__ = ["linear", "conv", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d", "recurrence"]
 
@@ -73,14 +74,14 @@ class _Linear(Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, weight, bias, config):
-        return F.linear(input, weight, bias)
+    def forward(input, weight, bias, config, state):
+        return tie(F.linear(input, weight, bias), state)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, _, config = inputs
+        input, weight, _, config, state = inputs
         need_input, need_weight = ctx.needs_input_grad[:2]
-        sketch = pack(input, config, batch_dims=input.dim() - 1) if need_weight else None
+        sketch = pack(input, config, batch_dims=input.dim() - 1, state=state) if need_weight else None
         save_for_backward(ctx, sketch, weight if need_input else None)
 
     @staticmethod
@@ -91,7 +92,7 @@ class _Linear(Function):
         grad_input = grad.matmul(weight) if need_input else None
         grad_weight = grad2d.t().mm(estimate.reshape(-1, estimate.shape[-1])) if need_weight else None
         grad_bias = grad2d.sum(0) if need_bias else None
-        return grad_input, grad_weight, grad_bias, None
+        return grad_input, grad_weight, grad_bias, None, None
 
 
 def linear(
@@ -105,22 +106,23 @@ def linear(
     _check_input("functional.linear", input)
     if not _randomized(config, weight):
         return F.linear(input, weight, bias)
-    return _apply(_Linear.apply, input, weight, bias, config)
+    state = draw(input, config, batch_dims=input.dim() - 1)
+    return _apply(_Linear.apply, input, weight, bias, config, state)
 
 
 class _Conv(Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, groups, config):
+    def forward(input, weight, bias, stride, padding, dilation, groups, config, state):
         zeros = [0] * len(stride)
-        return torch.convolution(input, weight, bias, stride, padding, dilation, False, zeros, groups)
+        return tie(torch.convolution(input, weight, bias, stride, padding, dilation, False, zeros, groups), state)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, _, stride, padding, dilation, groups, config = inputs
+        input, weight, _, stride, padding, dilation, groups, config, state = inputs
         ctx.options, ctx.input_shape = (stride, padding, dilation, groups), input.shape
-        sketch = pack(input, config, batch_dims=2) if ctx.needs_input_grad[1] else None
+        sketch = pack(input, config, batch_dims=2, state=state) if ctx.needs_input_grad[1] else None
         save_for_backward(ctx, sketch, weight)
 
     @staticmethod
@@ -137,7 +139,7 @@ class _Conv(Function):
             stride, padding, dilation, False, [0] * len(stride), groups,
             [need_input, need_weight, need_bias],
         )
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 def conv(
@@ -166,7 +168,8 @@ def conv(
         input = input.unsqueeze(0)
     stride, dilation = _tuple(stride, n), _tuple(dilation, n)
     input, padding = _explicit_padding(input, padding, weight, stride, dilation)
-    out = _apply(_Conv.apply, input, weight, bias, stride, padding, dilation, groups, config)
+    state = draw(input, config, batch_dims=2)
+    out = _apply(_Conv.apply, input, weight, bias, stride, padding, dilation, groups, config, state)
     return out.squeeze(0) if unbatched else out
 
 
@@ -368,26 +371,25 @@ class _Recurrence(Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(v, h0, weight, relu, config):
+    def forward(v, h0, weight, relu, config, states):
         output = v.new_empty(v.shape)
         act = torch.relu_ if relu else torch.tanh_
         for t in range(v.shape[0]):
             torch.addmm(v[t], output[t - 1] if t else h0, weight.t(), out=output[t])
             act(output[t])
-        return output, output[-1].clone()
+        return tie(output, *states), output[-1].clone()
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        v, h0, weight, relu, config = inputs
+        v, h0, weight, relu, config, states = inputs
         output = outputs[0]
-        steps = v.shape[0]
-        chunks = [(lo, min(steps, lo + _RECURRENCE_CHUNK)) for lo in range(0, steps, _RECURRENCE_CHUNK)]
+        chunks = _chunks(v.shape[0])
         ctx.relu, ctx.chunks, ctx.shape = relu, chunks, v.shape
         if relu:
             saved = [weight]
-            for lo, hi in chunks:
+            for (lo, hi), state in zip(chunks, states):
                 previous = _previous_states(output, h0, lo, hi)
-                saved += [pack(previous, config, batch_dims=2), bits.pack(output[lo:hi].ne(0))]
+                saved += [pack(previous, config, batch_dims=2, state=state), bits.pack(output[lo:hi].ne(0))]
         else:
             saved = [weight, h0, output]
         save_for_backward(ctx, *saved)
@@ -414,7 +416,11 @@ class _Recurrence(Function):
                 grad_v[t] = g
                 carry = g.mm(weight)
             grad_weight.addmm_(grad_v[lo:hi].flatten(0, 1).t(), previous.flatten(0, 1))
-        return grad_v, carry, grad_weight, None, None
+        return grad_v, carry, grad_weight, None, None, None
+
+
+def _chunks(steps: int) -> list[tuple[int, int]]:
+    return [(lo, min(steps, lo + _RECURRENCE_CHUNK)) for lo in range(0, steps, _RECURRENCE_CHUNK)]
 
 
 def _previous_states(output: Tensor, h0: Tensor, lo: int, hi: int) -> Tensor:
@@ -444,4 +450,10 @@ def recurrence(
     """
     if nonlinearity not in ("relu", "tanh"):
         raise ValueError(f"radgrad.functional.recurrence: nonlinearity must be 'relu' or 'tanh', got {nonlinearity!r}")
-    return _Recurrence.apply(v, h0, weight, nonlinearity == "relu", config)
+    relu = nonlinearity == "relu"
+    states = ()
+    if relu and weight.requires_grad and torch.is_grad_enabled():
+        # the previous states of each chunk, as setup_context will pack them
+        states = tuple(draw(v.new_empty(()).expand(hi - lo, *v.shape[1:]), config, batch_dims=2)
+                       for lo, hi in _chunks(v.shape[0]))
+    return _Recurrence.apply(v, h0, weight, relu, config, states)

@@ -7,16 +7,18 @@ caller), so ``torch.manual_seed`` makes a run reproducible, eagerly and under
 
 NOTE [Draws are saved, never redrawn]
     A backward pass must read the very numbers its forward pass drew. Under
-    ``torch.compile``, AOTAutograd may move a cheap op from the forward graph
-    into the backward graph instead of saving its result; done to a random op
-    (``torch.randint`` is not on its list of random ops), the backward would
-    use *other* numbers than the forward and every estimate would be biased.
-    So under compilation the draw runs as the opaque custom op
-    ``radgrad::draw``, which the partitioner never recomputes and the graph
-    never merges with a twin call (it is tagged ``nondeterministic_seeded``).
+    ``torch.compile``, AOTAutograd's partitioner recomputes in the backward
+    graph any op that no forward *output* depends on, rather than saving its
+    result, random ops included: a draw used only to pack a saved tensor would
+    be drawn again in the backward, the backward would read other positions
+    than the forward kept, and every estimate would be biased. Two things
+    prevent it. The draw runs as the opaque custom op ``radgrad::draw`` (tagged
+    ``nondeterministic_seeded``, so it is never merged with a twin call), and
+    :func:`tie` makes the op's forward output depend on the draw, which bans
+    recomputing it: the partitioner must save the few integers drawn. Both
+    apply only under compilation; eagerly the same function runs directly.
     Everything computed *from* a draw (indices, signs) is a deterministic
-    function of it and may be recomputed freely. Eagerly the same function
-    runs without the custom-op dispatch.
+    function of it and may be recomputed freely.
 
 NOTE [Ranks draw independently]
     Under ``torch.distributed`` every rank is usually seeded alike, so the
@@ -34,14 +36,13 @@ NOTE [Counter-based signs]
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["draw", "draw_seed", "next_prime", "signs"]
+__all__ = ["draw", "draw_seed", "signs", "tie"]
 
 _DISTRIBUTED = torch.distributed.is_available()
 _GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # constants as signed int64: torch's integer ops wrap
@@ -76,18 +77,27 @@ def draw(low: int, high: int, shape: Sequence[int], dtype: torch.dtype, device: 
     return _randint(low, high, shape, dtype, device, generator)
 
 
+def tie(output: Tensor, *states: Tensor | None) -> Tensor:
+    """``output``, made to depend on the random draws ``states`` under ``torch.compile``.
+
+    The value is ``output`` itself, bit for bit (it is multiplied by a true
+    boolean). Call it on the output of an autograd function's forward with
+    the ``state`` of every sketch it packed (NOTE [Draws are saved, never
+    redrawn]); eagerly it returns ``output`` untouched.
+    """
+    if not torch.compiler.is_compiling():
+        return output
+    for state in states:
+        if state is not None:
+            output = output * (state.reshape(-1)[0] | 1).ne(0)
+    return output
+
+
 def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
     """A 0-dim int64 tensor, uniform over all int64 values but one."""
     return draw(-(2**63), 2**63 - 1, (), torch.int64, device, generator)
 
 
-@functools.lru_cache(maxsize=256)
-def next_prime(n: int) -> int:
-    """The smallest prime ``>= n`` (``n >= 1``; 2 for ``n <= 2``)."""
-    p = max(2, n)
-    while any(p % q == 0 for q in range(2, math.isqrt(p) + 1)):
-        p += 1
-    return p
 
 
 def _shr(z: Tensor, bits: int) -> Tensor:

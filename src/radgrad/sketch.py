@@ -52,7 +52,7 @@ from torch import Tensor
 
 from radgrad import rng
 
-__all__ = ["METHODS", "SketchConfig", "Sketch", "pack", "unpack"]
+__all__ = ["METHODS", "SketchConfig", "Sketch", "draw", "pack", "unpack"]
 
 #: Names of the estimators, each with a one-line description (the CLI shows these).
 METHODS: dict[str, str] = {
@@ -148,9 +148,29 @@ class Sketch:
         return f"Sketch(shape={tuple(self.shape)}, batch_dims={self.batch_dims}, config={self.config})"
 
 
+def draw(x: Tensor, config: SketchConfig, *, batch_dims: int,
+         generator: torch.Generator | None = None) -> Tensor | None:
+    """The random draw :func:`pack` makes for ``x``, or ``None`` when nothing is randomized.
+
+    Drawing apart from packing lets an op draw before its forward computation
+    and tie its output to the draw (:func:`radgrad.tie`), as the built-in ops
+    do; ``pack(x, ..., state=draw(x, ...))`` is ``pack(x, ...)``.
+    """
+    _check(x, batch_dims)
+    rows, d = _rows_and_width(x.shape, batch_dims)
+    k = config.kept(d)
+    if config.exact or k >= d or rows == 0:
+        return None
+    if d > _MAX_WIDTH:
+        raise ValueError(f"radgrad: rows of at most 2**31 - 1 entries can be sketched, got {d}")
+    if config.method == "sample":
+        return rng.draw(0, d, ((rows if config.per_example else 1) + k,), _index_dtype(d), x.device, generator)
+    return rng.draw_seed(x.device, generator)
+
+
 def pack(
     x: Tensor, config: SketchConfig, *, batch_dims: int, generator: torch.Generator | None = None,
-    like: Sketch | None = None,
+    state: Tensor | None = None,
 ) -> Sketch:
     """Pack ``x`` into a :class:`Sketch` whose :func:`unpack` is an unbiased estimate of ``x``.
 
@@ -160,9 +180,10 @@ def pack(
         batch_dims: how many leading dimensions index rows (NOTE [Sketch layout]).
         generator: draw from this generator instead of torch's default
             generator of ``x``'s device.
-        like: reuse the random draw of this sketch (made with the same config
-            from a tensor of the same shape and ``batch_dims``) instead of
-            drawing: both estimates then use the same positions or signs.
+        state: use this draw instead of drawing: the ``state`` of another
+            sketch made with the same config from a tensor of the same shape
+            and ``batch_dims`` (both estimates then keep the same positions or
+            use the same signs), or what :func:`draw` returned for ``x``.
 
     Returns:
         A Sketch holding ``rows x k`` kept values (``k = max(1, round(keep * D))``)
@@ -172,43 +193,26 @@ def pack(
     Raises:
         TypeError: ``x`` is not a floating-point tensor.
         ValueError: ``batch_dims`` is not between 0 and ``x.dim()``, a row has
-            more than 2**31 - 1 entries, or ``like`` does not match.
+            more than 2**31 - 1 entries, or ``state`` does not fit.
     """
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
-        raise TypeError(f"radgrad: can only sketch floating-point tensors, got {got}")
-    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or not 0 <= batch_dims <= x.dim():
-        raise ValueError(
-            f"radgrad: batch_dims must be an int in [0, {x.dim()}] for a tensor of shape "
-            f"{tuple(x.shape)}, got {batch_dims!r}"
-        )
-    if config.exact:
+    if state is None:
+        state = draw(x, config, batch_dims=batch_dims, generator=generator)
+    else:
+        _check(x, batch_dims)
+    if state is None or config.exact:
         return Sketch(x, None, x.shape, batch_dims, config)
     rows, d = _rows_and_width(x.shape, batch_dims)
-    if d > _MAX_WIDTH:
-        raise ValueError(f"radgrad: rows of at most 2**31 - 1 entries can be sketched, got {d}")
-    if like is not None and (like.shape != x.shape or like.batch_dims != batch_dims or like.config != config):
-        raise ValueError(
-            f"radgrad: like= must be a sketch of the same shape, batch_dims and config; got shape "
-            f"{tuple(like.shape)}, batch_dims {like.batch_dims}, {like.config} for shape "
-            f"{tuple(x.shape)}, batch_dims {batch_dims}, {config}"
-        )
     k = config.kept(d)
-    if k >= d or rows == 0:
-        # Keeping every entry costs what storing the row costs: store it, exactly.
-        return Sketch(x, None, x.shape, batch_dims, config)
-    xr = _as_rows(x, batch_dims)
+    _check_state(state, config, rows, k)
     if config.method == "sample":
-        state = like.state if like is not None else rng.draw(
-            0, d, ((rows if config.per_example else 1) + k,), _index_dtype(d), x.device, generator)
-        idx = _indices(state, rows, k, d, config.per_example)
+        xr = _as_rows(x, batch_dims)
+        idx = _indices(state, k, d)
         if config.per_example:
             values = xr.gather(-1, idx.view(*xr.shape[:-1], k))
         else:
             values = xr.index_select(-1, idx[0])
         return Sketch(values.reshape(rows, k), state, x.shape, batch_dims, config)
-    state = like.state if like is not None else rng.draw_seed(x.device, generator)
-    xr = xr.reshape(rows, d)
+    xr = x.reshape(rows, d)
     if config.per_example:
         values = torch.cat([torch.bmm(xr[lo:hi].unsqueeze(1), signs).squeeze(1)
                             for lo, hi, signs in _sign_chunks(state, rows, d, k, x.dtype)])
@@ -220,7 +224,7 @@ def pack(
 def unpack(sketch: Sketch) -> Tensor:
     """The unbiased estimate of the packed tensor, with its original shape.
 
-    For ``keep < 1`` the result is a new tensor; for ``keep == 1`` it is the
+    For a randomized sketch the result is a new tensor; otherwise it is the
     packed tensor itself.
     """
     config, values = sketch.config, sketch.values
@@ -229,7 +233,7 @@ def unpack(sketch: Sketch) -> Tensor:
     rows, d = _rows_and_width(sketch.shape, sketch.batch_dims)
     k = values.shape[1]
     if config.method == "sample":
-        idx = _indices(sketch.state, rows, k, d, config.per_example).expand(rows, k)
+        idx = _indices(sketch.state, k, d).expand(rows, k)
         est = values.new_zeros(rows, d).scatter_add_(1, idx, values * (d / k))
     elif config.per_example:
         est = torch.cat([torch.bmm(values[lo:hi].unsqueeze(1), signs.transpose(1, 2)).squeeze(1)
@@ -238,6 +242,31 @@ def unpack(sketch: Sketch) -> Tensor:
     else:
         est = (values @ rng.signs(sketch.state, 0, (d, k), values.dtype).t()).mul_(1.0 / k)
     return est.view(sketch.shape)
+
+
+def _check(x: Tensor, batch_dims: int) -> None:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"radgrad: can only sketch floating-point tensors, got {got}")
+    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or not 0 <= batch_dims <= x.dim():
+        raise ValueError(
+            f"radgrad: batch_dims must be an int in [0, {x.dim()}] for a tensor of shape "
+            f"{tuple(x.shape)}, got {batch_dims!r}"
+        )
+
+
+def _check_state(state: Tensor, config: SketchConfig, rows: int, k: int) -> None:
+    if config.method == "sample":
+        shape = ((rows if config.per_example else 1) + k,)
+        ok = state.shape == shape and not state.is_floating_point()
+    else:
+        shape = ()
+        ok = state.shape == shape and state.dtype == torch.int64
+    if not ok:
+        raise ValueError(
+            f"radgrad: state must be the draw of a sketch with the same config, shape and batch_dims "
+            f"(an integer tensor of shape {shape}), got {state.dtype} of shape {tuple(state.shape)}"
+        )
 
 
 def _rows_and_width(shape: torch.Size, batch_dims: int) -> tuple[int, int]:
@@ -255,11 +284,10 @@ def _index_dtype(d: int) -> torch.dtype:
     return torch.int16 if d <= 2**15 else torch.int32
 
 
-def _indices(state: Tensor, rows: int, k: int, d: int, per_example: bool) -> Tensor:
+def _indices(state: Tensor, k: int, d: int) -> Tensor:
     """The ``(rows, k)`` (per example) or ``(1, k)`` (shared) sampled indices of a sample state."""
     state = state.long()
-    base, offsets = state[:-k].unsqueeze(1), state[-k:]
-    idx = base + offsets
+    idx = state[:-k].unsqueeze(1) + state[-k:]
     return idx.sub_((idx >= d).long(), alpha=d)
 
 

@@ -181,7 +181,8 @@ def inject(
             stored += s.numel()
             continue
         key = (edge.dst, s.shape)
-        sketch = pack(s, config, batch_dims=max(s.dim() - 1, 0), like=first.get(key))
+        shared = first.get(key)
+        sketch = pack(s, config, batch_dims=max(s.dim() - 1, 0), state=None if shared is None else shared.state)
         first.setdefault(key, sketch)
         stored += sketch.values.numel()
         replaced[i] = edge.jacobian.with_stored(unpack(sketch))
