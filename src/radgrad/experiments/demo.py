@@ -1,121 +1,91 @@
 """The demo: the MNIST MLP trained exactly, with a reduced batch, and with RAD, at a glance.
 
     python -m radgrad.experiments.demo [--steps 12000] [--seed 0] [--out runs/demo] [--threads N]
+    radgrad demo ...                    (the same)
 
-Three methods, each with the paper's learning rate and weight decay:
-``baseline`` (batch 150, exact), ``reduced-batch`` (the largest batch whose
-saved memory, measured by the ruler, does not exceed RAD's; see
-:func:`radgrad.experiments.budget.reduced_batch`) and ``rad``
+Three runs of the training loop of ``radgrad train``
+(:func:`radgrad.experiments.train.train`), each with the paper's learning rate
+and weight decay: ``baseline`` (batch 150, exact gradients), ``reduced-batch``
+(the largest batch whose saved memory, measured by the ruler, does not exceed
+RAD's; see :func:`radgrad.experiments.budget.reduced_batch`) and ``rad``
 (batch 150, keep 0.1, a different sample per example). Prints the measured
-memory, the final training loss and the test accuracy of each, and writes a
-JSON file and a learning-curve PNG that name the config.
+memory, the final training loss and the test accuracy (whole test set) of each,
+and writes into ``--out``: ``demo.json`` (the config, the seed and every run's
+result), ``demo.md`` and ``demo.csv`` (the table) and ``demo.png`` (learning curves).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
-from matplotlib.figure import Figure
-from torch import nn
-from tqdm import tqdm
 
 import radgrad
-from radgrad.experiments import budget
-from radgrad.experiments import data as datasets
-from radgrad.experiments.tasks import get_task
+from radgrad.experiments import options, plots, report
+from radgrad.experiments.tasks import get_task, load_data
+from radgrad.experiments.train import RunConfig, train
 
-BATCH = 150
+__all__ = ["add_arguments", "run", "main", "TASK", "KEEP", "RUNS", "STEM"]
+
+TASK = "mnist-mlp"
 KEEP = 0.1
-TASK = get_task("mnist-mlp")
-# (learning rate, weight decay) of each demo run: the paper's, from the task registry
-HYPER = {name: TASK.lr_wd(method) for name, method in
-         (("baseline", "baseline"), ("reduced-batch", "reduced-batch"), ("rad", "different-sample"))}
+#: The demo's runs: label -> training method of the registry (:data:`radgrad.experiments.tasks.METHODS`).
+RUNS = {"baseline": "baseline", "reduced-batch": "reduced-batch", "rad": "different-sample"}
+STEM = "demo"
 
 
-def train(model: nn.Module, name: str, batch: int, steps: int, images, labels) -> list[float]:
-    lr, wd = HYPER[name]
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, steps // 10), gamma=0.6)
-    losses = []
-    for _ in tqdm(range(steps), desc=name, leave=False):
-        idx = torch.randint(len(labels), (batch,))
-        loss = nn.functional.cross_entropy(model(images[idx]), labels[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-    return losses
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
-    model.eval()
-    return (model(images).argmax(1) == labels).float().mean().item()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=12000,
-                        help="training iterations per method (12000: about 4 minutes on this 2-core machine)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, minibatches and RAD samples")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the JSON and the PNG")
-    parser.add_argument("--threads", type=int, default=None,
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the demo's options to ``parser``."""
+    parser.add_argument("--steps", type=options.integer("steps"), default=12000,
+                        help="training iterations per method, >= 1 (12000: about 4 minutes on a 2-core machine)")
+    parser.add_argument("--seed", type=options.seed(), default=0,
+                        help=f"seed for weights, minibatches and RAD samples (0 to {options.SEED_MAX})")
+    parser.add_argument("--out", type=options.folder(), default=Path("runs/demo"),
+                        help="folder for the JSON, the table and the PNG")
+    parser.add_argument("--threads", type=options.workers("threads"), default=None,
                         help="torch threads (default: torch's choice; 1 is faster on a busy machine)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
-    data = datasets.to_tensors(datasets.load_mnist())
-    torch.manual_seed(args.seed)
-    init = radgrad.models.mnist_mlp()
-    rad = radgrad.convert(copy.deepcopy(init), keep=KEEP, method="sample", per_example=True)
-    small = budget.reduced_batch(init, TASK, KEEP, BATCH)
-    runs = {"baseline": (copy.deepcopy(init), BATCH), "reduced-batch": (copy.deepcopy(init), small),
-            "rad": (rad, BATCH)}
-    results = {}
-    for name, (model, batch) in runs.items():
-        torch.manual_seed(args.seed + 1)
-        memory = radgrad.memory.saved_bytes(model, data.train_x[:batch])
-        losses = train(model, name, batch, args.steps, data.train_x, data.train_y)
-        tail = losses[-max(1, args.steps // 20):]
-        results[name] = {"batch": batch, "saved_bytes": memory, "final_train_loss": sum(tail) / len(tail),
-                         "test_accuracy": accuracy(model, data.test_x, data.test_y), "losses": losses}
 
-    print(f"MNIST MLP, {args.steps} iterations, seed {args.seed}")
-    print("| method | batch | saved for backward | final train loss | test accuracy |")
-    print("|---|---|---|---|---|")
-    for name, r in results.items():
-        print(f"| {name} | {r['batch']} | {r['saved_bytes'] / 1e6:.3f} MB | {r['final_train_loss']:.4f} "
-              f"| {100 * r['test_accuracy']:.2f}% |")
-    args.out.mkdir(parents=True, exist_ok=True)
-    config = {"task": "mnist-mlp", "steps": args.steps, "seed": args.seed, "keep": KEEP, "hyper": HYPER,
-              "threads": torch.get_num_threads(),
-              "radgrad": radgrad.__version__}
-    (args.out / "demo.json").write_text(json.dumps({"config": config, "results": results}, indent=1))
-    _plot(results, config, args.out / "demo.png")
-    print(f"wrote {args.out / 'demo.json'} and {args.out / 'demo.png'}")
+def run(args: argparse.Namespace) -> int:
+    """Train the three runs with the parsed ``args``, print the table, write the outputs; return 0."""
+    threads = args.threads or torch.get_num_threads()
+    data = load_data(get_task(TASK))
+    results: dict[str, dict[str, Any]] = {}
+    for label, method in RUNS.items():
+        config = RunConfig(TASK, method, keep=KEEP, iters=args.steps, seed=args.seed,
+                           eval_size=len(data.test_y), threads=threads)
+        results[label] = train(config, data=data)
+    rows = [{"method": label, "batch": r["batch"], "saved for backward": f"{r['saved_bytes'] / 1e6:.3f} MB",
+             "final train loss": f"{r['final_train_loss']:.4f}",
+             "test accuracy": f"{100 * r['final_test_accuracy']:.2f}%"} for label, r in results.items()]
+    title = f"MNIST MLP, {args.steps} iterations, seed {args.seed}"
+    md = report.markdown(list(rows[0]), [list(row.values()) for row in rows])
+    print(title)
+    print(md, end="")
+    config = {"task": TASK, "steps": args.steps, "seed": args.seed, "keep": KEEP, "methods": RUNS,
+              "hyper": {label: [r["config"]["lr"], r["config"]["weight_decay"]] for label, r in results.items()},
+              "threads": threads, "radgrad": radgrad.__version__}
+    out: Path = args.out
+    paths = report.write_outputs(out, STEM, f"# {title}, keep {KEEP} (radgrad demo)\n\n{md}", rows)
+    paths.append(out / f"{STEM}.json")
+    paths[-1].write_text(json.dumps({"config": config, "results": results}, indent=1))
+    paths.append(out / f"{STEM}.png")
+    figure = plots.learning_curves({label: [r] for label, r in results.items()},
+                                   f"{title}, keep {KEEP} (radgrad demo)")
+    figure.savefig(paths[-1], dpi=120)
+    print("wrote " + ", ".join(map(str, paths)))
     return 0
 
 
-def _plot(results: dict, config: dict, path: Path) -> None:
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    for name, r in results.items():
-        losses = torch.tensor(r["losses"])
-        window = max(1, len(losses) // 50)
-        smooth = losses.unfold(0, window, 1).mean(1) if len(losses) >= window else losses
-        ax.plot(range(window, window + len(smooth)), smooth, label=f"{name} (batch {r['batch']}, "
-                f"{r['saved_bytes'] / 1e6:.2f} MB)")
-    ax.set(xlabel="iteration", ylabel="training loss (moving average)", yscale="log",
-           title=f"MNIST MLP, keep {config['keep']}, seed {config['seed']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the demo (as ``radgrad demo``, so errors are reported the same way)."""
+    from radgrad.experiments import cli
+
+    return cli.main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from radgrad.experiments import options
 from radgrad.lcg.variance import ESTIMATORS, GRAPHS, Row, VarianceConfig, study
 
 STEM = "lcg_variance"
@@ -35,20 +36,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="seed for the graphs' constants and all sampling")
     parser.add_argument("--width", type=int, default=d.width, help="entries per layer")
     parser.add_argument("--max-depth", type=int, default=d.max_depth, help="depths 1..max-depth")
-    parser.add_argument("--reps", type=int, default=d.reps, help="independent estimates per point")
+    parser.add_argument("--reps", type=int, default=d.reps, help="independent estimates per point (>= 2)")
     parser.add_argument("--keep", type=float, default=d.keep, help="keep fraction of the injections")
     parser.add_argument("--paths", type=int, default=d.paths, help="paths per path-sampling estimate")
 
 
+def _checked_config(args: argparse.Namespace) -> VarianceConfig:
+    """The study's config from the parsed ``args``, each value checked.
+
+    Raises:
+        ValueError: a value out of range (the message names the option and what it allows).
+    """
+    return VarianceConfig(
+        width=options.check_int("width", args.width), max_depth=options.check_int("max-depth", args.max_depth),
+        reps=options.check_int("reps", args.reps, 2), keep=options.check_keep(args.keep),
+        paths=options.check_int("paths", args.paths), seed=options.check_seed(args.seed),
+    )  # fmt: skip
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run the study with the parsed ``args``; write the outputs; return an exit code."""
-    config = VarianceConfig(args.width, args.max_depth, args.reps, args.keep, args.paths, args.seed)
-    if min(config.width, config.max_depth, config.reps, config.paths) < 1 or not 0 < config.keep <= 1:
-        print("radgrad.lcg: width, max-depth, reps, paths must be >= 1 and keep in (0, 1]", file=sys.stderr)
+    """Run the study with the parsed ``args``; write the outputs; return an exit code (2: bad options)."""
+    try:
+        config = _checked_config(args)
+        out = options.make_folder(args.out)
+    except ValueError as err:
+        print(err, file=sys.stderr)
         return 2
     rows = study(config, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     command = _command(config, out)
     _write_csv(rows, out / f"{STEM}.csv")
     (out / f"{STEM}.md").write_text(_markdown(rows, config, command))

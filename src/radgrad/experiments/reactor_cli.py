@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import radgrad
 from radgrad import reactor
+from radgrad.experiments import options
 
 SWEEP = (1.0, 0.1, 0.01, 0.005, 0.002, 0.001)
 OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -58,26 +59,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the experiment with the parsed ``args``; write JSON and PNGs; return an exit code."""
     keeps = list(SWEEP) if args.sweep else list(args.keep)
-    torch.set_num_threads(args.threads)
-    options = dict(nx=args.nx, dt=args.dt, t_end=args.t_end)
+    problem = dict(nx=args.nx, dt=args.dt, t_end=args.t_end)
     try:
         for keep in keeps:
-            reactor.validate(**options, keep=keep, method=args.method, checkpoint_every=args.checkpoint_every)
+            reactor.validate(**problem, keep=keep, method=args.method, checkpoint_every=args.checkpoint_every)
+        options.check_int("iters", args.iters)
+        options.check_number("lr", args.lr)
+        options.check_seed(args.seed)
+        options.check_int("threads", args.threads, 1, options.WORKERS_MAX)
+        options.check_int("jobs", args.jobs, 1, options.WORKERS_MAX)
+        out = options.make_folder(args.out)
     except (TypeError, ValueError) as err:
         print(err, file=sys.stderr)
         return 2
-    if min(args.iters, args.jobs, args.threads) < 1:
-        print("radgrad.reactor: --iters, --jobs and --threads must be >= 1", file=sys.stderr)
-        return 2
-    tasks = [(args, keep, options, i) for i, keep in enumerate(keeps)]
+    torch.set_num_threads(args.threads)
+    tasks = [(args, keep, problem, i) for i, keep in enumerate(keeps)]
     if args.jobs == 1:
         runs = [_optimise(*task) for task in tasks]
     else:
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
             runs = list(pool.map(_optimise, *zip(*tasks)))
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
     result = {"radgrad_version": radgrad.__version__, "seed": args.seed, "command": _command(args),
               "config": _config(args, keeps), "runs": runs}
     (out / f"{STEM}.json").write_text(json.dumps(result, indent=1))
@@ -87,14 +89,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optimise(args: argparse.Namespace, keep: float, options: dict[str, Any], bar: int = 0) -> dict[str, Any]:
+def _optimise(args: argparse.Namespace, keep: float, problem: dict[str, Any], bar: int = 0) -> dict[str, Any]:
     """``args.iters`` optimiser steps from the seeded start; the record of one run."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = reactor.initial_theta(torch.Generator().manual_seed(args.seed))
     theta = start.clone().requires_grad_()
     opt = OPTIMIZERS[args.optimizer]([theta], lr=args.lr)
-    kwargs = dict(options, keep=keep, method=args.method, checkpoint_every=args.checkpoint_every)
+    kwargs = dict(problem, keep=keep, method=args.method, checkpoint_every=args.checkpoint_every)
     with radgrad.memory.record() as rec:
         reactor.loss(theta, **kwargs)
     losses = []
@@ -107,7 +109,7 @@ def _optimise(args: argparse.Namespace, keep: float, options: dict[str, Any], ba
         losses.append(value.item())
     seconds = (time.perf_counter() - t0) / args.iters
     with torch.no_grad():
-        losses.append(reactor.loss(theta, **options).item())
+        losses.append(reactor.loss(theta, **problem).item())
     return {"keep": keep, "saved_bytes": rec.total, "seconds_per_iter": seconds, "losses": losses,
             "initial_theta": start.tolist(), "final_theta": theta.detach().tolist()}
 
@@ -164,14 +166,14 @@ def _flux_times(t_end: float) -> list[float]:
 def _plot_flux(runs: list[dict[str, Any]], args: argparse.Namespace) -> Figure:
     """``phi(x, 1/2, t)`` of the initial and optimised thetas against the target."""
     times = _flux_times(args.t_end)
-    options = dict(nx=args.nx, dt=args.dt, t_end=args.t_end)
+    problem = dict(nx=args.nx, dt=args.dt, t_end=args.t_end)
     x = torch.linspace(0, 1, args.nx + 1)
     mid = args.nx // 2
     fig = Figure(figsize=(11, 3.4))
     axes = fig.subplots(1, len(times), sharey=True)
     curves = [("initial theta", runs[0]["initial_theta"], dict(color="0.6", ls=":"))]
     curves += [(f"keep={r['keep']:g}", r["final_theta"], {}) for r in runs]
-    flux = {name: reactor.simulate(torch.tensor(th, dtype=torch.float64), times, **options)
+    flux = {name: reactor.simulate(torch.tensor(th, dtype=torch.float64), times, **problem)
             for name, th, _ in curves}
     goal = reactor.target(times, nx=args.nx)
     for i, (ax, t) in enumerate(zip(axes, times)):

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from radgrad.experiments.options import make_folder
+
 __all__ = ["markdown", "csv_text", "write_outputs"]
 
 
@@ -29,8 +31,8 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_outputs(out: Path, stem: str, md: str, rows: Sequence[dict[str, Any]]) -> list[Path]:
-    """Write ``out/stem.md`` and ``out/stem.csv``; return their paths."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``out/stem.md`` and ``out/stem.csv`` (creating ``out``); return their paths."""
+    out = make_folder(out)
     paths = [out / f"{stem}.md", out / f"{stem}.csv"]
     paths[0].write_text(md)
     paths[1].write_text(csv_text(rows))

@@ -11,6 +11,10 @@ A run lives in one folder (``out``):
 * ``curve.csv``: the learning curve (training loss per iteration, test loss
   and accuracy where evaluated).
 
+A run whose training or test loss, or whose parameters, become NaN or
+infinite stops with :class:`RunDiverged` and writes nothing more: the folder
+keeps its last checkpoint, taken before the divergence, and no result.
+
 NOTE [Exact resumption]
     A run resumed from a checkpoint makes the very same floating-point
     operations, in the same order, with the same random draws as an
@@ -29,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -42,11 +47,11 @@ from torch import nn
 from tqdm import tqdm
 
 import radgrad
-from radgrad.experiments import budget, report
+from radgrad.experiments import budget, options, report
 from radgrad.experiments.data import Tensors
 from radgrad.experiments.tasks import Task, get_method, get_task, load_data
 
-__all__ = ["RunConfig", "RunStopped", "train", "fit", "evaluate", "load_result", "write_atomic",
+__all__ = ["RunConfig", "RunStopped", "RunDiverged", "train", "fit", "evaluate", "load_result", "write_atomic",
            "CHECKPOINT", "RESULT", "CURVE"]
 
 CHECKPOINT, RESULT, CURVE = "checkpoint.pt", "result.json", "curve.csv"
@@ -90,11 +95,12 @@ class RunConfig:
         """A copy with every default filled in, after checking every value.
 
         Raises:
-            ValueError: an unknown task or method, or a value out of range.
+            ValueError: an unknown task or method, or a value out of range
+                (:class:`~radgrad.experiments.options.OptionError`, naming the field).
         """
         task, method = get_task(self.task), get_method(self.method)
-        if isinstance(self.keep, bool) or not 0.0 < float(self.keep) <= 1.0:
-            raise ValueError(f"radgrad: keep must be in (0, 1], got {self.keep!r}")
+        options.check_keep(self.keep)
+        options.check_seed(self.seed)
         lr, wd = task.lr_wd(method.name)
         iters = task.paper_iters if self.iters is None else self.iters
         filled = dataclasses.replace(
@@ -106,17 +112,24 @@ class RunConfig:
             eval_size=task.eval_size if self.eval_size is None else self.eval_size,
             data=None if self.data is None else str(self.data),
         )  # fmt: skip
-        for name in ("iters", "batch", "eval_every", "eval_size", "threads"):
-            value = getattr(filled, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"radgrad: {name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if filled.lr <= 0 or filled.weight_decay < 0:
-            raise ValueError(f"radgrad: need lr > 0 and weight-decay >= 0, got {filled.lr!r}, {filled.weight_decay!r}")
+        for name in ("iters", "batch", "eval_every", "eval_size"):
+            options.check_int(name.replace("_", "-"), getattr(filled, name))
+        options.check_int("threads", filled.threads, 1, options.WORKERS_MAX)
+        options.check_number("lr", filled.lr)
+        options.check_number("weight-decay", filled.weight_decay, closed=True)
         return filled
 
 
 class RunStopped(Exception):
     """Raised by :func:`train` when ``stop_after`` ends a run early (after a checkpoint)."""
+
+
+class RunDiverged(RuntimeError):
+    """Raised by :func:`train` and :func:`fit` when the loss or the parameters stop being finite.
+
+    Nothing is written after the divergence: a run folder keeps its last
+    checkpoint (if any), which holds the run before it diverged, and no result.
+    """
 
 
 @dataclass
@@ -139,6 +152,7 @@ class _Run:
     batch: int
     saved_bytes: int
     history: _History = field(default_factory=_History)
+    saved_iteration: int | None = None  # iteration held by the checkpoint on disk, if any
 
     @property
     def iteration(self) -> int:
@@ -224,15 +238,69 @@ def write_atomic(path: Path, payload: bytes | str) -> None:
 
 
 def _save_checkpoint(run: _Run, out: Path) -> None:
+    """Write the run's state, unless its parameters went non-finite (then :class:`RunDiverged`)."""
+    if not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
+        raise _diverged(run, out, run.iteration, "the parameters are not finite")
     buffer = io.BytesIO()
     torch.save(run.state(), buffer)
     write_atomic(out / CHECKPOINT, buffer.getvalue())
+    run.saved_iteration = run.iteration
 
 
-def load_result(out: Path) -> dict[str, Any] | None:
-    """The finished run's ``result.json`` in ``out``, or None if there is none."""
+def _diverged(run: _Run, folder: Path | None, iteration: int, what: str) -> RunDiverged:
+    config = run.config
+    if folder is None:
+        kept = ""
+    elif run.saved_iteration is None:
+        kept = f"; nothing was saved in {folder}"
+    else:
+        kept = (f"; {folder / CHECKPOINT} holds iteration {run.saved_iteration}, before the divergence "
+                "(pass --overwrite to start afresh)")
+    return RunDiverged(f"radgrad: the run diverged at iteration {iteration} of {config.iters}: {what} "
+                       f"(lr {config.lr:g}, weight-decay {config.weight_decay:g}); "
+                       f"try a smaller --lr or --weight-decay{kept}")
+
+
+def load_result(out: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The finished run's ``result.json`` in ``out``, or None if there is none.
+
+    Raises:
+        ValueError: the file is damaged or is not a result written by :func:`train`.
+    """
     path = Path(out) / RESULT
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _unreadable(path, err) from None
+    if not (isinstance(result, dict) and isinstance(result.get("config"), dict) and "final_train_loss" in result):
+        raise _unreadable(path, "not a radgrad result")
+    return result
+
+
+_CHECKPOINT_KEYS = frozenset({"config", "iteration", "model", "optimizer", "scheduler", "torch_rng",
+                              "sampler_rng", "history"})
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """The state saved in ``path`` by :func:`_save_checkpoint`; ValueError naming the file if unreadable."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as err:  # a damaged file fails in many ways: EOFError, RuntimeError, UnpicklingError...
+        raise _unreadable(path, err) from None
+    if not (isinstance(state, dict) and _CHECKPOINT_KEYS <= state.keys() and isinstance(state["config"], dict)):
+        raise _unreadable(path, "not a radgrad checkpoint")
+    return state
+
+
+def _unreadable(path: Path, why: Exception | str) -> ValueError:
+    if isinstance(why, Exception):
+        first_line = (str(why).strip().splitlines() or [""])[0][:120]
+        why = f"{type(why).__name__}: {first_line}" if first_line else type(why).__name__
+    return ValueError(f"radgrad: cannot read the run file {path} ({why}): it is damaged or was not written by "
+                      f"radgrad; pass --overwrite to discard the run in {path.parent} and start afresh, "
+                      "or choose another --out")
 
 
 def _check_same_config(stored: dict[str, Any], config: RunConfig, where: Path) -> None:
@@ -263,9 +331,10 @@ def train(
         resume: continue from ``out/checkpoint.pt`` if present (a finished run
             is returned as it is, without training); start afresh otherwise.
         overwrite: discard a run already in ``out``.
-        stop_after: stop after this many iterations, right after writing a
-            checkpoint, and raise :class:`RunStopped` (simulates a kill; for tests).
-        checkpoint_seconds: wall-clock seconds between checkpoints (0: every iteration).
+        stop_after: stop after this many iterations (an integer >= 1), right after
+            writing a checkpoint, and raise :class:`RunStopped` (simulates a kill; for tests).
+        checkpoint_seconds: wall-clock seconds between checkpoints, finite and >= 0
+            (0: every iteration).
         data: in-memory data to use instead of loading ``config.data``.
         progress: show a tqdm progress bar on stderr.
 
@@ -275,11 +344,17 @@ def train(
     Side effect: sets torch's CPU thread count to ``config.threads``.
 
     Raises:
-        ValueError: a bad config, or ``out`` already holds a run (without
-            ``resume``/``overwrite``) or one with another config.
+        ValueError: a bad config or option, ``out`` is not a folder, already
+            holds a run (without ``resume``/``overwrite``) or one with another
+            config, or holds a run file that cannot be read.
         RunStopped: ``stop_after`` was reached before the end.
+        RunDiverged: the training or test loss, or the parameters, became NaN
+            or infinite (the message names the iteration and what was kept).
     """
     config = config.resolved()
+    if stop_after is not None:
+        options.check_int("stop-after", stop_after)
+    options.check_number("checkpoint-seconds", checkpoint_seconds, closed=True)
     torch.set_num_threads(config.threads)
     folder = None if out is None else Path(out)
     state = _existing_state(folder, config, resume, overwrite)
@@ -288,7 +363,11 @@ def train(
     data = load_data(get_task(config.task), config.data) if data is None else data
     run = _build(config)
     if state is not None:
-        run.restore(state)
+        try:
+            run.restore(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:  # well-formed, but not this run's shapes
+            raise _unreadable(folder / CHECKPOINT, err) from None  # type: ignore[operator]
+        run.saved_iteration = run.iteration
     _loop(run, data, folder, stop_after, checkpoint_seconds, progress)
     result = _result(run, min(config.eval_size, len(data.test_y)))
     if folder is not None:
@@ -298,7 +377,12 @@ def train(
 
 
 def fit(config: RunConfig, data: Tensors, progress: bool = True) -> nn.Module:
-    """Train in memory (nothing written) and return the trained model, in training mode."""
+    """Train in memory (nothing written) and return the trained model, in training mode.
+
+    Raises:
+        ValueError: a bad config.
+        RunDiverged: the loss or the parameters stopped being finite.
+    """
     config = config.resolved()
     torch.set_num_threads(config.threads)
     run = _build(config)
@@ -310,7 +394,7 @@ def _existing_state(folder: Path | None, config: RunConfig, resume: bool, overwr
     """A finished result, a checkpoint's state to resume from, or None to start afresh."""
     if folder is None:
         return None
-    folder.mkdir(parents=True, exist_ok=True)
+    options.make_folder(folder)
     ckpt = folder / CHECKPOINT
     if overwrite:
         for name in (CHECKPOINT, RESULT, CURVE):
@@ -327,7 +411,7 @@ def _existing_state(folder: Path | None, config: RunConfig, resume: bool, overwr
         return finished
     if not ckpt.exists():
         return None
-    state = torch.load(ckpt, weights_only=True)
+    state = _load_checkpoint(ckpt)
     _check_same_config(state["config"], config, folder)
     return state
 
@@ -347,18 +431,30 @@ def _loop(run: _Run, data: Tensors, folder: Path | None, stop_after: int | None,
             start = time.perf_counter()
             idx = torch.randint(len(train_y), (run.batch,), generator=run.sampler)
             loss = nn.functional.cross_entropy(run.model(train_x[idx]), train_y[idx])
+            value = loss.item()
+            if not math.isfinite(value):
+                raise _diverged(run, folder, run.iteration + 1, f"the training loss is {value}")
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if task.clip is not None:
                 nn.utils.clip_grad_norm_(run.model.parameters(), task.clip)
-            run.optimizer.step()
+            try:
+                run.optimizer.step()
+            except RuntimeError as err:
+                # torch cannot turn a huge lr or weight decay into the parameters' float type
+                if "overflow" not in str(err):
+                    raise
+                raise _diverged(run, folder, run.iteration + 1, "the optimizer step overflowed") from None
             if run.scheduler is not None:
                 run.scheduler.step()
-            history.losses.append(loss.item())
+            history.losses.append(value)
             history.seconds += time.perf_counter() - start
             it = run.iteration
             if it % config.eval_every == 0 or it == config.iters:
-                history.evals.append(_eval_row(run.model, it, test_x, test_y))
+                row = _eval_row(run.model, it, test_x, test_y)
+                if not math.isfinite(row["test_loss"]):
+                    raise _diverged(run, folder, it, f"the test loss is {row['test_loss']}")
+                history.evals.append(row)
                 bar.set_postfix(loss=f"{history.losses[-1]:.4f}", test_acc=f"{history.evals[-1]['test_accuracy']:.3f}",
                                 refresh=False)
             elif it % 10 == 0:

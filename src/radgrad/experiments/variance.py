@@ -42,16 +42,17 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import radgrad
-from radgrad.experiments import budget, plots, report
+from radgrad.experiments import budget, options, plots, report
 from radgrad.experiments.data import Tensors
 from radgrad.experiments.tasks import METHODS, get_method, get_task, load_data
 from radgrad.experiments.train import RunConfig, fit, sampler_seed
 
-__all__ = ["VarianceConfig", "study", "render", "write", "RAD_METHODS", "STEM", "ALL"]
+__all__ = ["VarianceConfig", "study", "render", "write", "RAD_METHODS", "STEM", "ALL", "MIN_DRAWS"]
 
 RAD_METHODS: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.rad)
 STEM = "variance"
 ALL = "all weights"
+MIN_DRAWS = 2  # the fewest draws that give a standard error
 _CHUNK = 500
 
 
@@ -62,7 +63,7 @@ class VarianceConfig:
     Attributes:
         task: task name.
         keep: RAD's keep fraction (also sets the reduced batch).
-        draws: estimates per estimator.
+        draws: estimates per estimator (at least :data:`MIN_DRAWS`).
         seed: seeds the parameters, the reference set, the minibatches and RAD.
         warmup: baseline training iterations before measuring (0: at initialisation).
         reference: size R of the reference set (NOTE [Relative variance]).
@@ -90,15 +91,14 @@ class VarianceConfig:
             if not get_method(name).rad:
                 raise ValueError(f"radgrad: variance compares RAD methods ({', '.join(RAD_METHODS)}) "
                                  f"with the batches; got {name!r}")
-        if not 0 < self.keep <= 1:
-            raise ValueError(f"radgrad: keep must be in (0, 1], got {self.keep!r}")
-        if self.draws < 2:
-            raise ValueError(f"radgrad: draws must be >= 2 (for a standard error), got {self.draws!r}")
-        for name in ("reference", "threads", "batch"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"radgrad: {name} must be >= 1, got {getattr(self, name)!r}")
-        if self.warmup < 0:
-            raise ValueError(f"radgrad: warmup must be >= 0, got {self.warmup!r}")
+        options.check_keep(self.keep)
+        options.check_int("draws", self.draws, MIN_DRAWS)
+        options.check_seed(self.seed)
+        options.check_int("warmup", self.warmup, 0)
+        options.check_int("reference", self.reference)
+        if self.batch is not None:
+            options.check_int("batch", self.batch)
+        options.check_int("threads", self.threads, 1, options.WORKERS_MAX)
 
 
 def _weights(model: nn.Module) -> dict[str, nn.Parameter]:
