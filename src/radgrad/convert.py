@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from radgrad.nn import CONVERSIONS
 from radgrad.sketch import SketchConfig
@@ -31,6 +32,8 @@ def convert(
     optimizer built before the call stays valid. Subclasses of these torch
     types (for example the output projection of ``nn.MultiheadAttention``) and
     ``MaxPool2d(return_indices=True)`` and bidirectional RNNs are left alone.
+    Lazy modules (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) not yet
+    materialized become RAD layers on their first forward.
 
     What is exact and what is estimated: the forward pass and every gradient
     except those of the converted linear and convolution weights are exact;
@@ -96,6 +99,12 @@ def _split_exclude(model: nn.Module, exclude) -> tuple[set[str], tuple[type, ...
 
 
 def _convert_one(module: nn.Module, config: SketchConfig) -> None:
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        # materializing turns a lazy module into its cls_to_become (nn.Linear, ...)
+        rad_type = CONVERSIONS.get(_RAD_TYPES.get(module.cls_to_become, module.cls_to_become))
+        if rad_type is not None:
+            rad_type.for_lazy(module, config)
+        return
     torch_type = _RAD_TYPES.get(type(module), type(module))
     rad_type = CONVERSIONS.get(torch_type)
     if rad_type is None or not rad_type.convertible(module):

@@ -21,6 +21,7 @@ for the torch op, and the op runs in that dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -63,7 +64,7 @@ def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
 def _apply(fn: Callable[..., Tensor], input: Tensor, weight: Tensor, bias: Tensor | None, *args) -> Tensor:
     """Run a RAD op as autocast would run its torch twin."""
     device_type = input.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
         return fn(input, weight, bias, *args)
     input, weight, bias = _cast(torch.get_autocast_dtype(device_type), input, weight, bias)
     with torch.autocast(device_type, enabled=False):
@@ -90,7 +91,11 @@ class _Linear(Function):
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad2d = grad.reshape(-1, grad.shape[-1])
         grad_input = grad.matmul(weight) if need_input else None
-        grad_weight = grad2d.t().mm(estimate.reshape(-1, estimate.shape[-1])) if need_weight else None
+        grad_weight = None
+        if need_weight:
+            # (x^T g)^T rather than g^T x: the product torch's own linear backward
+            # computes, which BLAS runs faster for these layouts
+            grad_weight = estimate.reshape(grad2d.shape[0], estimate.shape[-1]).t().mm(grad2d).t()
         grad_bias = grad2d.sum(0) if need_bias else None
         return grad_input, grad_weight, grad_bias, None, None
 
@@ -300,9 +305,9 @@ class _MaxPool2d(Function):
     def backward(ctx, grad, _):
         (offsets,) = ctx.saved_tensors
         index = _plane_index(offsets, ctx.shape[-1], ctx.options)
-        planes = grad.numel() // (grad.shape[-2] * grad.shape[-1])
+        planes, positions = math.prod(grad.shape[:-2]), grad.shape[-2] * grad.shape[-1]
         grad_input = grad.new_zeros(planes, ctx.shape[-2] * ctx.shape[-1])
-        grad_input.scatter_add_(1, index.reshape(planes, -1), grad.reshape(planes, -1))
+        grad_input.scatter_add_(1, index.reshape(planes, positions), grad.reshape(planes, positions))
         return grad_input.view(ctx.shape), None, None, None, None, None
 
 
@@ -450,10 +455,11 @@ def recurrence(
     """
     if nonlinearity not in ("relu", "tanh"):
         raise ValueError(f"radgrad.functional.recurrence: nonlinearity must be 'relu' or 'tanh', got {nonlinearity!r}")
+    if v.shape[0] == 0:
+        raise ValueError("radgrad.functional.recurrence: expected a sequence of at least one time step, got 0")
     relu = nonlinearity == "relu"
     states = ()
     if relu and weight.requires_grad and torch.is_grad_enabled():
-        # the previous states of each chunk, as setup_context will pack them
-        states = tuple(draw(v.new_empty(()).expand(hi - lo, *v.shape[1:]), config, batch_dims=2)
-                       for lo, hi in _chunks(v.shape[0]))
+        # one draw per chunk of previous states, which have the shape of v[lo:hi]
+        states = tuple(draw(v[lo:hi], config, batch_dims=2) for lo, hi in _chunks(v.shape[0]))
     return _Recurrence.apply(v, h0, weight, relu, config, states)

@@ -29,8 +29,8 @@ __all__ = ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxP
 M = TypeVar("M", bound=nn.Module)
 
 
-class _Exact:
-    """Mixin of the exact layers that only save less (ReLU, pooling); base of every RAD layer."""
+class _Converted:
+    """Mixin of every radgrad layer: how :func:`radgrad.convert` turns a torch module into it."""
 
     @classmethod
     def convertible(cls, module: nn.Module) -> bool:
@@ -44,7 +44,7 @@ class _Exact:
         return module
 
 
-class _Sketched(_Exact):
+class _Sketched(_Converted):
     """Mixin of the layers that sketch their input: holds the ``sketch`` config."""
 
     sketch: SketchConfig
@@ -54,6 +54,12 @@ class _Sketched(_Exact):
         module = super().from_torch(module, config)
         module.sketch = config
         return module
+
+    @classmethod
+    def for_lazy(cls, module: nn.Module, config: SketchConfig) -> None:
+        """Make an unmaterialized lazy module (``nn.LazyLinear``, ...) become ``cls`` on its first forward."""
+        module.cls_to_become = cls
+        module.sketch = config
 
     def extra_repr(self) -> str:
         c = self.sketch
@@ -120,7 +126,7 @@ class Conv2d(_ConvNd, nn.Conv2d):
         self.sketch = SketchConfig(keep, method, per_example)
 
 
-class ReLU(_Exact, nn.ReLU):
+class ReLU(_Converted, nn.ReLU):
     """``nn.ReLU`` that saves a 1-bit mask instead of its output (exact).
 
     While training, ``inplace=True`` is honoured in eval mode only: the RAD
@@ -133,7 +139,7 @@ class ReLU(_Exact, nn.ReLU):
         return RF.relu(input)
 
 
-class AvgPool1d(_Exact, nn.AvgPool1d):
+class AvgPool1d(_Converted, nn.AvgPool1d):
     """``nn.AvgPool1d`` that saves only its input's shape (exact)."""
 
     def forward(self, input: Tensor) -> Tensor:
@@ -143,7 +149,7 @@ class AvgPool1d(_Exact, nn.AvgPool1d):
                              self.count_include_pad)
 
 
-class AvgPool2d(_Exact, nn.AvgPool2d):
+class AvgPool2d(_Converted, nn.AvgPool2d):
     """``nn.AvgPool2d`` that saves only its input's shape (exact)."""
 
     def forward(self, input: Tensor) -> Tensor:
@@ -153,7 +159,7 @@ class AvgPool2d(_Exact, nn.AvgPool2d):
                              self.count_include_pad, self.divisor_override)
 
 
-class MaxPool2d(_Exact, nn.MaxPool2d):
+class MaxPool2d(_Converted, nn.MaxPool2d):
     """``nn.MaxPool2d`` that saves one byte per output instead of its input and int64 indices (exact).
 
     ``return_indices=True`` is not supported (:func:`radgrad.convert` leaves such modules alone).

@@ -18,7 +18,10 @@ NOTE [Draws are saved, never redrawn]
     recomputing it: the partitioner must save the few integers drawn. Both
     apply only under compilation; eagerly the same function runs directly.
     Everything computed *from* a draw (indices, signs) is a deterministic
-    function of it and may be recomputed freely.
+    function of it and may be recomputed freely. The custom op also takes the
+    tensor it draws for as an (unread) input: the data dependency keeps the
+    compiled graph from reordering the draws, so a compiled model draws the
+    very numbers the eager model draws after the same ``torch.manual_seed``.
 
 NOTE [Ranks draw independently]
     Under ``torch.distributed`` every rank is usually seeded alike, so the
@@ -60,21 +63,25 @@ def _randint(low: int, high: int, shape: Sequence[int], dtype: torch.dtype, devi
 
 
 @torch.library.custom_op("radgrad::draw", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
-def _draw_op(low: int, high: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    return _randint(low, high, shape, dtype, device, None)
+def _draw_op(after: Tensor, low: int, high: int, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    return _randint(low, high, shape, dtype, after.device, None)
 
 
 @_draw_op.register_fake
-def _(low: int, high: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    return torch.empty(tuple(shape), dtype=dtype, device=device)
+def _(after: Tensor, low: int, high: int, shape: Sequence[int], dtype: torch.dtype) -> Tensor:
+    return torch.empty(tuple(shape), dtype=dtype, device=after.device)
 
 
-def draw(low: int, high: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+def draw(low: int, high: int, shape: Sequence[int], dtype: torch.dtype, after: Tensor,
          generator: torch.Generator | None = None) -> Tensor:
-    """Integers uniform on ``[low, high)`` (NOTE [Draws are saved, never redrawn])."""
+    """Integers uniform on ``[low, high)``, on the device of ``after``.
+
+    ``after`` is the tensor the draw is for; under ``torch.compile`` the draw
+    is ordered after it (NOTE [Draws are saved, never redrawn]).
+    """
     if generator is None and torch.compiler.is_compiling():
-        return _draw_op(low, high, list(shape), dtype, device)
-    return _randint(low, high, shape, dtype, device, generator)
+        return _draw_op(after.detach(), low, high, list(shape), dtype)
+    return _randint(low, high, shape, dtype, after.device, generator)
 
 
 def tie(output: Tensor, *states: Tensor | None) -> Tensor:
@@ -93,9 +100,9 @@ def tie(output: Tensor, *states: Tensor | None) -> Tensor:
     return output
 
 
-def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-    """A 0-dim int64 tensor, uniform over all int64 values but one."""
-    return draw(-(2**63), 2**63 - 1, (), torch.int64, device, generator)
+def draw_seed(after: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A 0-dim int64 tensor on the device of ``after``, uniform over all int64 values but one."""
+    return draw(-(2**63), 2**63 - 1, (), torch.int64, after, generator)
 
 
 

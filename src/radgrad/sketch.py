@@ -104,6 +104,12 @@ class SketchConfig:
         if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
             raise ValueError(f"radgrad: keep must be in (0, 1] and finite, got {self.keep!r}")
         object.__setattr__(self, "keep", keep)
+        # NOTE [keep under torch.compile]: torch.compile turns a float it sees
+        # change between calls into a symbol (torch 2.13 does not specialize
+        # floats), and k = round(keep * D) from a float symbol cannot size a draw.
+        # A str is always a compile-time constant (guarded by equality), so the
+        # traced code reads keep from its exact repr.
+        object.__setattr__(self, "_keep_text", repr(keep))
         if not isinstance(self.method, str) or self.method not in METHODS:
             raise ValueError(
                 f"radgrad: method must be one of {sorted(METHODS)}, got {self.method!r}"
@@ -114,11 +120,11 @@ class SketchConfig:
     @property
     def exact(self) -> bool:
         """True when nothing is randomized (``keep == 1``)."""
-        return self.keep == 1.0
+        return self._keep_text == "1.0"
 
     def kept(self, d: int) -> int:
         """Number of values kept from a row of ``d`` entries."""
-        return max(1, round(self.keep * d))
+        return max(1, round(float(self._keep_text) * d))
 
 
 class Sketch:
@@ -164,8 +170,8 @@ def draw(x: Tensor, config: SketchConfig, *, batch_dims: int,
     if d > _MAX_WIDTH:
         raise ValueError(f"radgrad: rows of at most 2**31 - 1 entries can be sketched, got {d}")
     if config.method == "sample":
-        return rng.draw(0, d, ((rows if config.per_example else 1) + k,), _index_dtype(d), x.device, generator)
-    return rng.draw_seed(x.device, generator)
+        return rng.draw(0, d, ((rows if config.per_example else 1) + k,), _index_dtype(d), x, generator)
+    return rng.draw_seed(x, generator)
 
 
 def pack(

@@ -1,0 +1,195 @@
+"""radgrad under torch.compile, torch.func, the meta device and other devices; no host syncs."""
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import radgrad
+from problems import assert_unbiased, load_example, problem, weight_grads
+
+# Ops whose result size or value the host must read: each is a device-to-host
+# sync on a GPU and breaks CUDA-graph capture.
+_SYNCING = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
+            "aten::_unique2", "aten::repeat_interleave"}
+
+
+class _CountSyncs(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in _SYNCING:
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _paper_model(kind):
+    return radgrad.models.mnist_mlp() if kind == "mlp" else radgrad.models.cifar_convnet()
+
+
+def _paper_batch(kind, n=16):
+    shape = (n, 1, 28, 28) if kind == "mlp" else (n, 3, 32, 32)
+    return torch.rand(shape), torch.randint(10, (n,))
+
+
+def _grads(model, fn, x, y, seed):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(fn(x), y).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_compiled_fullgraph_trains_the_paper_models_drawing_what_eager_draws(kind):
+    torch.manual_seed(0)
+    model = radgrad.convert(_paper_model(kind), keep=0.1)
+    compiled = torch.compile(model, fullgraph=True)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = _paper_batch(kind)
+    for step in range(3):
+        eager = _grads(model, model, x, y, seed=step)
+        got = _grads(model, compiled, x, y, seed=step)
+        # the same draws (radgrad::draw reads torch's generator in both modes), so the
+        # same estimate, up to the float32 rounding of inductor's fused kernels
+        for a, b in zip(got, eager):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        optimizer.step()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_compiled_weight_gradients_are_unbiased(kind, backend):
+    # AOTAutograd used to redraw a draw in the backward (NOTE [Draws are saved, never
+    # redrawn]): max z 40-89 over 2000 such gradients (keep 0.3) before the fix.
+    model, x, y = problem(kind)
+    exact = weight_grads(model, x, y)
+    radgrad.convert(model, keep=0.5)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    torch.manual_seed(1)
+
+    def estimate():
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(compiled(x), y).backward()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+    samples = torch.stack([estimate() for _ in range(4000)])
+    # biases and the exact parts are constant: assert_unbiased requires them equal to exact
+    varying = samples.std(0) > 0
+    assert varying.sum() > 0.5 * varying.numel()
+    assert_unbiased(samples[:, varying], exact[varying])
+    torch.testing.assert_close(samples[0, ~varying], exact[~varying], rtol=1e-12, atol=1e-15)
+
+
+def test_compiled_custom_op_keeps_its_draw():
+    sketched_bmm = load_example("custom_op").sketched_bmm
+    a = torch.randn(2, 3, 40, dtype=torch.float64)
+    b = torch.randn(2, 40, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 4, dtype=torch.float64)
+    compiled = torch.compile(lambda a, b: sketched_bmm(a, b, keep=0.2), fullgraph=True, backend="aot_eager")
+    for seed in range(5):
+        torch.manual_seed(seed)
+        (want,) = torch.autograd.grad(sketched_bmm(a, b, keep=0.2), b, g)
+        torch.manual_seed(seed)
+        (got,) = torch.autograd.grad(compiled(a, b), b, g)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "rnn"])
+def test_no_host_syncs_in_a_rad_step(kind):
+    torch.manual_seed(0)
+    if kind == "rnn":
+        model, x = radgrad.models.smnist_irnn(), torch.rand(4, 100)
+        y = torch.randint(10, (4,))
+    else:
+        model = _paper_model(kind)
+        x, y = _paper_batch(kind, 4)
+    radgrad.convert(model, keep=0.1)
+    nn.functional.cross_entropy(model(x), y).backward()  # first call: lazy setup outside the count
+    with _CountSyncs() as mode:
+        nn.functional.cross_entropy(model(x), y).backward()
+    assert mode.seen == []
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_torch_func_over_a_keep_one_model(kind):
+    torch.manual_seed(0)
+    model = radgrad.convert(_paper_model(kind), keep=1.0).double()
+    x, y = _paper_batch(kind, 3)
+    x = x.double()
+    params = dict(model.named_parameters())
+
+    def loss(p, xb, yb):
+        return nn.functional.cross_entropy(torch.func.functional_call(model, p, (xb,)), yb)
+
+    grads = torch.func.grad(loss)(params, x, y)
+    expected = torch.autograd.grad(loss(params, x, y), list(params.values()))
+    for (name, got), want in zip(grads.items(), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15, msg=name)
+    # per-example gradients with vmap: the first example's equals a batch of one
+    per_example = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(
+        params, x.unsqueeze(1), y.unsqueeze(1))
+    single = torch.autograd.grad(loss(params, x[:1], y[:1]), list(params.values()))
+    for (name, got), want in zip(per_example.items(), single):
+        torch.testing.assert_close(got[0], want, rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_torch_func_at_keep_below_one_says_why():
+    model = radgrad.convert(nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)), keep=0.5)
+    params = dict(model.named_parameters())
+    x = torch.randn(3, 5)
+
+    def loss(p):
+        return torch.func.functional_call(model, p, (x,)).square().sum()
+
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True, which torch.func.grad"):
+        torch.func.grad(loss)(params)
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(lambda xb: torch.func.functional_call(model, params, (xb,)))(x.unsqueeze(1))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "rnn"])
+def test_meta_device_gives_shapes(kind):
+    with torch.device("meta"):
+        if kind == "rnn":
+            model, x = radgrad.nn.RNN(3, 5, num_layers=2, nonlinearity="relu", keep=0.2), torch.randn(7, 4, 3)
+        else:
+            model, (x, _) = _paper_model(kind), _paper_batch(kind, 4)
+    radgrad.convert(model, keep=0.1)
+    out = model(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.sum().backward()
+    assert out.device.type == "meta"
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_weight_gradients_are_unbiased():
+    model, x, y = problem("conv")
+    exact = weight_grads(model, x, y)
+    model, x, y = radgrad.convert(model, keep=0.3).cuda(), x.cuda(), y.cuda()
+    torch.manual_seed(0)
+    samples = torch.stack([weight_grads(model, x, y) for _ in range(2000)]).cpu()
+    varying = samples.std(0) > 0
+    assert_unbiased(samples[:, varying], exact[varying])
+
+
+def test_recompiles_for_another_keep():
+    # the same layer code under two keep fractions: each compiled graph sizes its draw
+    # from its own keep (NOTE [keep under torch.compile])
+    x = torch.randn(6, 40, dtype=torch.float64)
+    for keep in (0.1, 0.5, 0.25):
+        layer = radgrad.nn.Linear(40, 3, keep=keep).double()
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+        for fn in (layer, compiled):
+            torch.manual_seed(0)
+            layer.zero_grad(set_to_none=True)
+            fn(x).sum().backward()
+            if fn is layer:
+                want = layer.weight.grad.clone()
+        torch.testing.assert_close(layer.weight.grad, want, rtol=1e-12, atol=0)
+        # k = round(keep * 40) kept entries per row: the estimate is zero elsewhere
+        assert int((layer.weight.grad[0] != 0).sum()) <= 6 * round(keep * 40)

@@ -1,0 +1,178 @@
+"""Every op on any memory layout: permuted, sliced, expanded, channels_last and empty tensors.
+
+Exact parts are compared with torch bitwise (float64); estimated parts are
+compared with the same op on a contiguous copy under the same draw, which
+makes them the very estimate whose unbiasedness tests/test_sketch.py checks.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import radgrad
+from radgrad import functional as RF
+from radgrad.sketch import SketchConfig, pack, unpack
+
+LAYOUTS = ["contiguous", "permuted", "sliced", "expanded"]
+
+
+def strided(shape, layout, seed, order=None):
+    """A float64 leaf tensor and a view of it with logical ``shape`` in the given layout."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(shape)
+    if layout == "permuted" and n > 1:
+        order = order or list(reversed(range(n)))
+        leaf = torch.randn([shape[i] for i in order], generator=g, dtype=torch.float64)
+        inverse = sorted(range(n), key=lambda i: order[i])
+        return leaf, lambda t: t.permute(inverse)
+    if layout == "sliced":
+        leaf = torch.randn([2 * s + 1 for s in shape], generator=g, dtype=torch.float64)
+        return leaf, lambda t: t[tuple(slice(1, 2 * s + 1, 2) for s in shape)]
+    if layout == "expanded" and n > 0:
+        leaf = torch.randn([1, *shape[1:]], generator=g, dtype=torch.float64)
+        return leaf, lambda t: t.expand(shape)
+    leaf = torch.randn(shape, generator=g, dtype=torch.float64)
+    return leaf, lambda t: t
+
+
+def grads_of(fn, leaf, view, params=(), seed=0):
+    leaf = leaf.detach().requires_grad_()
+    params = [p.detach().requires_grad_() for p in params]
+    torch.manual_seed(seed)
+    out = fn(view(leaf), *params)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    grads = torch.autograd.grad(out, [leaf, *params], upstream)
+    return [out.detach(), *grads]  # output, input gradient, parameter gradients
+
+
+def assert_same(a, b, exact=True):
+    for x, y in zip(a, b):
+        if exact:
+            assert torch.equal(x, y), (x - y).abs().max()
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(0, 5), min_size=0, max_size=4), layout=st.sampled_from(LAYOUTS),
+       seed=st.integers(0, 2**31))
+def test_relu_matches_torch_bitwise(shape, layout, seed):
+    leaf, view = strided(shape, layout, seed)
+    leaf.view(-1)[::3] = torch.nan  # NaN entries too (a NaN input passes its gradient)
+    want = grads_of(torch.relu, leaf, view)
+    got = grads_of(RF.relu, leaf, view)
+    assert torch.equal(got[0].nan_to_num(7.0), want[0].nan_to_num(7.0))
+    assert_same(got[1:], want[1:])
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=st.sampled_from(LAYOUTS + ["channels_last"]), batch=st.integers(0, 3), size=st.integers(2, 7),
+       kernel=st.integers(1, 2), stride=st.integers(1, 2), seed=st.integers(0, 2**31))
+def test_pooling_matches_torch(layout, batch, size, kernel, stride, seed):
+    shape = [batch, 2, size, size + 1]
+    if layout == "channels_last":
+        leaf, view = strided(shape, "permuted", seed, order=[0, 2, 3, 1])
+    else:
+        leaf, view = strided(shape, layout, seed)
+    for rad, torch_op in [(RF.avg_pool2d, F.avg_pool2d), (RF.max_pool2d, F.max_pool2d)]:
+        want = grads_of(lambda x: torch_op(x, kernel, stride), leaf, view)
+        got = grads_of(lambda x: rad(x, kernel, stride), leaf, view)
+        assert_same(got, want, exact=torch_op is F.avg_pool2d)
+        assert_same(got[:1], want[:1])  # forward values bitwise
+    want = grads_of(lambda x: F.avg_pool1d(x.flatten(1, 2), kernel, stride), leaf, view)
+    got = grads_of(lambda x: RF.avg_pool1d(x.flatten(1, 2), kernel, stride), leaf, view)
+    assert_same(got, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=st.sampled_from(LAYOUTS), rows=st.integers(0, 4), features=st.integers(0, 9),
+       keep=st.sampled_from([1.0, 0.3]), method=st.sampled_from(sorted(radgrad.METHODS)),
+       seed=st.integers(0, 2**31))
+def test_linear_on_any_layout(layout, rows, features, keep, method, seed):
+    leaf, view = strided([rows, 3, features], layout, seed)
+    weight = torch.randn(4, features, dtype=torch.float64)
+    bias = torch.randn(4, dtype=torch.float64)
+    config = SketchConfig(keep, method)
+    got = grads_of(lambda x, w, b: RF.linear(x, w, b, config), leaf, view, (weight, bias))
+    if keep == 1.0:
+        want = grads_of(F.linear, leaf, view, (weight, bias))
+        assert_same(got, want, exact=False)
+    # the same draw on a contiguous copy: the same estimate
+    contiguous = grads_of(lambda x, w, b: RF.linear(x.contiguous(), w, b, config), leaf, view, (weight, bias))
+    assert_same(got, contiguous, exact=False)
+    # output, input and bias gradients are exact whatever keep is
+    want = grads_of(F.linear, leaf, view, (weight, bias))
+    assert_same([got[0], got[1], got[3]], [want[0], want[1], want[3]], exact=False)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layout=st.sampled_from(LAYOUTS + ["channels_last"]), batch=st.integers(0, 3), size=st.integers(3, 6),
+       keep=st.sampled_from([1.0, 0.3]), method=st.sampled_from(sorted(radgrad.METHODS)),
+       seed=st.integers(0, 2**31))
+def test_conv_on_any_layout(layout, batch, size, keep, method, seed):
+    shape = [batch, 2, size, size]
+    if layout == "channels_last":
+        leaf, view = strided(shape, "permuted", seed, order=[0, 2, 3, 1])
+    else:
+        leaf, view = strided(shape, layout, seed)
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    bias = torch.randn(3, dtype=torch.float64)
+    config = SketchConfig(keep, method)
+    got = grads_of(lambda x, w, b: RF.conv(x, w, b, padding=1, config=config), leaf, view, (weight, bias))
+    contiguous = grads_of(lambda x, w, b: RF.conv(x.contiguous(), w, b, padding=1, config=config),
+                          leaf, view, (weight, bias))
+    assert_same(got, contiguous, exact=False)
+    want = grads_of(lambda x, w, b: F.conv2d(x, w, b, padding=1), leaf, view, (weight, bias))
+    # output, input and bias gradients are exact whatever keep is; the weight's at keep 1
+    exact = [0, 1, 3] if keep < 1 else [0, 1, 2, 3]
+    assert_same([got[i] for i in exact], [want[i] for i in exact], exact=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(0, 5), min_size=1, max_size=4), layout=st.sampled_from(LAYOUTS),
+       batch_dims=st.integers(0, 4), keep=st.floats(0.05, 1.0), method=st.sampled_from(sorted(radgrad.METHODS)),
+       per_example=st.booleans(), seed=st.integers(0, 2**31))
+def test_pack_reads_any_layout_like_its_contiguous_copy(shape, layout, batch_dims, keep, method, per_example, seed):
+    batch_dims = min(batch_dims, len(shape))
+    leaf, view = strided(shape, layout, seed)
+    x = view(leaf)
+    config = SketchConfig(keep, method, per_example)
+    sketch = pack(x, config, batch_dims=batch_dims)
+    again = pack(x.contiguous(), config, batch_dims=batch_dims, state=sketch.state)
+    if sketch.state is None:
+        assert sketch.values is x and again.values.equal(x)
+    else:
+        torch.testing.assert_close(sketch.values, again.values, rtol=1e-12, atol=1e-14)
+    est = unpack(sketch)
+    assert est.shape == x.shape
+    torch.testing.assert_close(est, unpack(again), rtol=1e-12, atol=1e-14)
+
+
+def test_channels_last_convnet_trains_like_torch_at_keep_one():
+    torch.manual_seed(0)
+    model = radgrad.models.cifar_convnet().double().to(memory_format=torch.channels_last)
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64).to(memory_format=torch.channels_last)
+    y = torch.randint(10, (4,))
+    rad = radgrad.convert(__import__("copy").deepcopy(model), keep=1.0)
+    for net in (model, rad):
+        net.zero_grad(set_to_none=True)
+        F.cross_entropy(net(x), y).backward()
+    for (name, p), q in zip(model.named_parameters(), rad.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_relu_on_a_transposed_tensor_trains_like_torch():
+    a = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    got = torch.autograd.grad((radgrad.nn.ReLU()(a.t()) @ w).square().sum(), (a, w))
+    want = torch.autograd.grad((torch.relu(a.t()) @ w).square().sum(), (a, w))
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_relu_mask_keeps_the_layout(memory_format):
+    x = torch.randn(2, 3, 4, 5).to(memory_format=memory_format)
+    mask = radgrad.bits.unpack(radgrad.bits.pack(x > 0))
+    assert torch.equal(mask, x > 0) and mask.stride() == (x > 0).stride()
