@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 import radgrad
-from radgrad import reactor
+from radgrad.experiments import reactor
 
 KEEPS = (1.0, 0.1, 0.01, 0.005, 0.002, 0.001)
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import subprocess
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from radgrad.experiments import cli, demo
+import radgrad
+from radgrad.experiments import cli, demo, options
 from radgrad.experiments.cli import main
 from radgrad.experiments.data import Tensors
 from radgrad.experiments.train import CHECKPOINT, CURVE, RESULT, RunConfig, train
@@ -143,6 +146,8 @@ def test_out_inside_a_file_is_rejected_at_parsing(command: list[str], tmp_path: 
     ("reactor", ["--iters", "0"], "radgrad: iters must be an integer >= 1, got 0"),
     ("reactor", ["--seed", "-1"], f"radgrad: seed must be {SEED_RULE}, got -1"),
     ("reactor", ["--jobs", "0"], "radgrad: jobs must be an integer from 1 to 1024, got 0"),
+    ("reactor", ["--keep", "1", "0"], "radgrad: keep must be in (0, 1], got 0.0"),
+    ("reactor", ["--keep", "nan"], "radgrad: keep must be in (0, 1], got nan"),
     ("lcg-variance", ["--reps", "1"], "radgrad: reps must be an integer >= 2, got 1"),
     ("lcg-variance", ["--keep", "nan"], r"radgrad: keep must be in (0, 1], got nan"),
     ("lcg-variance", ["--seed", "-1"], f"radgrad: seed must be {SEED_RULE}, got -1"),
@@ -153,6 +158,23 @@ def test_external_commands_check_their_options_before_running(
     assert main([command, *argv, "--out", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == message + "\n"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [0.5, 1, np.float32(0.25), torch.tensor([0.125], dtype=torch.float64)],
+                         ids=["float", "int", "numpy", "tensor"])
+def test_check_keep_accepts_what_sketch_config_accepts(value: object) -> None:
+    got = options.check_keep(value)
+    assert type(got) is float and got == radgrad.SketchConfig(value).keep == float(value)
+
+
+@pytest.mark.parametrize("value", [0, 0.0, -0.1, 1.5, math.nan, math.inf, True, "0.5", None, torch.zeros(2)],
+                         ids=repr)
+def test_check_keep_rejects_what_sketch_config_rejects(value: object) -> None:
+    with pytest.raises((TypeError, ValueError)):
+        radgrad.SketchConfig(value)
+    with pytest.raises(options.OptionError) as err:
+        options.check_keep(value, "keeps")
+    assert str(err.value) == f"radgrad: keeps must be in (0, 1], got {value!r}"
 
 
 def test_external_commands_reject_out_inside_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

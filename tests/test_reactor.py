@@ -1,4 +1,4 @@
-"""Tests of radgrad.reactor: exact gradients, unbiased RAD gradients, memory, errors, SGD."""
+"""Tests of radgrad.experiments.reactor: exact gradients, unbiased RAD gradients, memory, errors, SGD."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import radgrad
-from radgrad import reactor
+from radgrad.experiments import reactor
 
 # nx=8: dx^2/(4D) = 1/64, so dt=1/256 is stable; 320 steps span two blocks of 256.
 SMALL = dict(nx=8, dt=1 / 256, t_end=1.25)
@@ -119,19 +119,19 @@ def test_same_seed_bitwise_equal_and_calls_differ():
 
 @pytest.mark.parametrize("keep", [0.0, -0.1, 1.5, float("nan")])
 def test_keep_outside_unit_interval(keep):
-    with pytest.raises(ValueError, match=r"^radgrad\.reactor: .*keep"):
+    with pytest.raises(ValueError, match=r"^radgrad\.experiments\.reactor: .*keep"):
         reactor.loss(_theta(), keep=keep, **TINY)
 
 
 @pytest.mark.parametrize("shape", [(6,), (7, 1), (1, 7), ()])
 def test_theta_shape(shape):
-    with pytest.raises(ValueError, match=r"radgrad\.reactor: theta must .* shape \(7,\)"):
+    with pytest.raises(ValueError, match=r"radgrad\.experiments\.reactor: theta must .* shape \(7,\)"):
         reactor.loss(torch.zeros(shape, dtype=torch.float64), **TINY)
 
 
 def test_unstable_dt():
     bound = r"dx\^2/\(4\*diffusion\) = 0\.0009765625"
-    with pytest.raises(ValueError, match=r"radgrad\.reactor: dt=0\.001 is unstable .*" + bound):
+    with pytest.raises(ValueError, match=r"radgrad\.experiments\.reactor: dt=0\.001 is unstable .*" + bound):
         reactor.loss(_theta(), dt=0.001, t_end=0.5)
     reactor.validate(dt=1 / 1024, t_end=0.5)  # exactly at the bound: allowed
 
@@ -143,7 +143,7 @@ def test_unstable_dt():
         (dict(checkpoint_every=0), "checkpoint_every must be a positive integer"),
         (dict(checkpoint_every=4, keep=0.5), "checkpoint_every needs keep=1"),
         (dict(nx=1), "nx must be an integer >= 2"),
-        (dict(method="nope", keep=0.5), "radgrad.reactor: .*method"),
+        (dict(method="nope", keep=0.5), r"radgrad\.experiments\.reactor: .*method"),
     ],
 )
 def test_other_errors(kw, match):

@@ -20,6 +20,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import radgrad
+
 __all__ = ["OptionError", "SEED_MAX", "WORKERS_MAX", "check_int", "check_number", "check_keep", "check_seed",
            "check_folder", "make_folder", "integer", "number", "keep", "seed", "workers", "folder"]
 
@@ -79,8 +81,15 @@ def check_number(name: str, value: object, low: float = 0.0, *, closed: bool = F
 
 
 def check_keep(value: object, name: str = "keep") -> float:
-    """A keep fraction: a number in (0, 1]."""
-    return check_number(name, value, 0.0, high=1.0)
+    """A keep fraction, as a float: whatever :class:`radgrad.SketchConfig` accepts, a finite number in (0, 1].
+
+    The one check of keep fractions in the experiments: it asks :class:`radgrad.SketchConfig`
+    (the library's rule) and turns its ``TypeError``/``ValueError`` into an :class:`OptionError`.
+    """
+    try:
+        return radgrad.SketchConfig(value).keep  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise OptionError(name, _number_rule(0.0, False, 1.0), value) from None
 
 
 def check_seed(value: object, name: str = "seed") -> int:

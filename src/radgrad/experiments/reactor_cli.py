@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import radgrad
-from radgrad import reactor
+from radgrad.experiments import reactor
 from radgrad.experiments import options
 
 SWEEP = (1.0, 0.1, 0.01, 0.005, 0.002, 0.001)
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     problem = dict(nx=args.nx, dt=args.dt, t_end=args.t_end)
     try:
         for keep in keeps:
+            options.check_keep(keep)
             reactor.validate(**problem, keep=keep, method=args.method, checkpoint_every=args.checkpoint_every)
         options.check_int("iters", args.iters)
         options.check_number("lr", args.lr)

@@ -1,5 +1,10 @@
 """The reactor PDE of the RAD paper (section 5): a controlled heat equation, its loss and gradient.
 
+A case study, not part of the library: it uses radgrad only through its public sketch API
+(:class:`radgrad.SketchConfig`, :func:`radgrad.pack`, :func:`radgrad.save_for_backward`,
+:func:`radgrad.saved_tensors`), as a user's own autograd function would. The command line
+is :mod:`radgrad.experiments.reactor_cli`.
+
 Problem (all exact, nothing here is randomized except the stored states):
     ``d phi/dt = D lap(phi) + C(x, y, t; theta) phi`` on the unit square, ``phi = 0`` on the
     boundary, ``phi(0) = sin(pi x) sin(pi y)``, with the control::
@@ -72,7 +77,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 import radgrad
-from radgrad.sketch import Sketch, SketchConfig
 
 __all__ = ["initial_theta", "loss", "loss_reference", "simulate", "target", "validate"]
 
@@ -112,20 +116,22 @@ class _Fields:
 
 def _problem(nx: int, dt: float, t_end: float, diffusion: float) -> _Problem:
     if isinstance(nx, bool) or not isinstance(nx, int) or nx < 2:
-        raise ValueError(f"radgrad.reactor: nx must be an integer >= 2, got {nx!r}")
+        raise ValueError(f"radgrad.experiments.reactor: nx must be an integer >= 2, got {nx!r}")
     for name, value in (("dt", dt), ("t_end", t_end), ("diffusion", diffusion)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"radgrad.reactor: {name} must be a positive finite number, got {value!r}")
+            raise ValueError(
+                f"radgrad.experiments.reactor: {name} must be a positive finite number, got {value!r}"
+            )
     bound = (1.0 / nx) ** 2 / (4.0 * diffusion)
     if dt > bound:
         raise ValueError(
-            f"radgrad.reactor: dt={dt!r} is unstable for explicit Euler: it must be at most "
+            f"radgrad.experiments.reactor: dt={dt!r} is unstable for explicit Euler: it must be at most "
             f"dx^2/(4*diffusion) = {bound!r} (nx={nx}, diffusion={diffusion!r})"
         )
     steps = round(t_end / dt)
     if steps < 1 or abs(steps * dt - t_end) > 1e-9 * t_end:
         raise ValueError(
-            f"radgrad.reactor: t_end={t_end!r} must be a positive whole multiple of dt={dt!r}"
+            f"radgrad.experiments.reactor: t_end={t_end!r} must be a positive whole multiple of dt={dt!r}"
         )
     return _Problem(nx, float(dt), steps, float(diffusion))
 
@@ -255,9 +261,9 @@ def _run(
 class _Sketched:
     """Stores every state, packed block by block (exact at keep=1)."""
 
-    def __init__(self, config: SketchConfig) -> None:
+    def __init__(self, config: radgrad.SketchConfig) -> None:
         self.config = config
-        self.sketches: list[Sketch] = []
+        self.sketches: list[radgrad.Sketch] = []
 
     def sink(self, n0: int, states: Tensor) -> None:
         x = states.clone() if self.config.exact else states
@@ -353,28 +359,33 @@ class _ReactorLoss(torch.autograd.Function):
 def _check_theta(theta: Tensor) -> None:
     if not isinstance(theta, Tensor) or theta.shape != (7,) or not theta.is_floating_point():
         got = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
-        raise ValueError(f"radgrad.reactor: theta must be a floating-point tensor of shape (7,), got {got}")
+        raise ValueError(
+            f"radgrad.experiments.reactor: theta must be a floating-point tensor of shape (7,), got {got}"
+        )
 
 
-def _sketch_config(keep: float, method: str) -> SketchConfig:
+def _sketch_config(keep: float, method: str) -> radgrad.SketchConfig:
     try:
-        return SketchConfig(keep, method=method, per_example=True)
+        return radgrad.SketchConfig(keep, method=method, per_example=True)
     except (TypeError, ValueError) as err:
-        raise type(err)(f"radgrad.reactor: {str(err).removeprefix('radgrad: ')}") from err
+        raise type(err)(f"radgrad.experiments.reactor: {str(err).removeprefix('radgrad: ')}") from err
 
 
 def _setup(
     keep: float, nx: int, dt: float, t_end: float, diffusion: float, method: str, checkpoint_every: int | None
-) -> tuple[SketchConfig, _Problem]:
+) -> tuple[radgrad.SketchConfig, _Problem]:
     config = _sketch_config(keep, method)
     p = _problem(nx, dt, t_end, diffusion)
     if checkpoint_every is not None:
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
             raise ValueError(
-                f"radgrad.reactor: checkpoint_every must be a positive integer, got {checkpoint_every!r}"
+                "radgrad.experiments.reactor: checkpoint_every must be a positive integer, "
+                f"got {checkpoint_every!r}"
             )
         if not config.exact:
-            raise ValueError("radgrad.reactor: checkpoint_every needs keep=1 (recomputed states are exact)")
+            raise ValueError(
+                "radgrad.experiments.reactor: checkpoint_every needs keep=1 (recomputed states are exact)"
+            )
     return config, p
 
 
@@ -464,7 +475,7 @@ def _pad(states: Tensor) -> Tensor:
 def _steps_at(p: _Problem, times: Sequence[float]) -> list[int]:
     steps = [round(t / p.dt) for t in times]
     if any(not 0 <= n <= p.steps for n in steps):
-        raise ValueError(f"radgrad.reactor: times must lie in [0, t_end], got {list(times)}")
+        raise ValueError(f"radgrad.experiments.reactor: times must lie in [0, t_end], got {list(times)}")
     return steps
 
 
