@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -69,3 +70,62 @@ def assert_unbiased(samples: torch.Tensor, exact: torch.Tensor) -> None:
     z = z_scores(samples, exact)
     assert z.max() < Z_BOUND, f"max z-score {z.max():.2f} at entry {int(z.argmax())}"
     assert z_scores(samples * 0.9, exact).max() > Z_BOUND, "test too weak to detect a 10% bias"
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    qualified = f"radgrad_examples.{name}"
+    if qualified not in sys.modules:  # registered, so torch.compile can import it while tracing
+        path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(qualified, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[qualified] = module
+        spec.loader.exec_module(module)
+    return sys.modules[qualified]
+
+
+def sketched(x: torch.Tensor, config, *, batch_dims: int) -> torch.Tensor:
+    """``unpack(pack(x))`` for the next draw of torch's default generator.
+
+    After the same ``torch.manual_seed``, this is the estimate a RAD op that
+    sketches ``x`` reads in its backward pass: the ops draw through
+    :func:`radgrad.draw` from that generator.
+    """
+    import radgrad
+
+    state = radgrad.draw(x, config, batch_dims=batch_dims)
+    return radgrad.unpack(radgrad.pack(x, config, batch_dims=batch_dims, state=state))
+
+
+def assert_same_up_to_rounding(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to a few float64 roundings: one formula summed in another order."""
+    assert got.dtype == expected.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+def weight_entries(model: nn.Module) -> torch.Tensor:
+    """Mask of the weight entries (not the biases) in the order of :func:`weight_grads`.
+
+    RAD estimates the weight gradients only; a bias gradient is the same in
+    every draw, so :func:`assert_unbiased` is given the weights alone (a
+    constant nonzero entry would make its power check pass trivially).
+    """
+    return torch.cat([torch.full((p.numel(),), name.rsplit(".", 1)[-1].startswith("weight"))
+                      for name, p in model.named_parameters()])
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread, restored after.
+
+    The problems here are a few hundred numbers: a second thread buys nothing,
+    and on a busy machine its spin-waits make a Monte-Carlo loop many times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

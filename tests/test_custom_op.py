@@ -1,12 +1,18 @@
-"""The worked custom-op example: exact at keep=1, unbiased below, visible to the ruler."""
+"""The worked custom-op example: exact at keep=1, below it the exact gradient formula
+applied to the sketch (unbiased, as test_sketch.py tests), visible to the ruler."""
 
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 import radgrad
-from problems import assert_unbiased
+from problems import assert_same_up_to_rounding, one_torch_thread, sketched  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CONFIGS = [(m, pe) for m in radgrad.METHODS for pe in (True, False)]
 
 _spec = importlib.util.spec_from_file_location(
     "custom_op", Path(__file__).resolve().parents[1] / "examples" / "custom_op.py")
@@ -29,15 +35,26 @@ def test_exact_at_keep_one():
         torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
 
 
-def test_unbiased_and_input_gradient_exact():
+@pytest.mark.parametrize("method,per_example", CONFIGS)
+def test_gradient_is_the_exact_formula_on_the_sketch_and_input_gradient_exact(method, per_example):
+    # Same draw (same seed): dL/db is torch's bmm gradient with a replaced by
+    # unpack(pack(a)), an unbiased estimate (test_sketch.py); dL/da is torch's.
     a, b, g = _problem()
-    exact_a, exact_b = torch.autograd.grad(torch.bmm(a, b), (a, b), g)
-    samples = []
-    for _ in range(4000):
-        grad_a, grad_b = torch.autograd.grad(custom_op.sketched_bmm(a, b, keep=0.3), (a, b), g)
-        assert torch.equal(grad_a, exact_a)
-        samples.append(grad_b.reshape(-1))
-    assert_unbiased(torch.stack(samples), exact_b.reshape(-1))
+    config = radgrad.SketchConfig(0.3, method, per_example)
+    exact_a, _ = torch.autograd.grad(torch.bmm(a, b), (a, b), g)
+    torch.manual_seed(1)
+    out = custom_op.SketchedBmm.apply(a, b, config)
+    grad_a, grad_b = torch.autograd.grad(out, (a, b), g)
+    torch.manual_seed(1)
+    estimate = sketched(a.detach(), config, batch_dims=2)
+    (formula,) = torch.autograd.grad(torch.bmm(estimate, b), b, g)
+    assert not torch.equal(estimate, a)
+    assert torch.equal(out, torch.bmm(a, b))
+    assert torch.equal(grad_a, exact_a)
+    assert_same_up_to_rounding(grad_b, formula)
+    if config == radgrad.SketchConfig(0.3):  # the public function: the same op
+        torch.manual_seed(1)
+        assert torch.equal(torch.autograd.grad(custom_op.sketched_bmm(a, b, keep=0.3), b, g)[0], grad_b)
 
 
 def test_the_ruler_sees_the_sketch():

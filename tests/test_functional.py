@@ -1,4 +1,5 @@
-"""radgrad.functional against torch.nn.functional: exact where the contract says exact."""
+"""radgrad.functional against torch.nn.functional: exact where the contract says exact,
+and the weight gradient the exact formula applied to the sketch of the input."""
 
 import warnings
 
@@ -9,6 +10,45 @@ from hypothesis import strategies as st
 from torch import nn
 
 import radgrad
+from problems import assert_same_up_to_rounding, one_torch_thread, sketched  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CONFIGS = [(m, pe) for m in radgrad.METHODS for pe in (True, False)]
+_TORCH_CONV = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}
+
+
+def _as_convolved(x, weight, padding, dilation, padding_mode="zeros", module_padding=None):
+    """The tensor a RAD convolution sketches, and the zero padding it then convolves it with.
+
+    As torch does: a module with a padding mode other than zeros pads its input
+    first (``module_padding``, in F.pad's order) and convolves with no padding;
+    an unbatched input gets a batch dimension; ``"same"`` padding that cannot
+    be split evenly puts the extra entry on the high side of a dimension.
+    """
+    n = weight.dim() - 2
+    if padding_mode != "zeros":
+        x, padding = nn.functional.pad(x, module_padding, mode=padding_mode), 0
+    if x.dim() == n + 1:
+        x = x.unsqueeze(0)
+    if padding == "valid":
+        padding = 0
+    if padding == "same":
+        dilation = [dilation] * n if isinstance(dilation, int) else list(dilation)
+        total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+        padding = [t // 2 for t in total]
+        x = nn.functional.pad(x, [p for t in reversed(total) for p in (0, t % 2)])
+    return x, padding
+
+
+def _weight_formula(config, x, weight, grad, stride, padding, dilation, groups, **module):
+    """torch's weight gradient of the convolution with its input replaced by the sketch estimate
+    that the next draw of torch's default generator gives, and that estimate and input."""
+    convolved, padding = _as_convolved(x.detach(), weight, padding, dilation, **module)
+    estimate = sketched(convolved, config, batch_dims=2)
+    out = _TORCH_CONV[weight.dim() - 2](estimate, weight, None, stride, padding, dilation, groups)
+    (formula,) = torch.autograd.grad(out, weight, grad.reshape(out.shape))
+    return formula, estimate, convolved
 
 
 @st.composite
@@ -47,6 +87,7 @@ def test_conv_matches_torch(case):
         grad = torch.randn_like(out)
         expected = torch.autograd.grad(out, params, grad)
     radgrad.convert(conv, keep=keep, method=method)
+    torch.manual_seed(1)
     rad_out = conv(x)
     got = torch.autograd.grad(rad_out, params, grad)
     assert torch.equal(rad_out, out)
@@ -56,7 +97,43 @@ def test_conv_matches_torch(case):
     if keep == 1.0:
         torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-10)
     else:
-        assert got[1].shape == expected[1].shape and got[1].isfinite().all()
+        # the same draw: torch's weight gradient of the estimate of what was convolved
+        torch.manual_seed(1)
+        formula, _, _ = _weight_formula(conv.sketch, x, conv.weight, grad, conv.stride, conv.padding,
+                                        conv.dilation, conv.groups, padding_mode=conv.padding_mode,
+                                        module_padding=conv._reversed_padding_repeated_twice)
+        assert_same_up_to_rounding(got[1], formula)
+
+
+@pytest.mark.parametrize("method,per_example", CONFIGS)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("case", ["strided-grouped", "uneven-same-unbatched"])
+def test_conv_weight_gradient_is_the_exact_formula_on_the_sketch(case, dims, method, per_example):
+    # Same draw (same seed): the RAD weight gradient is torch's with the input
+    # replaced by unpack(pack(input)), whose unbiasedness test_sketch.py tests.
+    torch.manual_seed(0)
+    if case == "strided-grouped":
+        kernel, options, shape = 3, dict(stride=2, padding=1, dilation=2, groups=2), (2, 4, *(7,) * dims)
+    else:  # dilation 1, kernel 2: one padded entry per dimension, on the high side
+        kernel, options, shape = 2, dict(stride=1, padding="same", dilation=1, groups=1), (4, *(5,) * dims)
+    weight = torch.randn(6, 4 // options["groups"], *(kernel,) * dims, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns once about uneven 'same' padding
+        out = _TORCH_CONV[dims](x, weight, bias, **options)
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(out, (x, weight, bias), grad)
+    config = radgrad.SketchConfig(0.3, method, per_example)
+    torch.manual_seed(1)
+    rad_out = radgrad.functional.conv(x, weight, bias, **options, config=config)
+    got = torch.autograd.grad(rad_out, (x, weight, bias), grad)
+    torch.manual_seed(1)
+    formula, estimate, convolved = _weight_formula(config, x, weight, grad, **options)
+    assert not torch.equal(estimate, convolved)
+    assert torch.equal(rad_out, out)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[2], expected[2])
+    assert_same_up_to_rounding(got[1], formula)
 
 
 @st.composite

@@ -5,17 +5,19 @@ import torch
 from torch import nn
 
 import radgrad
-from problems import assert_unbiased
+from problems import (assert_same_up_to_rounding, assert_unbiased, one_torch_thread,  # noqa: F401
+                      sketched, weight_entries)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CONFIGS = [(m, pe) for m in radgrad.METHODS for pe in (True, False)]
-SAMPLES = 3000
 
 
-def _problem(nonlinearity="relu", layers=2, seed=0):
+def _problem(nonlinearity="relu", layers=2, seed=0, batch=2):
     torch.manual_seed(seed)
     rnn = nn.RNN(3, 4, num_layers=layers, nonlinearity=nonlinearity).double()
-    x = torch.randn(6, 2, 3, dtype=torch.float64)  # (T, B, features)
-    h0 = 0.1 * torch.randn(layers, 2, 4, dtype=torch.float64)
+    x = torch.randn(6, batch, 3, dtype=torch.float64)  # (T, B, features)
+    h0 = 0.1 * torch.randn(layers, batch, 4, dtype=torch.float64)
     return rnn, x, h0
 
 
@@ -49,16 +51,87 @@ def test_keep_one_runs_torch_itself():
     assert all(torch.equal(a, b) for a, b in zip(_grads(rnn, x, h0), expected))
 
 
+def _unrolled(rnn, x, h0):
+    """The loss of :func:`_grads` from torch ops, step by step, and for each layer its input,
+    its previous states h_{t-1} and its pre-activations (one tensor per step)."""
+    act = torch.relu if rnn.nonlinearity == "relu" else torch.tanh
+    inputs, previous, pre, last = [], [], [], []
+    for layer in range(rnn.num_layers):
+        w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l{layer}")
+                                  for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        v = nn.functional.linear(x, w_ih, b_ih) + b_hh
+        states, steps = [h0[layer]], []
+        for t in range(x.shape[0]):
+            steps.append(v[t] + nn.functional.linear(states[-1], w_hh))
+            states.append(act(steps[-1]))
+        inputs.append(x)
+        previous.append(torch.stack(states[:-1]))
+        pre.append(steps)
+        x = torch.stack(states[1:])
+        last.append(states[-1])
+    return x.square().sum() + torch.stack(last).sin().sum(), inputs, previous, pre
+
+
+@pytest.mark.parametrize("chunk", [None, 4])  # default (one chunk of 6 steps), or chunks of 4 and 2
 @pytest.mark.parametrize("nonlinearity,method,per_example",
-                         [("relu", m, pe) for m, pe in CONFIGS] + [("tanh", "sample", True)])
-def test_weight_gradients_are_unbiased(nonlinearity, method, per_example):
+                         [("relu", m, pe) for m, pe in CONFIGS] + [("tanh", m, pe) for m, pe in CONFIGS])
+def test_weight_gradients_are_the_exact_formula_on_the_sketches(nonlinearity, method, per_example, chunk,
+                                                                monkeypatch):
+    # Same draws (same seed): each layer's input weight gradient is torch's
+    # linear weight gradient with the layer input replaced by its sketch
+    # estimate, and with ReLU the recurrent one is sum_t g_t^T h_{t-1} with the
+    # previous states replaced by their estimates, one draw per chunk of steps
+    # (NOTE [RAD recurrence]); g_t, the gradient of the pre-activation, is
+    # torch's. The draws come in the order of the forward pass: layer by layer,
+    # the input then the chunks. With tanh the recurrent gradient is exact.
+    if chunk is not None:
+        monkeypatch.setattr(radgrad.functional, "_RECURRENCE_CHUNK", chunk)
+    chunks = [(0, 6)] if chunk is None else [(0, 4), (4, 6)]
     rnn, x, h0 = _problem(nonlinearity)
-    exact = torch.cat([g.reshape(-1) for g in _grads(rnn, x, h0)[2:]])
-    radgrad.convert(rnn, keep=0.3, method=method, per_example=per_example)
+    x, h0 = x.requires_grad_(), h0.requires_grad_()
+    loss, inputs, previous, pre = _unrolled(rnn, x, h0)
+    flat_pre = [z for steps in pre for z in steps]
+    g = torch.autograd.grad(loss, [x, h0, *rnn.parameters(), *flat_pre])
+    exact, g = g[:-len(flat_pre)], torch.stack(g[-len(flat_pre):]).split(x.shape[0])
+    config = radgrad.SketchConfig(0.3, method, per_example)
+    radgrad.convert(rnn, keep=config.keep, method=method, per_example=per_example)
     torch.manual_seed(1)
-    samples = torch.stack([torch.cat([g.reshape(-1) for g in _grads(rnn, x, h0)[2:]])
-                           for _ in range(SAMPLES)])
-    assert_unbiased(samples, exact)
+    got = dict(zip(["x", "h0", *(n for n, _ in rnn.named_parameters())], _grads(rnn, x, h0)))
+    torch.manual_seed(1)
+    for layer in range(rnn.num_layers):
+        w_ih, w_hh = getattr(rnn, f"weight_ih_l{layer}"), getattr(rnn, f"weight_hh_l{layer}")
+        estimate = sketched(inputs[layer].detach(), config, batch_dims=2)
+        states = previous[layer].detach()
+        if nonlinearity == "relu":
+            states = torch.cat([sketched(states[lo:hi], config, batch_dims=2) for lo, hi in chunks])
+            assert not torch.equal(states, previous[layer])
+        for name, weight, sketch in [("weight_ih", w_ih, estimate), ("weight_hh", w_hh, states)]:
+            (formula,) = torch.autograd.grad(nn.functional.linear(sketch, weight), weight, g[layer])
+            assert_same_up_to_rounding(got[f"{name}_l{layer}"], formula)
+    # and everything else as torch computes it, up to the order of additions
+    for a, b in zip([got["x"], got["h0"]], exact[:2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    for (name, _), b in zip(rnn.named_parameters(), exact[2:]):
+        if name.startswith("bias"):
+            torch.testing.assert_close(got[name], b, rtol=0, atol=1e-12)
+
+
+def test_weight_gradients_are_unbiased():
+    # End to end, statistically: two layers, sketched inputs and states, one
+    # config (every config is checked deterministically above). Weights only:
+    # the biases are exact (up to torch's order of additions), asserted draw by
+    # draw. Draws: enough for the power check, a 10% bias caught; 8 examples,
+    # not 2: a sample estimate of a sum over more rows varies less. ("sample",
+    # not "project": a projection is exact on a one-hot row, which ReLU states
+    # often are, and an entry that never varies would pass the power check alone.)
+    rnn, x, h0 = _problem("relu", batch=8)
+    exact = torch.cat([g.reshape(-1) for g in _grads(rnn, x, h0)[2:]])
+    weights = weight_entries(rnn)
+    radgrad.convert(rnn, keep=0.3, method="sample", per_example=True)
+    torch.manual_seed(1)
+    samples = torch.stack([torch.cat([g.reshape(-1) for g in _grads(rnn, x, h0)[2:]]) for _ in range(600)])
+    torch.testing.assert_close(samples[:, ~weights], exact[~weights].expand(len(samples), -1), rtol=0, atol=1e-12)
+    assert_unbiased(samples[:, weights], exact[weights])
 
 
 @pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
