@@ -80,3 +80,16 @@ def tiny_tensors() -> Tensors:
     shape = (1, 28, 28)
     return data.Tensors(torch.rand((40, *shape), generator=g), torch.randint(10, (40,), generator=g),
                         torch.rand((12, *shape), generator=g), torch.randint(10, (12,), generator=g))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread, restored after.
+
+    The problems here are a few hundred numbers: a second thread buys nothing,
+    and on a busy machine its spin-waits make a Monte-Carlo loop many times slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 from torch import nn
 
@@ -116,16 +115,3 @@ def weight_entries(model: nn.Module) -> torch.Tensor:
     """
     return torch.cat([torch.full((p.numel(),), name.rsplit(".", 1)[-1].startswith("weight"))
                       for name, p in model.named_parameters()])
-
-
-@pytest.fixture
-def one_torch_thread():
-    """Run a test on one torch thread, restored after.
-
-    The problems here are a few hundred numbers: a second thread buys nothing,
-    and on a busy machine its spin-waits make a Monte-Carlo loop many times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -25,6 +25,9 @@ class _CountSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def _paper_model(kind):
     return radgrad.models.mnist_mlp() if kind == "mlp" else radgrad.models.cifar_convnet()
 

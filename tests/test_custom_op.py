@@ -1,23 +1,17 @@
 """The worked custom-op example: exact at keep=1, below it the exact gradient formula
 applied to the sketch (unbiased, as test_sketch.py tests), visible to the ruler."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 import radgrad
-from problems import assert_same_up_to_rounding, one_torch_thread, sketched  # noqa: F401
+from problems import assert_same_up_to_rounding, load_example, sketched
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 CONFIGS = [(m, pe) for m in radgrad.METHODS for pe in (True, False)]
 
-_spec = importlib.util.spec_from_file_location(
-    "custom_op", Path(__file__).resolve().parents[1] / "examples" / "custom_op.py")
-custom_op = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(custom_op)
+custom_op = load_example("custom_op")
 
 
 def _problem():

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import radgrad
-from problems import assert_same_up_to_rounding, one_torch_thread, sketched  # noqa: F401
+from problems import assert_same_up_to_rounding, sketched
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,6 +18,9 @@ from radgrad.sketch import SketchConfig, pack, unpack
 LAYOUTS = ["contiguous", "permuted", "sliced", "expanded"]
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def strided(shape, layout, seed, order=None):
     """A float64 leaf tensor and a view of it with logical ``shape`` in the given layout."""
     g = torch.Generator().manual_seed(seed)
@@ -174,5 +177,16 @@ def test_relu_on_a_transposed_tensor_trains_like_torch():
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_relu_mask_keeps_the_layout(memory_format):
     x = torch.randn(2, 3, 4, 5).to(memory_format=memory_format)
-    mask = radgrad.bits.unpack(radgrad.bits.pack(x > 0))
-    assert torch.equal(mask, x > 0) and mask.stride() == (x > 0).stride()
+    x[0, 0, 0, :2] = torch.tensor([float("nan"), -0.0])
+    mask = radgrad.bits.unpack(radgrad.bits.pack(x))
+    assert torch.equal(mask.bool(), x != 0) and mask.stride() == (x != 0).stride()
+
+
+def test_compiled_masks_pack_the_same_bits():
+    x = torch.randn(3, 5, 7)
+    x[0, 0, :2] = torch.tensor([float("nan"), -0.0])
+    compiled = torch.compile(lambda t: radgrad.bits.pack(t).data, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), radgrad.bits.pack(x).data)
+    unpack = torch.compile(lambda d: radgrad.bits.unpack(radgrad.bits.Bits(d, x.shape, (0, 1, 2))), fullgraph=True,
+                           backend="aot_eager")
+    assert torch.equal(unpack(radgrad.bits.pack(x).data).bool(), x != 0)

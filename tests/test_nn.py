@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import radgrad
-from problems import (assert_same_up_to_rounding, assert_unbiased, one_torch_thread, problem,  # noqa: F401
+from problems import (assert_same_up_to_rounding, assert_unbiased, problem,
                       sample_grads, sketched, weight_entries, weight_grads)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import radgrad
-from problems import (assert_same_up_to_rounding, assert_unbiased, one_torch_thread,  # noqa: F401
+from problems import (assert_same_up_to_rounding, assert_unbiased,
                       sketched, weight_entries)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,17 +1,26 @@
-"""Exact 1-bit masks: a bool tensor stored as one bit per entry.
+"""Exact 1-bit masks: where a tensor is nonzero, stored as one bit per entry.
 
 ReLU's backward pass needs only where its output is nonzero; :func:`pack`
-keeps that as ``ceil(n / 8)`` bytes and :func:`unpack` rebuilds the bool
-tensor with the original shape *and strides* (a channels_last or transposed
-mask comes back in its own layout, so nothing is copied into another order).
+keeps that as ``ceil(n / 8)`` bytes and :func:`unpack` rebuilds it with the
+original shape *and strides* (a channels_last or transposed mask comes back
+in its own layout, so nothing is copied into another order), as bytes that
+are nonzero exactly where the bit is set: what ``threshold_backward`` reads,
+without a pass to turn them into 0/1 (on a CPU, an op writing bools costs
+several times one writing bytes).
 
 NOTE [Bit packing by multiplication]
-    Eight 0/1 bytes read as one int64 ``v`` (byte i holds bit b_i).
+    Eight 0/1 bytes are read as one int64 ``v`` (byte i holds b_i on a
+    little-endian machine).
     Multiplying by ``_GATHER`` moves b_i to bit 56 + i without carries, so the
     top byte of ``v * _GATHER`` is ``sum_i b_i 2^i``. Unpacking runs the other
     way: ``p * _COPY`` copies the byte p into all eight bytes, and
-    ``& _SPREAD`` keeps bit i in byte i. Plain tensor ops, so it runs on any
-    device and traces under ``torch.compile``.
+    ``& _SPREAD`` keeps bit i in byte i (as ``b_i * 2^i``): two passes over
+    memory each way. Under ``torch.compile`` the same bits come from eight
+    shifts and ors (and back from shifts and ands), which the compiler fuses
+    with the ReLU around them; compiled through reinterpreted memory, the
+    multiplication becomes a scalar loop twenty times slower. A forward pass
+    and its backward pass always run in the same mode, so the two forms
+    never meet (on a big-endian machine they would order bits differently).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ _SPREAD = 0x8040201008040201 - 2**64
 
 
 class Bits:
-    """A packed bool tensor: ``data`` (uint8) plus the shape and memory order to rebuild it."""
+    """A packed mask: ``data`` (uint8) plus the shape and memory order to rebuild it."""
 
     __slots__ = ("data", "shape", "order")
 
@@ -44,23 +53,51 @@ def _memory_order(t: Tensor) -> tuple[int, ...] | None:
     return order if t.permute(order).is_contiguous() else None
 
 
-def pack(mask: Tensor) -> Bits:
-    """Pack a bool tensor of any shape and strides into ``ceil(numel / 8)`` bytes."""
-    order = _memory_order(mask)
-    if order is None:
-        mask, order = mask.contiguous(), tuple(range(mask.dim()))
-    flat = mask.permute(order).reshape(-1).view(torch.uint8)
+def _pack_bytes(flat: Tensor) -> Tensor:
+    """0/1 bytes, ``numel`` a multiple of 8 -> packed bytes (NOTE [Bit packing by multiplication])."""
+    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
+
+
+def _unpack_bytes(data: Tensor) -> Tensor:
+    """Packed bytes -> 8 bytes each, byte i nonzero where bit i is set."""
+    return (data.long() * _COPY).bitwise_and_(_SPREAD).view(torch.uint8)
+
+
+def pack(t: Tensor) -> Bits:
+    """Pack where ``t`` is nonzero (NaN counts as nonzero) into ``ceil(numel / 8)`` bytes.
+
+    ``t`` may have any shape, strides and dtype.
+    """
+    mask = t.bool()  # != 0, the fast way
+    if mask.is_contiguous():
+        order, flat = tuple(range(mask.dim())), mask.view(-1)
+    else:
+        order = _memory_order(mask)
+        if order is None:
+            mask, order = mask.contiguous(), tuple(range(mask.dim()))
+        flat = mask.permute(order).reshape(-1)
+    flat = flat.view(torch.uint8)
     pad = -flat.numel() % 8
     if pad:
         flat = F.pad(flat, (0, pad))
-    words = flat.view(torch.int64) * _GATHER
-    return Bits((words >> 56).to(torch.uint8), mask.shape, order)
+    if torch.compiler.is_compiling():
+        data = flat[0::8]
+        for i in range(1, 8):
+            data = data | (flat[i::8] << i)
+    else:
+        data = _pack_bytes(flat)
+    return Bits(data, mask.shape, order)
 
 
 def unpack(bits: Bits) -> Tensor:
-    """The bool tensor that :func:`pack` packed, with its shape and memory order."""
-    words = (bits.data.long() * _COPY) & _SPREAD  # byte i of each word now holds b_i * 2^i
-    permuted = [bits.shape[i] for i in bits.order]
-    flat = words.view(torch.uint8)[: bits.shape.numel()].ne(0)
+    """A uint8 tensor of the packed shape and memory order, nonzero exactly where the bit is set.
+
+    ``unpack(pack(t)).bool()`` equals ``t != 0``.
+    """
+    if torch.compiler.is_compiling():
+        flat = ((bits.data.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=bits.data.device)) & 1).view(-1)
+    else:
+        flat = _unpack_bytes(bits.data)
+    flat = flat[: bits.shape.numel()]
     inverse = sorted(range(len(bits.order)), key=lambda i: bits.order[i])
-    return flat.view(permuted).permute(inverse)
+    return flat.view([bits.shape[i] for i in bits.order]).permute(inverse)

@@ -70,7 +70,8 @@ def save_for_backward(ctx: Any, *items: Tensor | Sketch | bits.Bits | None) -> N
 def saved_tensors(ctx: Any, *, unpack: bool = True) -> tuple[Any, ...]:
     """Return what :func:`save_for_backward` saved, in order.
 
-    Tensors come back as saved, Bits as their bool tensor. Each sketch comes
+    Tensors come back as saved, Bits as :func:`radgrad.bits.unpack` gives them
+    (bytes, nonzero where a bit is set). Each sketch comes
     back as its unbiased estimate (``unpack=True``) or as a
     :class:`~radgrad.sketch.Sketch` whose structure an op may exploit
     (``unpack=False``).

@@ -292,9 +292,11 @@ def _index_dtype(d: int) -> torch.dtype:
 
 def _indices(state: Tensor, k: int, d: int) -> Tensor:
     """The ``(rows, k)`` (per example) or ``(1, k)`` (shared) sampled indices of a sample state."""
-    state = state.long()
-    idx = state[:-k].unsqueeze(1) + state[-k:]
-    return idx.sub_((idx >= d).long(), alpha=d)
+    # (a + o) mod D as t = a + (o - D) in [-D, D), plus D where t < 0: int32 shifts
+    # and adds, several times faster on a CPU than a comparison or a remainder.
+    state = state.int()
+    t = state[:-k, None] + (state[-k:] - d)
+    return t.add_(t.bitwise_right_shift(31).bitwise_and_(d)).long()
 
 
 def _sign_chunks(seed: Tensor, rows: int, d: int, k: int, dtype: torch.dtype):
