@@ -63,3 +63,21 @@ def test_bad_arguments():
         radgrad.convert(lambda x: x)
     with pytest.raises(ValueError, match=r"keep must be in \(0, 1\]"):
         radgrad.convert(_model(), keep=2)
+
+
+def test_lazy_modules_become_rad_layers_when_they_materialize():
+    model = nn.Sequential(nn.LazyLinear(5), nn.ReLU(), nn.LazyConv1d(2, 3))
+    radgrad.convert(model, keep=0.3)
+    assert type(model[0]) is nn.LazyLinear  # nothing to convert yet
+    model(torch.randn(4, 6, 7))
+    assert type(model[0]) is radgrad.nn.Linear and model[0].sketch == radgrad.SketchConfig(0.3)
+    assert type(model[2]) is radgrad.nn.Conv1d and model[2].sketch == radgrad.SketchConfig(0.3)
+    assert type(model[1]) is radgrad.nn.ReLU
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_zero_feature_linear_trains():
+    model = radgrad.convert(nn.Sequential(nn.Linear(0, 3)), keep=0.1)
+    x = torch.randn(4, 0)
+    model(x).sum().backward()
+    assert model[0].weight.grad.shape == (3, 0) and torch.equal(model[0].bias.grad, torch.full((3,), 4.0))

@@ -206,3 +206,10 @@ def test_irnn_initialisation():
     assert model(torch.rand(4, 784)).shape == (4, 10)
     clone = copy.deepcopy(model)
     assert torch.equal(clone.rnn.weight_ih_l0, model.rnn.weight_ih_l0)
+
+
+def test_zero_time_steps_is_a_clear_error():
+    rnn = radgrad.convert(torch.nn.RNN(3, 4), keep=0.1)
+    with pytest.raises(ValueError, match="radgrad.functional.recurrence: expected a sequence of at least one "
+                                         "time step, got 0"):
+        rnn(torch.randn(0, 2, 3))
