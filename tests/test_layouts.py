@@ -182,11 +182,15 @@ def test_relu_mask_keeps_the_layout(memory_format):
     assert torch.equal(mask.bool(), x != 0) and mask.stride() == (x != 0).stride()
 
 
-def test_compiled_masks_pack_the_same_bits():
-    x = torch.randn(3, 5, 7)
-    x[0, 0, :2] = torch.tensor([float("nan"), -0.0])
-    compiled = torch.compile(lambda t: radgrad.bits.pack(t).data, fullgraph=True, backend="aot_eager")
-    assert torch.equal(compiled(x), radgrad.bits.pack(x).data)
-    unpack = torch.compile(lambda d: radgrad.bits.unpack(radgrad.bits.Bits(d, x.shape, (0, 1, 2))), fullgraph=True,
-                           backend="aot_eager")
-    assert torch.equal(unpack(radgrad.bits.pack(x).data).bool(), x != 0)
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 8)])
+def test_compiled_masks_round_trip_either_layout(shape):
+    x = torch.randn(shape)
+    x.view(-1)[:2] = torch.tensor([float("nan"), -0.0])
+    pack = torch.compile(lambda t: radgrad.bits.pack(t).data, fullgraph=True, backend="aot_eager")
+    planar = radgrad.bits.Bits(pack(x), x.shape, tuple(range(x.dim())), planar=True)
+    interleaved = radgrad.bits.pack(x)
+    assert not interleaved.planar and planar.data.shape == interleaved.data.shape
+    unpack = torch.compile(radgrad.bits.unpack, fullgraph=True, backend="aot_eager")
+    for packed in (planar, interleaved):
+        for fn in (radgrad.bits.unpack, unpack):
+            assert torch.equal(fn(packed).bool(), x != 0)

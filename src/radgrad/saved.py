@@ -54,7 +54,7 @@ def save_for_backward(ctx: Any, *items: Tensor | Sketch | bits.Bits | None) -> N
             layout.append(Sketch(None, None, item.shape, item.batch_dims, item.config))
         elif isinstance(item, bits.Bits):
             tensors.append(item.data)
-            layout.append(bits.Bits(None, item.shape, item.order))
+            layout.append(bits.Bits(None, item.shape, item.order, item.planar))
         elif item is None or isinstance(item, Tensor):
             tensors.append(item)
             layout.append(None)
@@ -87,7 +87,7 @@ def saved_tensors(ctx: Any, *, unpack: bool = True) -> tuple[Any, ...]:
         if meta is None:
             out.append(next(saved))
         elif isinstance(meta, bits.Bits):
-            out.append(bits.unpack(bits.Bits(next(saved), meta.shape, meta.order)))
+            out.append(bits.unpack(bits.Bits(next(saved), meta.shape, meta.order, meta.planar)))
         else:
             sketch = Sketch(next(saved), next(saved), meta.shape, meta.batch_dims, meta.config)
             if sketch.state is not None and torch.is_grad_enabled():
