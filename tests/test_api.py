@@ -8,3 +8,17 @@ def test_public_names_are_pinned():
     ]
     assert radgrad.nn.__all__ == ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN"]
     assert sorted(radgrad.METHODS) == ["project", "sample"]
+
+
+def test_the_core_needs_torch_alone():
+    # numpy, tqdm, matplotlib and pillow belong to radgrad[experiments]
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('numpy', 'tqdm', 'matplotlib', 'PIL'): sys.modules[name] = None\n"
+            "import torch, radgrad\n"
+            "model = radgrad.convert(radgrad.models.cifar_convnet(), keep=0.1)\n"
+            "model(torch.rand(2, 3, 32, 32)).sum().backward()\n")
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

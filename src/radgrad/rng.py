@@ -114,8 +114,6 @@ def draw_seed(after: Tensor, generator: torch.Generator | None = None) -> Tensor
     return draw(-(2**63), 2**63 - 1, (), torch.int64, after, generator)
 
 
-
-
 def _shr(z: Tensor, bits: int) -> Tensor:
     """Logical right shift of int64 bit patterns (torch's >> is arithmetic)."""
     return (z >> bits) & ((1 << (64 - bits)) - 1)

@@ -12,8 +12,9 @@ Example, an op ``y = x @ w`` that randomizes the ``x`` needed for ``dL/dw``::
     class SketchedMatmul(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, w, config):
-            radgrad.save_for_backward(ctx, radgrad.pack(x, config, batch_dims=1), w)
-            return x @ w
+            sketch = radgrad.pack(x, config, batch_dims=1)
+            radgrad.save_for_backward(ctx, sketch, w)
+            return radgrad.tie(x @ w, sketch.state)  # keeps torch.compile from redrawing
 
         @staticmethod
         def backward(ctx, grad):
