@@ -248,8 +248,8 @@ class _ReLU(_RADFunction):
 
     @staticmethod
     def backward(ctx, grad):
-        (passes,) = saved_tensors(ctx)  # bytes, nonzero where the gradient passes
-        return torch.ops.aten.threshold_backward(grad, passes, 0)
+        (mask,) = saved_tensors(ctx, keep_bits=True)
+        return bits.masked_grad(grad, mask)
 
 
 def relu(input: Tensor) -> Tensor:

@@ -55,7 +55,7 @@ def save_for_backward(ctx: Any, *items: Tensor | Sketch | bits.Bits | None) -> N
             layout.append(Sketch(None, None, item.shape, item.batch_dims, item.config))
         elif isinstance(item, bits.Bits):
             tensors.append(item.data)
-            layout.append(bits.Bits(None, item.shape, item.order, item.planar))
+            layout.append(bits.Bits(None, item.shape, item.order))
         elif item is None or isinstance(item, Tensor):
             tensors.append(item)
             layout.append(None)
@@ -68,11 +68,11 @@ def save_for_backward(ctx: Any, *items: Tensor | Sketch | bits.Bits | None) -> N
     ctx.radgrad_layout = layout
 
 
-def saved_tensors(ctx: Any, *, unpack: bool = True) -> tuple[Any, ...]:
+def saved_tensors(ctx: Any, *, unpack: bool = True, keep_bits: bool = False) -> tuple[Any, ...]:
     """Return what :func:`save_for_backward` saved, in order.
 
     Tensors come back as saved, Bits as :func:`radgrad.bits.unpack` gives them
-    (bytes, nonzero where a bit is set). Each sketch comes
+    (bytes, nonzero where a bit is set) or, with ``keep_bits=True``, as Bits. Each sketch comes
     back as its unbiased estimate (``unpack=True``) or as a
     :class:`~radgrad.sketch.Sketch` whose structure an op may exploit
     (``unpack=False``).
@@ -88,7 +88,8 @@ def saved_tensors(ctx: Any, *, unpack: bool = True) -> tuple[Any, ...]:
         if meta is None:
             out.append(next(saved))
         elif isinstance(meta, bits.Bits):
-            out.append(bits.unpack(bits.Bits(next(saved), meta.shape, meta.order, meta.planar)))
+            packed = bits.Bits(next(saved), meta.shape, meta.order)
+            out.append(packed if keep_bits else bits.unpack(packed))
         else:
             sketch = Sketch(next(saved), next(saved), meta.shape, meta.batch_dims, meta.config)
             if sketch.state is not None and torch.is_grad_enabled():
