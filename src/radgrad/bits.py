@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Bits", "pack", "unpack"]
+__all__ = ["Bits", "pack", "unpack", "masked_grad"]
 
 _GATHER = 0x0102040810204080
 _COPY = 0x0101010101010101
@@ -45,14 +45,15 @@ class Bits:
 
 def _memory_order(t: Tensor) -> tuple[int, ...] | None:
     """Dimensions from outermost to innermost in memory, if ``t`` is dense in that order."""
-    if torch.compiler.is_compiling():
-        return None  # the compiler chooses layouts itself (and cannot trace this sort)
     order = tuple(i for _, i in sorted((-stride, i) for i, stride in enumerate(t.stride())))
     return order if t.permute(order).is_contiguous() else None
 
 
 def _pack_bytes(flat: Tensor) -> Tensor:
-    """0/1 bytes, ``numel`` a multiple of 8 -> packed bytes (NOTE [Bit packing by multiplication])."""
+    """Flat 0/1 bytes -> packed bytes, padded to whole bytes (NOTE [Bit packing by multiplication])."""
+    pad = -flat.numel() % 8
+    if pad:
+        flat = F.pad(flat, (0, pad))
     return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
 
 
@@ -63,9 +64,7 @@ def _unpack_bytes(data: Tensor) -> Tensor:
 
 def _pack_mask(mask: Tensor) -> Tensor:
     """A bool tensor of any layout, packed in its logical (row-major) order."""
-    flat = mask.contiguous().view(-1).view(torch.uint8)
-    pad = -flat.numel() % 8
-    return _pack_bytes(F.pad(flat, (0, pad)) if pad else flat)
+    return _pack_bytes(mask.contiguous().view(-1).view(torch.uint8))
 
 
 def _masked_grad(grad: Tensor, data: Tensor) -> Tensor:
@@ -104,11 +103,7 @@ def pack(t: Tensor) -> Bits:
         if order is None:
             mask, order = mask.contiguous(), tuple(range(mask.dim()))
         flat = mask.permute(order).reshape(-1)
-    flat = flat.view(torch.uint8)
-    pad = -flat.numel() % 8
-    if pad:
-        flat = F.pad(flat, (0, pad))
-    return Bits(_pack_bytes(flat), mask.shape, order)
+    return Bits(_pack_bytes(flat.view(torch.uint8)), mask.shape, order)
 
 
 def unpack(bits: Bits) -> Tensor:
