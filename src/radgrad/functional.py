@@ -248,7 +248,7 @@ class _ReLU(_RADFunction):
 
     @staticmethod
     def backward(ctx, grad):
-        (mask,) = saved_tensors(ctx, keep_bits=True)
+        (mask,) = saved_tensors(ctx, unpack=False)
         return bits.masked_grad(grad, mask)
 
 
@@ -429,7 +429,7 @@ class _Recurrence(_RADFunction):
         carry = grad_last
         for i, (lo, hi) in reversed(list(enumerate(ctx.chunks))):
             if ctx.relu:
-                previous, passes = rest[2 * i].unpack(), rest[2 * i + 1]
+                previous, passes = rest[2 * i].unpack(), bits.unpack(rest[2 * i + 1])
             else:
                 previous = _previous_states(output, h0, lo, hi)
             for t in reversed(range(lo, hi)):

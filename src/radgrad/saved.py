@@ -68,14 +68,14 @@ def save_for_backward(ctx: Any, *items: Tensor | Sketch | bits.Bits | None) -> N
     ctx.radgrad_layout = layout
 
 
-def saved_tensors(ctx: Any, *, unpack: bool = True, keep_bits: bool = False) -> tuple[Any, ...]:
+def saved_tensors(ctx: Any, *, unpack: bool = True) -> tuple[Any, ...]:
     """Return what :func:`save_for_backward` saved, in order.
 
-    Tensors come back as saved, Bits as :func:`radgrad.bits.unpack` gives them
-    (bytes, nonzero where a bit is set) or, with ``keep_bits=True``, as Bits. Each sketch comes
-    back as its unbiased estimate (``unpack=True``) or as a
-    :class:`~radgrad.sketch.Sketch` whose structure an op may exploit
-    (``unpack=False``).
+    Tensors come back as saved. With ``unpack=True`` each sketch comes back
+    as its unbiased estimate and each mask as :func:`radgrad.bits.unpack`
+    gives it (bytes, nonzero where a bit is set); with ``unpack=False`` they
+    come back as :class:`~radgrad.sketch.Sketch` and
+    :class:`~radgrad.bits.Bits`, whose structure an op may exploit.
 
     Raises:
         RuntimeError: a randomized sketch is read while building a graph of the
@@ -89,7 +89,7 @@ def saved_tensors(ctx: Any, *, unpack: bool = True, keep_bits: bool = False) -> 
             out.append(next(saved))
         elif isinstance(meta, bits.Bits):
             packed = bits.Bits(next(saved), meta.shape, meta.order)
-            out.append(packed if keep_bits else bits.unpack(packed))
+            out.append(bits.unpack(packed) if unpack else packed)
         else:
             sketch = Sketch(next(saved), next(saved), meta.shape, meta.batch_dims, meta.config)
             if sketch.state is not None and torch.is_grad_enabled():
