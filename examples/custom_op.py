@@ -25,7 +25,7 @@ class SketchedBmm(torch.autograd.Function):
         need_a, need_b = ctx.needs_input_grad[:2]
         sketch = radgrad.pack(a, config, batch_dims=2) if need_b else None
         radgrad.save_for_backward(ctx, sketch, b if need_a else None)
-        return radgrad.tie(torch.bmm(a, b), sketch.state if sketch is not None else None)
+        return radgrad.tie(torch.bmm(a, b), sketch)
 
     @staticmethod
     def backward(ctx, grad):

@@ -3,11 +3,12 @@ import radgrad
 
 def test_public_names_are_pinned():
     assert sorted(radgrad.__all__) == [
-        "METHODS", "Sketch", "SketchConfig", "convert", "draw", "functional", "memory", "models", "nn",
+        "BITS", "METHODS", "Sketch", "SketchConfig", "convert", "draw", "functional", "memory", "models", "nn",
         "pack", "save_for_backward", "saved_tensors", "tie", "unpack",
     ]
     assert radgrad.nn.__all__ == ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN"]
-    assert sorted(radgrad.METHODS) == ["project", "sample"]
+    assert sorted(radgrad.METHODS) == ["norm", "project", "quantize", "sample"]
+    assert radgrad.BITS == (1, 2, 4, 8)
 
 
 def test_the_core_needs_torch_alone():

@@ -5,11 +5,9 @@ import pytest
 import torch
 
 import radgrad
-from problems import assert_same_up_to_rounding, load_example, sketched
+from problems import ESTIMATORS, assert_same_up_to_rounding, config_id, load_example, sketched
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-CONFIGS = [(m, pe) for m in radgrad.METHODS for pe in (True, False)]
 
 custom_op = load_example("custom_op")
 
@@ -29,12 +27,11 @@ def test_exact_at_keep_one():
         torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("method,per_example", CONFIGS)
-def test_gradient_is_the_exact_formula_on_the_sketch_and_input_gradient_exact(method, per_example):
+@pytest.mark.parametrize("config", ESTIMATORS, ids=config_id)
+def test_gradient_is_the_exact_formula_on_the_sketch_and_input_gradient_exact(config):
     # Same draw (same seed): dL/db is torch's bmm gradient with a replaced by
     # unpack(pack(a)), an unbiased estimate (test_sketch.py); dL/da is torch's.
     a, b, g = _problem()
-    config = radgrad.SketchConfig(0.3, method, per_example)
     exact_a, _ = torch.autograd.grad(torch.bmm(a, b), (a, b), g)
     torch.manual_seed(1)
     out = custom_op.SketchedBmm.apply(a, b, config)

@@ -10,11 +10,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import radgrad
-from problems import assert_same_up_to_rounding, sketched
+from problems import ESTIMATORS, assert_same_up_to_rounding, config_id, options, sketched
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CONFIGS = [(m, pe) for m in radgrad.METHODS for pe in (True, False)]
 _TORCH_CONV = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}
 
 
@@ -67,18 +66,17 @@ def conv_cases(draw):
     spatial = (size,) * dims
     options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups,
                    bias=draw(st.booleans()), padding_mode=mode)
-    keep = draw(st.sampled_from([0.05, 0.3, 1.0]))
-    method = draw(st.sampled_from(list(radgrad.METHODS)))
-    return dims, c_in, c_out, kernel, options, (draw(st.integers(1, 3)), c_in, *spatial), keep, method
+    config = draw(st.sampled_from([*ESTIMATORS, radgrad.SketchConfig(0.05), radgrad.SketchConfig(1.0)]))
+    return dims, c_in, c_out, kernel, options, (draw(st.integers(1, 3)), c_in, *spatial), config
 
 
 @settings(max_examples=60, deadline=None)
 @given(conv_cases())
 def test_conv_matches_torch(case):
-    dims, c_in, c_out, kernel, options, shape, keep, method = case
+    dims, c_in, c_out, kernel, module_options, shape, config = case
     torch_type = {1: nn.Conv1d, 2: nn.Conv2d}[dims]
     torch.manual_seed(0)
-    conv = torch_type(c_in, c_out, kernel, **options).double()
+    conv = torch_type(c_in, c_out, kernel, **module_options).double()
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     params = [x, *conv.parameters()]
     with warnings.catch_warnings():
@@ -86,15 +84,15 @@ def test_conv_matches_torch(case):
         out = conv(x)
         grad = torch.randn_like(out)
         expected = torch.autograd.grad(out, params, grad)
-    radgrad.convert(conv, keep=keep, method=method)
+    radgrad.convert(conv, **options(config))
     torch.manual_seed(1)
     rad_out = conv(x)
     got = torch.autograd.grad(rad_out, params, grad)
     assert torch.equal(rad_out, out)
     assert torch.equal(got[0], expected[0])  # input gradient
-    if options["bias"]:
+    if module_options["bias"]:
         assert torch.equal(got[2], expected[2])
-    if keep == 1.0:
+    if config.exact:
         torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-10)
     else:
         # the same draw: torch's weight gradient of the estimate of what was convolved
@@ -105,10 +103,10 @@ def test_conv_matches_torch(case):
         assert_same_up_to_rounding(got[1], formula)
 
 
-@pytest.mark.parametrize("method,per_example", CONFIGS)
+@pytest.mark.parametrize("config", ESTIMATORS, ids=config_id)
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("case", ["strided-grouped", "uneven-same-unbatched"])
-def test_conv_weight_gradient_is_the_exact_formula_on_the_sketch(case, dims, method, per_example):
+def test_conv_weight_gradient_is_the_exact_formula_on_the_sketch(case, dims, config):
     # Same draw (same seed): the RAD weight gradient is torch's with the input
     # replaced by unpack(pack(input)), whose unbiasedness test_sketch.py tests.
     torch.manual_seed(0)
@@ -124,7 +122,6 @@ def test_conv_weight_gradient_is_the_exact_formula_on_the_sketch(case, dims, met
         out = _TORCH_CONV[dims](x, weight, bias, **options)
     grad = torch.randn_like(out)
     expected = torch.autograd.grad(out, (x, weight, bias), grad)
-    config = radgrad.SketchConfig(0.3, method, per_example)
     torch.manual_seed(1)
     rad_out = radgrad.functional.conv(x, weight, bias, **options, config=config)
     got = torch.autograd.grad(rad_out, (x, weight, bias), grad)

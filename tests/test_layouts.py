@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 import radgrad
 from radgrad import functional as RF
 from radgrad.sketch import SketchConfig, pack, unpack
+from problems import ESTIMATORS
+
+CONFIGS = st.sampled_from([SketchConfig(1.0), *ESTIMATORS])
 
 LAYOUTS = ["contiguous", "permuted", "sliced", "expanded"]
 
@@ -91,15 +94,13 @@ def test_pooling_matches_torch(layout, batch, size, kernel, stride, seed):
 
 @settings(max_examples=40, deadline=None)
 @given(layout=st.sampled_from(LAYOUTS), rows=st.integers(0, 4), features=st.integers(0, 9),
-       keep=st.sampled_from([1.0, 0.3]), method=st.sampled_from(sorted(radgrad.METHODS)),
-       seed=st.integers(0, 2**31))
-def test_linear_on_any_layout(layout, rows, features, keep, method, seed):
+       config=CONFIGS, seed=st.integers(0, 2**31))
+def test_linear_on_any_layout(layout, rows, features, config, seed):
     leaf, view = strided([rows, 3, features], layout, seed)
     weight = torch.randn(4, features, dtype=torch.float64)
     bias = torch.randn(4, dtype=torch.float64)
-    config = SketchConfig(keep, method)
     got = grads_of(lambda x, w, b: RF.linear(x, w, b, config), leaf, view, (weight, bias))
-    if keep == 1.0:
+    if config.exact:
         want = grads_of(F.linear, leaf, view, (weight, bias))
         assert_same(got, want, exact=False)
     # the same draw on a contiguous copy: the same estimate
@@ -112,9 +113,8 @@ def test_linear_on_any_layout(layout, rows, features, keep, method, seed):
 
 @settings(max_examples=30, deadline=None)
 @given(layout=st.sampled_from(LAYOUTS + ["channels_last"]), batch=st.integers(0, 3), size=st.integers(3, 6),
-       keep=st.sampled_from([1.0, 0.3]), method=st.sampled_from(sorted(radgrad.METHODS)),
-       seed=st.integers(0, 2**31))
-def test_conv_on_any_layout(layout, batch, size, keep, method, seed):
+       config=CONFIGS, seed=st.integers(0, 2**31))
+def test_conv_on_any_layout(layout, batch, size, config, seed):
     shape = [batch, 2, size, size]
     if layout == "channels_last":
         leaf, view = strided(shape, "permuted", seed, order=[0, 2, 3, 1])
@@ -122,29 +122,29 @@ def test_conv_on_any_layout(layout, batch, size, keep, method, seed):
         leaf, view = strided(shape, layout, seed)
     weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
     bias = torch.randn(3, dtype=torch.float64)
-    config = SketchConfig(keep, method)
     got = grads_of(lambda x, w, b: RF.conv(x, w, b, padding=1, config=config), leaf, view, (weight, bias))
     contiguous = grads_of(lambda x, w, b: RF.conv(x.contiguous(), w, b, padding=1, config=config),
                           leaf, view, (weight, bias))
     assert_same(got, contiguous, exact=False)
     want = grads_of(lambda x, w, b: F.conv2d(x, w, b, padding=1), leaf, view, (weight, bias))
     # output, input and bias gradients are exact whatever keep is; the weight's at keep 1
-    exact = [0, 1, 3] if keep < 1 else [0, 1, 2, 3]
+    exact = [0, 1, 2, 3] if config.exact else [0, 1, 3]
     assert_same([got[i] for i in exact], [want[i] for i in exact], exact=False)
 
 
 @settings(max_examples=40, deadline=None)
 @given(shape=st.lists(st.integers(0, 5), min_size=1, max_size=4), layout=st.sampled_from(LAYOUTS),
        batch_dims=st.integers(0, 4), keep=st.floats(0.05, 1.0), method=st.sampled_from(sorted(radgrad.METHODS)),
-       per_example=st.booleans(), seed=st.integers(0, 2**31))
-def test_pack_reads_any_layout_like_its_contiguous_copy(shape, layout, batch_dims, keep, method, per_example, seed):
+       per_example=st.booleans(), bits=st.sampled_from([None, *radgrad.BITS]), seed=st.integers(0, 2**31))
+def test_pack_reads_any_layout_like_its_contiguous_copy(shape, layout, batch_dims, keep, method, per_example,
+                                                        bits, seed):
     batch_dims = min(batch_dims, len(shape))
     leaf, view = strided(shape, layout, seed)
     x = view(leaf)
-    config = SketchConfig(keep, method, per_example)
-    sketch = pack(x, config, batch_dims=batch_dims)
-    again = pack(x.contiguous(), config, batch_dims=batch_dims, state=sketch.state)
-    if sketch.state is None:
+    config = SketchConfig(1.0 if method == "quantize" else keep, method, per_example or method == "norm", bits)
+    sketch = pack(x, config, batch_dims=batch_dims, generator=torch.Generator().manual_seed(seed))
+    again = pack(x.contiguous(), config, batch_dims=batch_dims, generator=torch.Generator().manual_seed(seed))
+    if sketch.exact:
         assert sketch.values is x and again.values.equal(x)
     else:
         torch.testing.assert_close(sketch.values, again.values, rtol=1e-12, atol=1e-14)

@@ -5,12 +5,12 @@ import torch
 from torch import nn
 
 import radgrad
-from problems import (assert_same_up_to_rounding, assert_unbiased,
+from problems import (ESTIMATORS, assert_same_up_to_rounding, assert_unbiased, config_id, options,
                       sketched, weight_entries)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CONFIGS = [(m, pe) for m in radgrad.METHODS for pe in (True, False)]
+
 
 
 def _problem(nonlinearity="relu", layers=2, seed=0, batch=2):
@@ -73,10 +73,9 @@ def _unrolled(rnn, x, h0):
 
 
 @pytest.mark.parametrize("chunk", [None, 4])  # default (one chunk of 6 steps), or chunks of 4 and 2
-@pytest.mark.parametrize("nonlinearity,method,per_example",
-                         [("relu", m, pe) for m, pe in CONFIGS] + [("tanh", m, pe) for m, pe in CONFIGS])
-def test_weight_gradients_are_the_exact_formula_on_the_sketches(nonlinearity, method, per_example, chunk,
-                                                                monkeypatch):
+@pytest.mark.parametrize("config", ESTIMATORS, ids=config_id)
+@pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
+def test_weight_gradients_are_the_exact_formula_on_the_sketches(nonlinearity, config, chunk, monkeypatch):
     # Same draws (same seed): each layer's input weight gradient is torch's
     # linear weight gradient with the layer input replaced by its sketch
     # estimate, and with ReLU the recurrent one is sum_t g_t^T h_{t-1} with the
@@ -93,8 +92,7 @@ def test_weight_gradients_are_the_exact_formula_on_the_sketches(nonlinearity, me
     flat_pre = [z for steps in pre for z in steps]
     g = torch.autograd.grad(loss, [x, h0, *rnn.parameters(), *flat_pre])
     exact, g = g[:-len(flat_pre)], torch.stack(g[-len(flat_pre):]).split(x.shape[0])
-    config = radgrad.SketchConfig(0.3, method, per_example)
-    radgrad.convert(rnn, keep=config.keep, method=method, per_example=per_example)
+    radgrad.convert(rnn, **options(config))
     torch.manual_seed(1)
     got = dict(zip(["x", "h0", *(n for n, _ in rnn.named_parameters())], _grads(rnn, x, h0)))
     torch.manual_seed(1)

@@ -6,35 +6,84 @@ import pytest
 import torch
 
 import radgrad
+from radgrad import rng
+from radgrad.estimators import quantize
 from radgrad.sketch import SketchConfig, pack, unpack
 from problems import assert_unbiased
 
-CONFIGS = [(m, pe) for m in radgrad.METHODS for pe in (True, False)]
+# Every estimator: the three position schemes, and quantization alone or on top of each.
+SAMPLED = [SketchConfig(0.25, "sample", True), SketchConfig(0.25, "sample", False),
+           SketchConfig(0.25, "norm"), SketchConfig(0.25, "project", True), SketchConfig(0.25, "project", False)]
+QUANTIZED = [SketchConfig(method="quantize", bits=b) for b in radgrad.BITS] + [
+    SketchConfig(0.25, "sample", True, bits=2), SketchConfig(0.25, "sample", False, bits=8),
+    SketchConfig(0.25, "norm", bits=1), SketchConfig(0.25, "project", True, bits=4)]
+CONFIGS = SAMPLED + QUANTIZED
+POSITIONED = [c for c in CONFIGS if c.method in ("sample", "project")]  # state= reuses their draw
 
 
-@pytest.mark.parametrize("method,per_example", CONFIGS)
-def test_unpack_is_unbiased(method, per_example):
-    torch.manual_seed(0)
+def _id(config: SketchConfig) -> str:
+    return f"{config.method}-{'pe' if config.per_example else 'shared'}-{config.bits}bits"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+def test_unpack_is_unbiased(config):
+    torch.manual_seed(1)
     x = torch.randn(5, 3, 4, dtype=torch.float64)
-    config = SketchConfig(0.25, method, per_example)
-    # k = 1 of D = 4: one entry's estimate has standard deviation sqrt(D/k - 1) |x| = 1.73 |x|,
-    # so a 10% bias sits 0.1 sqrt(N) / 1.73 = 6.3 standard errors out at N = 12000.
+    x[0, 0] = 0  # zeros and a constant row: norm never keeps a zero, quantize stores the row exactly
+    x[1] = 0.5
+    # The z-test needs enough of both outcomes of every rounding: with seed 1 each entry lies at
+    # least 0.02 of a step from every level (but the row's ends, which are stored exactly).
+    assert _distance_to_levels(x.reshape(5, 12)) > 0.02
+    # k = 3 of D = 12: one entry's sampled estimate has standard deviation sqrt(D/k - 1) |x| = 1.73 |x|,
+    # so a 10% bias sits 0.1 sqrt(N) / 1.73 = 6.3 standard errors out at N = 12000 (assert_unbiased
+    # checks that power on the samples themselves; rounding alone has a smaller spread).
     samples = torch.stack([unpack(pack(x, config, batch_dims=1)).reshape(-1) for _ in range(12000)])
     assert_unbiased(samples, x.reshape(-1))
 
 
-@pytest.mark.parametrize("method,per_example", CONFIGS)
+def _distance_to_levels(rows: torch.Tensor) -> float:
+    """Smallest distance, in steps, from an inner entry to a quantization level, over every bits."""
+    lo, hi = rows.amin(1, keepdim=True), rows.amax(1, keepdim=True)
+    distance = 1.0
+    for bits in radgrad.BITS:
+        level = ((rows - lo) / (hi - lo) * (2**bits - 1))[(hi > lo).expand_as(rows)]
+        inner = level[(level > 1e-9) & (level < 2**bits - 1 - 1e-9)]
+        distance = min(distance, float((inner - inner.round()).abs().min()))
+    return distance
+
+
+def _expected_bytes(config: SketchConfig, rows: int, d: int, k: int) -> int:
+    """Bytes a float32 sketch of rows x D stores (NOTE [What a sketch stores])."""
+    n = d if config.method == "quantize" else k
+    values = rows * (-(-n * config.bits // 8) + 2 * 4) if config.bits else rows * n * 4
+    index = 2  # int16 positions for D <= 2**15
+    state = {"sample": ((rows if config.per_example else 1) + k) * index, "norm": rows * k * index,
+             "project": 8, "quantize": 0}[config.method]
+    return values + state
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
 @pytest.mark.parametrize("keep,d,k", [(0.1, 784, 78), (0.1, 5, 1), (0.001, 30, 1), (0.5, 9, 4)])
-def test_stores_k_values_per_row_and_a_small_draw(method, per_example, keep, d, k):
+def test_stored_bytes_equal_the_formula(config, keep, d, k):
+    if config.method != "quantize":
+        config = SketchConfig(keep, config.method, config.per_example, config.bits)
     x = torch.randn(6, d)
-    sketch = pack(x, SketchConfig(keep, method, per_example), batch_dims=1)
-    assert sketch.values.shape == (6, k)
-    if method == "sample":  # a base per row (or one shared) and k offsets, small integers
-        assert sketch.state.shape == ((6 if per_example else 1) + k,)
-        assert sketch.state.dtype == torch.int16
+    sketch = pack(x, config, batch_dims=1)
+    assert sketch.nbytes == _expected_bytes(config, 6, d, k)
+    with radgrad.memory.record() as rec:  # what autograd would keep: the same bytes
+        class Keep(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, t):
+                radgrad.save_for_backward(ctx, pack(t, config, batch_dims=1))
+                return t.clone()
+
+            @staticmethod
+            def backward(ctx, grad):
+                return grad
+        Keep.apply(x.requires_grad_())
+    assert rec.total == sketch.nbytes
+    if config.method == "sample" and not config.bits:  # a base per row (or one shared) and k offsets
         assert 0 <= sketch.state.min() and sketch.state.max() < d
-    else:  # one 64-bit seed
-        assert sketch.state.shape == () and sketch.state.dtype == torch.int64
     assert unpack(sketch).shape == x.shape
 
 
@@ -43,6 +92,8 @@ def test_batch_dims_layout():
     sketch = pack(x, SketchConfig(0.5), batch_dims=2)
     assert sketch.values.shape == (6, 10)
     assert pack(x, SketchConfig(0.5), batch_dims=0).values.shape == (1, 60)
+    sketch = pack(x, SketchConfig(method="quantize", bits=4), batch_dims=2)
+    assert sketch.values.shape == (6, 10) and sketch.scale.shape == (6, 2)
 
 
 def test_same_sample_shares_positions_across_rows():
@@ -66,15 +117,17 @@ def test_sample_keeps_exact_values_rescaled():
 @pytest.mark.parametrize("keep", [1.0, 0.9])  # 0.9: k = round(3.6) = 4 = D, nothing to drop
 def test_keeping_every_entry_stores_the_tensor_itself(keep):
     x = torch.randn(3, 4)
-    for method in radgrad.METHODS:
+    for method in ("sample", "norm", "project"):
         sketch = pack(x, SketchConfig(keep, method), batch_dims=1)
-        assert sketch.values is x and sketch.state is None and unpack(sketch) is x
+        assert sketch.exact and sketch.values is x and unpack(sketch) is x
+    # with bits every entry is kept, quantized: the whole row's codes
+    sketch = pack(x, SketchConfig(keep, "sample", bits=4), batch_dims=1)
+    assert not sketch.exact and sketch.state is None and sketch.values.shape == (3, 2)
 
 
 def test_same_seed_same_estimate_bitwise_and_fresh_seeds_differ():
     x = torch.randn(8, 20)
-    for method, per_example in CONFIGS:
-        config = SketchConfig(0.2, method, per_example)
+    for config in CONFIGS:
         torch.manual_seed(3)
         a = unpack(pack(x, config, batch_dims=1))
         torch.manual_seed(3)
@@ -87,7 +140,7 @@ def test_per_example_projection_chunks_agree_with_one_chunk(monkeypatch):
     x = torch.randn(7, 12, dtype=torch.float64)
     config = SketchConfig(0.5, "project", True)
     one = pack(x, config, batch_dims=1)
-    monkeypatch.setattr(radgrad.sketch, "_PROJECT_CHUNK", 12 * 6 * 2)  # two rows per chunk
+    monkeypatch.setattr(radgrad.estimators.project, "_CHUNK", 12 * 6 * 2)  # two rows per chunk
     many = pack(x, config, batch_dims=1, state=one.state)
     torch.testing.assert_close(many.values, one.values, rtol=1e-12, atol=0)
     torch.testing.assert_close(unpack(many), unpack(one), rtol=1e-12, atol=0)
@@ -95,11 +148,14 @@ def test_per_example_projection_chunks_agree_with_one_chunk(monkeypatch):
 
 def test_generator_and_state_reuse_a_draw():
     x = torch.randn(5, 30)
-    for method, per_example in CONFIGS:
-        config = SketchConfig(0.2, method, per_example)
+    for config in CONFIGS:
         a = pack(x, config, batch_dims=1, generator=torch.Generator().manual_seed(4))
         b = pack(x, config, batch_dims=1, generator=torch.Generator().manual_seed(4))
         assert torch.equal(unpack(a), unpack(b))
+    for config in SAMPLED:
+        if config.method == "norm":
+            continue
+        a = pack(x, config, batch_dims=1)
         c = pack(2 * x, config, batch_dims=1, state=a.state)
         assert torch.equal(c.state, a.state)
         torch.testing.assert_close(unpack(c), 2 * unpack(a))
@@ -112,6 +168,10 @@ def test_state_must_fit():
         pack(torch.randn(6, 30), SketchConfig(0.2), batch_dims=1, state=a.state)
     with pytest.raises(ValueError, match=r"state must be.*shape \(\)\), got torch.int16 of shape \(11,\)"):
         pack(torch.randn(5, 30), SketchConfig(0.2, "project"), batch_dims=1, state=a.state)
+    for config in (SketchConfig(0.2, "norm"), SketchConfig(method="quantize")):
+        with pytest.raises(ValueError, match=r"state= gives the positions or signs of method 'sample' or "
+                                             r"'project' with keep < 1; this config .* draws none ahead"):
+            pack(torch.randn(5, 30), config, batch_dims=1, state=a.state)
 
 
 def test_sample_indices_are_uniform_and_pairwise_independent():
@@ -162,10 +222,29 @@ def test_bad_keep(keep):
 def test_bad_keep_type_method_and_per_example():
     with pytest.raises(TypeError, match="keep must be a real number"):
         SketchConfig("0.1")
-    with pytest.raises(ValueError, match=r"method must be one of \['project', 'sample'\], got 'drop'"):
+    with pytest.raises(ValueError, match=r"method must be one of \['norm', 'project', 'quantize', 'sample'\], "
+                                         r"got 'drop'"):
         SketchConfig(0.1, "drop")
     with pytest.raises(TypeError, match="per_example must be True or False"):
         SketchConfig(0.1, "sample", 1)
+    with pytest.raises(ValueError, match="method='norm' draws positions from each row's own values; "
+                                         "per_example must be True"):
+        SketchConfig(0.1, "norm", False)
+
+
+def test_bits_and_quantize_keep():
+    assert SketchConfig(method="quantize").bits == 2 and SketchConfig(method="quantize").keep == 1.0
+    assert SketchConfig().keep == 0.1 and SketchConfig().bits is None
+    assert SketchConfig(bits=np.int64(4)).bits == 4
+    assert not SketchConfig(1.0, bits=8).exact and SketchConfig(1.0).exact
+    with pytest.raises(ValueError, match=r"method='quantize' keeps every entry, so keep must be 1 or None, "
+                                         r"got 0.5; to quantize a sample, use method='sample' with bits"):
+        SketchConfig(0.5, "quantize")
+    with pytest.raises(ValueError, match=r"bits must be one of \(1, 2, 4, 8\) or None, got 3"):
+        SketchConfig(method="quantize", bits=3)
+    for bad in ("2", 2.0, True):
+        with pytest.raises(TypeError, match=r"bits must be an int in \(1, 2, 4, 8\) or None"):
+            SketchConfig(bits=bad)
 
 
 def test_bad_tensor_and_batch_dims():
@@ -182,13 +261,87 @@ def test_keep_takes_numpy_and_tensor_numbers(keep, expected):
 
 
 def test_unhashable_method_gets_a_clear_error():
-    with pytest.raises(ValueError, match=r"method must be one of \['project', 'sample'\], got \['sample'\]"):
+    with pytest.raises(ValueError, match=r"method must be one of \[.*'sample'\], got \['sample'\]"):
         SketchConfig(0.1, ["sample"])
 
 
 @pytest.mark.parametrize("shape,batch_dims", [((0, 7), 1), ((4, 0), 1), ((3, 0, 5), 1), ((0,), 0)])
 def test_zero_size_tensors(shape, batch_dims):
     x = torch.randn(shape)
-    for method, per_example in CONFIGS:
-        est = unpack(pack(x, SketchConfig(0.3, method, per_example), batch_dims=batch_dims))
+    for config in CONFIGS:
+        est = unpack(pack(x, config, batch_dims=batch_dims))
         assert est.shape == x.shape and not est.any()
+
+
+@pytest.mark.parametrize("bits", radgrad.BITS)
+@pytest.mark.parametrize("n", [1, 3, 8, 13, 64])
+def test_codes_pack_and_unpack_exactly(bits, n):
+    codes = torch.randint(0, 2**bits, (5, n), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    data = quantize._pack_codes(codes, bits)
+    assert data.shape == (5, quantize.packed_width(n, bits)) and data.dtype == torch.uint8
+    assert torch.equal(quantize._unpack_codes(data, bits, n), codes)
+    if bits < 8:  # the first code in the low bits (NOTE [Code packing])
+        assert int(data[0, 0]) & (2**bits - 1) == int(codes[0, 0])
+
+
+@pytest.mark.parametrize("bits", radgrad.BITS)
+def test_rounding_picks_a_neighbouring_level(bits):
+    x = torch.randn(4, 50, dtype=torch.float64)
+    est = unpack(pack(x, SketchConfig(method="quantize", bits=bits), batch_dims=1))
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    step = (hi - lo) / (2**bits - 1)
+    level = (x - lo) / step
+    got = (est - lo) / step
+    torch.testing.assert_close(got, got.round(), rtol=0, atol=1e-9)
+    assert ((got.round() == level.floor()) | (got.round() == level.ceil())).all()
+    assert est.amin(1).ge(lo.squeeze(1) - 1e-12).all() and est.amax(1).le(hi.squeeze(1) + 1e-12).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_quantized_estimate_keeps_the_dtype_and_constant_rows(dtype):
+    x = torch.randn(3, 20).to(dtype)
+    x[1] = 2.5
+    sketch = pack(x, SketchConfig(method="quantize", bits=2), batch_dims=1)
+    est = unpack(sketch)
+    assert est.dtype == dtype and sketch.scale.dtype == torch.float32
+    assert torch.equal(est[1], x[1])
+
+
+def test_non_finite_rows_estimate_nan():
+    x = torch.randn(3, 10)
+    x[0, 2], x[1, 5] = math.inf, math.nan
+    est = unpack(pack(x, SketchConfig(method="quantize"), batch_dims=1))
+    assert est[:2].isnan().all() and est[2].isfinite().all()
+    # norm keeps positions of a row with inf or NaN, whose values are NaN
+    sketch = pack(x, SketchConfig(0.5, "norm"), batch_dims=1)
+    assert sketch.values[:2].isnan().all() and sketch.values[2].isfinite().all()
+
+
+def test_norm_keeps_no_zero_and_shares_a_magnitude_per_row():
+    x = torch.relu(torch.randn(6, 40, dtype=torch.float64))
+    x[3] = 0
+    sketch = pack(x, SketchConfig(0.2, "norm"), batch_dims=1)
+    est = unpack(sketch)
+    assert not est[x == 0].any() and not est[3].any()
+    kept = sketch.values[torch.arange(6) != 3]
+    expected = (x.abs().sum(1, keepdim=True) / 8)[torch.arange(6) != 3]
+    torch.testing.assert_close(kept, expected.expand_as(kept), rtol=1e-12, atol=0)
+
+
+def test_uniform_grid_is_uniform_and_pairwise_independent():
+    # NOTE [Pairwise-independent uniforms]: chi-square over 5 bins of one u, and
+    # the 25 bins of pairs in one row and in one column, from 20000 grids.
+    gen = torch.Generator().manual_seed(0)
+    grids = torch.stack([rng.uniform(2, 2, torch.float64, torch.empty(0), gen) for _ in range(20000)])
+    bins = (grids * 5).long()
+    first, right, below = bins[:, 0, 0], bins[:, 0, 1], bins[:, 1, 0]
+
+    def chi2(cells, n_cells):
+        counts = torch.bincount(cells, minlength=n_cells).double()
+        expected = cells.numel() / n_cells
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    assert chi2(first, 5) < 40 and chi2(first * 5 + right, 25) < 80 and chi2(first * 5 + below, 25) < 80
+    diagonal = bins[:, 1, 1]  # u[1,1] - u[1,0] - u[0,1] + u[0,0] = 0 mod 1: triples are dependent, pairs not
+    assert chi2(first * 5 + diagonal, 25) < 80
+    assert chi2(first * 5 + first, 25) > 1000  # power

@@ -14,13 +14,13 @@ Public names: :func:`convert` (one call for an existing model), :mod:`radgrad.nn
 
 from radgrad import functional, memory, models, nn
 from radgrad.convert import convert
-from radgrad.rng import tie
 from radgrad.saved import save_for_backward, saved_tensors
-from radgrad.sketch import METHODS, Sketch, SketchConfig, draw, pack, unpack
+from radgrad.sketch import BITS, METHODS, Sketch, SketchConfig, draw, pack, tie, unpack
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BITS",
     "METHODS",
     "Sketch",
     "SketchConfig",

@@ -17,9 +17,10 @@ _RAD_TYPES = {rad: torch_type for torch_type, rad in CONVERSIONS.items()}
 
 def convert(
     model: nn.Module,
-    keep: float = 0.1,
+    keep: float | None = None,
     method: str = "sample",
     per_example: bool = True,
+    bits: int | None = None,
     exclude: Iterable[str | type[nn.Module]] = (),
 ) -> nn.Module:
     """Make ``model`` store randomized sketches for backward; return it.
@@ -45,7 +46,8 @@ def convert(
 
     Args:
         model: the model to convert.
-        keep, method, per_example: see :class:`radgrad.SketchConfig`.
+        keep, method, per_example, bits: see :class:`radgrad.SketchConfig`
+            (``keep`` defaults to 0.1, or 1 for ``method="quantize"``).
         exclude: qualified module names (as in ``model.named_modules()``) or
             module types; an excluded module and everything inside it keep
             their current class.
@@ -54,14 +56,14 @@ def convert(
         ``model``, converted.
 
     Raises:
-        ValueError: a bad ``keep`` or ``method``, or an ``exclude`` name that is
+        ValueError: a bad ``keep``, ``method`` or ``bits``, or an ``exclude`` name that is
             not a module of ``model``.
         TypeError: ``model`` is not an ``nn.Module`` or ``exclude`` holds
             something that is neither a name nor a module type.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"radgrad.convert: model must be an nn.Module, got {type(model).__name__}")
-    config = SketchConfig(keep, method, per_example)
+    config = SketchConfig(keep, method, per_example, bits)
     names, types = _split_exclude(model, exclude)
     skipped = {
         id(inner)

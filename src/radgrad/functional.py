@@ -30,13 +30,13 @@ from torch import Tensor
 from torch.autograd import Function
 
 from radgrad import bits
-from radgrad.rng import tie
 from radgrad.saved import save_for_backward, saved_tensors
-from radgrad.sketch import SketchConfig, draw, pack
+from radgrad.sketch import Sketch, SketchConfig, pack, tie
 
 __all__ = ["linear", "conv", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d", "recurrence"]
 
 _DEFAULT = SketchConfig()
+_EXACT = SketchConfig(keep=1.0)
 
 
 def _randomized(config: SketchConfig, weight: Tensor) -> bool:
@@ -69,6 +69,30 @@ def _apply(fn: Callable[..., Tensor], input: Tensor, weight: Tensor, bias: Tenso
     input, weight, bias = _cast(torch.get_autocast_dtype(device_type), input, weight, bias)
     with torch.autocast(device_type, enabled=False):
         return fn(input, weight, bias, *args)
+
+
+# NOTE [Packing in the forward pass]
+#   A RAD function packs its sketches in ``forward`` and returns their tensors
+#   as extra, non-differentiable outputs, which ``setup_context`` saves. An
+#   output is computed in the forward pass by definition, so under
+#   torch.compile the partitioner can neither move a draw to the backward pass
+#   nor keep the dense input instead of its sketch (NOTE [Draws are saved,
+#   never redrawn] in radgrad.rng). The main output is also tied to the draws
+#   (radgrad.tie): the next layer's draw then waits for this one, and a
+#   compiled model draws in the order, hence the numbers, of the eager model.
+#   The public wrappers return the main output.
+def _packed(output: Tensor, x: Tensor, config: SketchConfig, batch_dims: int) -> tuple[Tensor | None, ...]:
+    """``output`` tied to ``pack(x)``, then the sketch's (values, state, scale); values None when it is ``x``."""
+    sketch = pack(x, config, batch_dims=batch_dims)
+    return tie(output, sketch), (None if sketch.exact else sketch.values), sketch.state, sketch.scale
+
+
+def _unpacked_parts(ctx, parts: Sequence[Tensor | None], x: Tensor, config: SketchConfig,
+                    batch_dims: int) -> Sketch:
+    """The sketch of ``x`` whose tensors ``forward`` returned, its outputs marked non-differentiable."""
+    values, state, scale = parts
+    ctx.mark_non_differentiable(*(t for t in parts if t is not None))
+    return Sketch(x if values is None else values, state, scale, x.shape, x.dtype, batch_dims, config)
 
 
 class _RADFunction(Function):
@@ -107,18 +131,17 @@ class _RADFunction(Function):
 
 class _Linear(_RADFunction):
     @staticmethod
-    def forward(input, weight, bias, config, state):
-        return tie(F.linear(input, weight, bias), state)
+    def forward(input, weight, bias, config):
+        return _packed(F.linear(input, weight, bias), input, config, input.dim() - 1)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, _, config, state = inputs
-        need_input, need_weight = ctx.needs_input_grad[:2]
-        sketch = pack(input, config, batch_dims=input.dim() - 1, state=state) if need_weight else None
-        save_for_backward(ctx, sketch, weight if need_input else None)
+    def setup_context(ctx, inputs, outputs):
+        input, weight, _, config = inputs
+        sketch = _unpacked_parts(ctx, outputs[1:], input, config, input.dim() - 1)
+        save_for_backward(ctx, sketch, weight if ctx.needs_input_grad[0] else None)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *_):
         estimate, weight = saved_tensors(ctx)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad2d = grad.reshape(-1, grad.shape[-1])
@@ -127,7 +150,7 @@ class _Linear(_RADFunction):
         if need_weight:
             grad_weight = grad2d.t().mm(estimate.reshape(grad2d.shape[0], estimate.shape[-1]))
         grad_bias = grad2d.sum(0) if need_bias else None
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None
 
 
 def linear(
@@ -141,38 +164,33 @@ def linear(
     _check_input("functional.linear", input)
     if not _randomized(config, weight):
         return F.linear(input, weight, bias)
-    state = draw(input, config, batch_dims=input.dim() - 1)
-    return _apply(_Linear.run, input, weight, bias, config, state)
+    return _apply(_Linear.run, input, weight, bias, config)[0]
 
 
 class _Conv(_RADFunction):
     @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, groups, config, state):
+    def forward(input, weight, bias, stride, padding, dilation, groups, config):
         zeros = [0] * len(stride)
-        return tie(torch.convolution(input, weight, bias, stride, padding, dilation, False, zeros, groups), state)
+        output = torch.convolution(input, weight, bias, stride, padding, dilation, False, zeros, groups)
+        return _packed(output, input, config, 2)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, weight, _, stride, padding, dilation, groups, config, state = inputs
-        ctx.options, ctx.input_shape = (stride, padding, dilation, groups), input.shape
-        sketch = pack(input, config, batch_dims=2, state=state) if ctx.needs_input_grad[1] else None
-        save_for_backward(ctx, sketch, weight)
+    def setup_context(ctx, inputs, outputs):
+        input, weight, _, stride, padding, dilation, groups, config = inputs
+        ctx.options = (stride, padding, dilation, groups)
+        save_for_backward(ctx, _unpacked_parts(ctx, outputs[1:], input, config, 2), weight)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *_):
         estimate, weight = saved_tensors(ctx)
         stride, padding, dilation, groups = ctx.options
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        # convolution_backward reads the input only for the weight gradient;
-        # otherwise a stride-0 placeholder of the right shape is enough.
-        if estimate is None:
-            estimate = grad.new_zeros(()).expand(ctx.input_shape)
         grads = torch.ops.aten.convolution_backward(
             grad, estimate, weight, [weight.shape[0]] if need_bias else None,
             stride, padding, dilation, False, [0] * len(stride), groups,
             [need_input, need_weight, need_bias],
         )
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def conv(
@@ -201,8 +219,7 @@ def conv(
         input = input.unsqueeze(0)
     stride, dilation = _tuple(stride, n), _tuple(dilation, n)
     input, padding = _explicit_padding(input, padding, weight, stride, dilation)
-    state = draw(input, config, batch_dims=2)
-    out = _apply(_Conv.run, input, weight, bias, stride, padding, dilation, groups, config, state)
+    out = _apply(_Conv.run, input, weight, bias, stride, padding, dilation, groups, config)[0]
     return out.squeeze(0) if unbatched else out
 
 
@@ -396,31 +413,37 @@ _RECURRENCE_CHUNK = 64
 
 class _Recurrence(_RADFunction):
     @staticmethod
-    def forward(v, h0, weight, relu, config, states):
+    def forward(v, h0, weight, relu, config):
         output = v.new_empty(v.shape)
         act = torch.relu_ if relu else torch.tanh_
         for t in range(v.shape[0]):
             torch.addmm(v[t], output[t - 1] if t else h0, weight.t(), out=output[t])
             act(output[t])
-        return tie(output, *states), output[-1].clone()
+        tied, parts = output, []
+        if relu:  # one sketch per chunk of previous states
+            for lo, hi in _chunks(v.shape[0]):
+                tied, *packed = _packed(tied, _previous_states(output, h0, lo, hi), config, 2)
+                parts += packed
+        return tied, output[-1].clone(), *parts
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        v, h0, weight, relu, config, states = inputs
-        output = outputs[0]
+        v, h0, weight, relu, config = inputs
+        output, parts = outputs[0], outputs[2:]
         chunks = _chunks(v.shape[0])
         ctx.relu, ctx.chunks, ctx.shape = relu, chunks, v.shape
         if relu:
             saved = [weight]
-            for (lo, hi), state in zip(chunks, states):
+            for i, (lo, hi) in enumerate(chunks):
                 previous = _previous_states(output, h0, lo, hi)
-                saved += [pack(previous, config, batch_dims=2, state=state), bits.pack(output[lo:hi])]
+                saved += [_unpacked_parts(ctx, parts[3 * i:3 * i + 3], previous, config, 2),
+                          bits.pack(output[lo:hi])]
         else:
             saved = [weight, h0, output]
         save_for_backward(ctx, *saved)
 
     @staticmethod
-    def backward(ctx, grad_output, grad_last):
+    def backward(ctx, grad_output, grad_last, *_):
         weight, *rest = saved_tensors(ctx, unpack=False)
         grad_v = torch.empty(ctx.shape, dtype=grad_output.dtype, device=grad_output.device)
         grad_weight = torch.zeros_like(weight)
@@ -441,7 +464,7 @@ class _Recurrence(_RADFunction):
                 grad_v[t] = g
                 carry = g.mm(weight)
             grad_weight.addmm_(grad_v[lo:hi].flatten(0, 1).t(), previous.flatten(0, 1))
-        return grad_v, carry, grad_weight, None, None, None
+        return grad_v, carry, grad_weight, None, None
 
 
 def _chunks(steps: int) -> list[tuple[int, int]]:
@@ -478,8 +501,7 @@ def recurrence(
     if v.shape[0] == 0:
         raise ValueError("radgrad.functional.recurrence: expected a sequence of at least one time step, got 0")
     relu = nonlinearity == "relu"
-    states = ()
-    if relu and weight.requires_grad and torch.is_grad_enabled():
-        # one draw per chunk of previous states, which have the shape of v[lo:hi]
-        states = tuple(draw(v[lo:hi], config, batch_dims=2) for lo, hi in _chunks(v.shape[0]))
-    return _Recurrence.run(v, h0, weight, relu, config, states)
+    if not (weight.requires_grad and torch.is_grad_enabled()):
+        config = _EXACT  # nothing reads the states but dL/dW: store no sketch
+    output, last = _Recurrence.run(v, h0, weight, relu, config)[:2]
+    return output, last

@@ -63,22 +63,23 @@ class _Sketched(_Converted):
 
     def extra_repr(self) -> str:
         c = self.sketch
-        return f"{super().extra_repr()}, keep={c.keep}, method={c.method!r}, per_example={c.per_example}"
+        bits = "" if c.bits is None else f", bits={c.bits}"
+        return f"{super().extra_repr()}, keep={c.keep}, method={c.method!r}, per_example={c.per_example}{bits}"
 
 
 class Linear(_Sketched, nn.Linear):
     """``nn.Linear`` whose weight gradient comes from a sketch of its input.
 
     Args:
-        keep, method, per_example: see :class:`radgrad.SketchConfig`.
+        keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
         Other arguments as ``torch.nn.Linear``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype=None, *, keep: float = 0.1, method: str = "sample",
-                 per_example: bool = True) -> None:
+                 dtype=None, *, keep: float | None = None, method: str = "sample",
+                 per_example: bool = True, bits: int | None = None) -> None:
         super().__init__(in_features, out_features, bias, device, dtype)
-        self.sketch = SketchConfig(keep, method, per_example)
+        self.sketch = SketchConfig(keep, method, per_example, bits)
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
@@ -102,28 +103,28 @@ class Conv1d(_ConvNd, nn.Conv1d):
     """``nn.Conv1d`` whose weight gradient comes from a sketch of its input's positions.
 
     Args:
-        keep, method, per_example: see :class:`radgrad.SketchConfig`.
+        keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
         Other arguments as ``torch.nn.Conv1d``.
     """
 
-    def __init__(self, *args, keep: float = 0.1, method: str = "sample", per_example: bool = True,
-                 **kwargs) -> None:
+    def __init__(self, *args, keep: float | None = None, method: str = "sample", per_example: bool = True,
+                 bits: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.sketch = SketchConfig(keep, method, per_example)
+        self.sketch = SketchConfig(keep, method, per_example, bits)
 
 
 class Conv2d(_ConvNd, nn.Conv2d):
     """``nn.Conv2d`` whose weight gradient comes from a sketch of its input's positions.
 
     Args:
-        keep, method, per_example: see :class:`radgrad.SketchConfig`.
+        keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
         Other arguments as ``torch.nn.Conv2d``.
     """
 
-    def __init__(self, *args, keep: float = 0.1, method: str = "sample", per_example: bool = True,
-                 **kwargs) -> None:
+    def __init__(self, *args, keep: float | None = None, method: str = "sample", per_example: bool = True,
+                 bits: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.sketch = SketchConfig(keep, method, per_example)
+        self.sketch = SketchConfig(keep, method, per_example, bits)
 
 
 class ReLU(_Converted, nn.ReLU):
@@ -198,16 +199,16 @@ class RNN(_Sketched, nn.RNN):
     IRNN initialisation.
 
     Args:
-        keep, method, per_example: see :class:`radgrad.SketchConfig`.
+        keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
         Other arguments as ``torch.nn.RNN``.
     """
 
-    def __init__(self, *args, keep: float = 0.1, method: str = "sample", per_example: bool = True,
-                 **kwargs) -> None:
+    def __init__(self, *args, keep: float | None = None, method: str = "sample", per_example: bool = True,
+                 bits: int | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.bidirectional:
             raise ValueError("radgrad.nn.RNN: bidirectional=True is not supported")
-        self.sketch = SketchConfig(keep, method, per_example)
+        self.sketch = SketchConfig(keep, method, per_example, bits)
 
     @classmethod
     def convertible(cls, module: nn.Module) -> bool:

@@ -14,14 +14,27 @@ NOTE [Draws are saved, never redrawn]
     than the forward kept, and every estimate would be biased. Two things
     prevent it. The draw runs as the opaque custom op ``radgrad::draw`` (tagged
     ``nondeterministic_seeded``, so it is never merged with a twin call), and
-    :func:`tie` makes the op's forward output depend on the draw, which bans
-    recomputing it: the partitioner must save the few integers drawn. Both
-    apply only under compilation; eagerly the same function runs directly.
+    the op's forward output depends on what was drawn (the built-in ops
+    return what they pack as extra outputs; a user's op calls
+    :func:`radgrad.tie`), which bans moving the draw to the backward: the
+    partitioner must save what it needs. Both apply only under compilation;
+    eagerly the same function runs directly.
     Everything computed *from* a draw (indices, signs) is a deterministic
     function of it and may be recomputed freely. The custom op also takes the
     tensor it draws for as an (unread) input: the data dependency keeps the
     compiled graph from reordering the draws, so a compiled model draws the
     very numbers the eager model draws after the same ``torch.manual_seed``.
+
+NOTE [Pairwise-independent uniforms]
+    Stochastic rounding and norm-proportional sampling need a uniform number
+    per entry of a ``rows x n`` grid. :func:`uniform` draws ``rows + n``
+    integers ``a[r]``, ``b[s]`` uniform on ``[0, 2**24)`` and uses
+    ``u[r, s] = ((a[r] + b[s]) mod 2**24) / 2**24``: as with the shared
+    offsets of sampling (NOTE [Sampling with shared offsets] in
+    :mod:`radgrad.estimators.sample`), every ``u[r, s]`` is uniform and any
+    two are independent, so an estimate linear in terms that each read one
+    ``u`` has the mean and covariance it would have with independent
+    numbers, for the cost of ``rows + n`` draws.
 
 NOTE [Ranks draw independently]
     Under ``torch.distributed`` every rank is usually seeded alike, so the
@@ -45,7 +58,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["draw", "draw_seed", "signs", "tie"]
+__all__ = ["draw", "draw_seed", "uniform", "signs"]
 
 _DISTRIBUTED = torch.distributed.is_available()
 _GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # constants as signed int64: torch's integer ops wrap
@@ -93,20 +106,12 @@ def draw(low: int, high: int, shape: Sequence[int], dtype: torch.dtype, after: T
     return _randint(low, high, shape, dtype, after.device, generator)
 
 
-def tie(output: Tensor, *states: Tensor | None) -> Tensor:
-    """``output``, made to depend on the random draws ``states`` under ``torch.compile``.
-
-    The value is ``output`` itself, bit for bit (it is multiplied by a true
-    boolean). Call it on the output of an autograd function's forward with
-    the ``state`` of every sketch it packed (NOTE [Draws are saved, never
-    redrawn]); eagerly it returns ``output`` untouched.
-    """
-    if not torch.compiler.is_compiling():
-        return output
-    for state in states:
-        if state is not None:
-            output = output * (state.reshape(-1)[0] | 1).ne(0)
-    return output
+def uniform(rows: int, n: int, dtype: torch.dtype, after: Tensor,
+            generator: torch.Generator | None = None) -> Tensor:
+    """A ``(rows, n)`` grid of pairwise-independent uniforms on ``[0, 1)`` (NOTE [Pairwise-independent uniforms])."""
+    ab = draw(0, 2**24, (rows + n,), torch.int32, after, generator)
+    grid = (ab[:rows, None] + ab[None, rows:]).bitwise_and_(2**24 - 1)
+    return grid.to(dtype).mul_(2**-24)
 
 
 def draw_seed(after: Tensor, generator: torch.Generator | None = None) -> Tensor:

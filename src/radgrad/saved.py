@@ -2,7 +2,7 @@
 
 Every RAD op, built-in or written by a user, saves through
 :func:`save_for_backward` and reads back through :func:`saved_tensors`. The
-kept values and the random draw of each sketch, and the bytes of each bit
+kept values (or codes), the random draw and the scales of each sketch, and the bytes of each bit
 mask, go through ``ctx.save_for_backward``, so torch's saved-tensor hooks
 (``save_on_cpu``, offloading, :mod:`radgrad.memory`) and ``torch.compile``
 see them; shapes and configs stay on ``ctx`` as plain Python values.
@@ -14,7 +14,7 @@ Example, an op ``y = x @ w`` that randomizes the ``x`` needed for ``dL/dw``::
         def forward(ctx, x, w, config):
             sketch = radgrad.pack(x, config, batch_dims=1)
             radgrad.save_for_backward(ctx, sketch, w)
-            return radgrad.tie(x @ w, sketch.state)  # keeps torch.compile from redrawing
+            return radgrad.tie(x @ w, sketch)  # keeps torch.compile from redrawing
 
         @staticmethod
         def backward(ctx, grad):
@@ -51,8 +51,8 @@ def save_for_backward(ctx: Any, *items: Tensor | Sketch | bits.Bits | None) -> N
     layout: list[Any] = []
     for i, item in enumerate(items):
         if isinstance(item, Sketch):
-            tensors += [item.values, item.state]
-            layout.append(Sketch(None, None, item.shape, item.batch_dims, item.config))
+            tensors += [item.values, item.state, item.scale]
+            layout.append(Sketch(None, None, None, item.shape, item.dtype, item.batch_dims, item.config))
         elif isinstance(item, bits.Bits):
             tensors.append(item.data)
             layout.append(bits.Bits(None, item.shape, item.order))
@@ -91,8 +91,9 @@ def saved_tensors(ctx: Any, *, unpack: bool = True) -> tuple[Any, ...]:
             packed = bits.Bits(next(saved), meta.shape, meta.order)
             out.append(bits.unpack(packed) if unpack else packed)
         else:
-            sketch = Sketch(next(saved), next(saved), meta.shape, meta.batch_dims, meta.config)
-            if sketch.state is not None and torch.is_grad_enabled():
+            sketch = Sketch(next(saved), next(saved), next(saved), meta.shape, meta.dtype, meta.batch_dims,
+                            meta.config)
+            if not sketch.exact and torch.is_grad_enabled():
                 raise RuntimeError(
                     "radgrad: double backward (create_graph=True, which torch.func.grad "
                     "and torch.autograd.grad(create_graph=True) use) through a RAD op is not "

@@ -1,8 +1,9 @@
-"""The estimators: pack a tensor into compact storage, unpack an unbiased estimate.
+"""The estimators' one interface: pack a tensor into compact storage, unpack an unbiased estimate.
 
 Every RAD op in radgrad (the layers, the recurrence, the LCG injections,
 user ops) stores its saved activations through :func:`pack` and reads them
-back through :func:`unpack`. The random numbers come from :mod:`radgrad.rng`.
+back through :func:`unpack`. The schemes themselves live in
+:mod:`radgrad.estimators`; the random numbers come from :mod:`radgrad.rng`.
 
 NOTE [Sketch layout]
     A tensor ``x`` is viewed as a matrix of ``rows x D``: its first
@@ -12,33 +13,20 @@ NOTE [Sketch layout]
     convolution's input ``(B, C, H, W)`` has ``batch_dims = 2`` (one row per
     example and channel, ``D = H * W`` spatial positions), a single state has
     ``batch_dims = 0`` (one row). Any strides are accepted; nothing is copied
-    unless the row dimensions cannot be merged into one.
+    unless the row dimensions cannot be merged into one. Quantization scales
+    are kept per row.
 
-NOTE [Sampling with shared offsets]
-    ``method="sample"`` keeps ``k = max(1, round(keep * D))`` entries of each
-    row and scales them by ``D / k``. Entry ``s`` of row ``r`` is taken at
-    index ``i[r, s] = (a[r] + o[s]) mod D``, where the row bases ``a`` and the
-    offsets ``o`` are independent and uniform on ``[0, D)``. Every ``i[r, s]``
-    is uniform, and any two of them are independent: for ``r != r'`` through
-    ``a``, for two entries of one row through ``o`` (``(a + o[s], a + o[t])``
-    is a shift of the independent pair ``(o[s], o[t])``). Both the mean and the
-    covariance of the estimate depend only on single indices and pairs, so
-    they equal those of the paper's estimator, which draws all ``rows x k``
-    indices independently with replacement: the estimate is unbiased with the
-    very same variance. What is stored is ``rows + k`` small integers instead
-    of ``rows x k``, and building the indices takes an addition and a
-    wrap-around, not a hash or a division. ``per_example=False`` uses one row
-    base for all rows: every row keeps the same entries.
-
-NOTE [Projection]
-    ``method="project"`` stores ``x S`` for a ``D x k`` matrix ``S`` of random
-    signs and returns ``(x S) S^T / k``; ``E[S S^T] / k = I``. Only a 64-bit
-    seed is stored; the signs are rebuilt from it (NOTE [Counter-based signs]
-    in :mod:`radgrad.rng`). ``per_example=True`` draws a matrix per row.
-
-Exact: the forward value of every op (nothing here touches it), ``keep=1``
-and rows short enough that ``k == D`` (the tensor itself is stored, unchanged). Estimated: ``unpack(pack(x))`` for
-``keep < 1``, unbiased for every method and ``per_example`` setting.
+NOTE [What a sketch stores]
+    ``method`` chooses which values of a row are kept: ``"sample"`` ``k`` at
+    uniform positions (rescaled by ``D / k``), ``"norm"`` ``k`` drawn in
+    proportion to magnitude, ``"project"`` ``k`` random sign projections,
+    ``"quantize"`` all ``D``. ``k = max(1, round(keep * D))``. ``bits``
+    then stores those values as ``bits``-bit codes by unbiased stochastic
+    rounding, with a per-row offset and step; ``bits=None`` stores them in
+    the tensor's dtype. Every combination is unbiased: the positions (or
+    signs) and the rounding are independent, and each is unbiased given the
+    other. Keeping every entry in full precision (``keep=1``, or ``k == D``
+    without ``bits``) stores the tensor itself: exact.
 """
 
 from __future__ import annotations
@@ -51,17 +39,21 @@ import torch
 from torch import Tensor
 
 from radgrad import rng
+from radgrad.estimators import norm, project, quantize, sample
 
-__all__ = ["METHODS", "SketchConfig", "Sketch", "draw", "pack", "unpack"]
+__all__ = ["METHODS", "BITS", "SketchConfig", "Sketch", "draw", "pack", "unpack", "tie"]
 
 #: Names of the estimators, each with a one-line description (the CLI shows these).
 METHODS: dict[str, str] = {
     "sample": "keep k of D entries of each row at uniform random positions, rescaled by D/k",
+    "norm": "keep k draws per row, entry j with probability |x_j| / ||x||_1, positions stored",
     "project": "store a random Rademacher projection x S and return (x S) S^T / k",
+    "quantize": "keep every entry, stochastically rounded to `bits` bits with a per-row scale",
 }
-
-# Largest number of sign entries generated at once by a per-example projection.
-_PROJECT_CHUNK = 2**22
+BITS = quantize.BITS
+#: The bits of ``method="quantize"`` when none are given.
+DEFAULT_QUANTIZE_BITS = 2
+_DEFAULT_KEEP = 0.1
 # Rows of up to this many entries: indices and row bases fit an int32.
 _MAX_WIDTH = 2**31 - 1
 
@@ -78,31 +70,52 @@ def _real(name: str, value: object) -> float:
 
 @dataclass(frozen=True)
 class SketchConfig:
-    """How a RAD op stores a tensor for the backward pass.
+    """How a RAD op stores a tensor for the backward pass (NOTE [What a sketch stores]).
 
     Args:
         keep: fraction of each row's entries kept, in (0, 1]: a Python, numpy
-            or one-element tensor number. ``1.0`` stores the tensor itself and
-            gives exact gradients.
-        method: ``"sample"`` or ``"project"`` (see :data:`METHODS`).
-        per_example: independent randomness for every row (``True``, the
-            paper's "different sample") or one draw shared by all rows
-            (``False``, "same sample").
+            or one-element tensor number. ``None`` (the default) means 0.1,
+            or 1 for ``method="quantize"``, which keeps every entry and takes
+            no other keep. ``keep=1`` without ``bits`` stores the tensor
+            itself and gives exact gradients.
+        method: ``"sample"``, ``"norm"``, ``"project"`` or ``"quantize"`` (see :data:`METHODS`).
+        per_example: independent positions or signs for every row (``True``,
+            the paper's "different sample") or one draw shared by all rows
+            (``False``, "same sample"; not for ``"norm"``, whose positions
+            follow each row's values). Rounding is always per entry.
+        bits: store the kept values as codes of 1, 2, 4 or 8 bits (unbiased
+            stochastic rounding, per-row scale), or ``None`` for the tensor's
+            own dtype. ``method="quantize"`` defaults to 2 bits.
 
     Raises:
-        ValueError: ``keep`` outside (0, 1] or not finite, or an unknown ``method``.
-        TypeError: ``keep`` not a real number, ``method`` not a string or
-            ``per_example`` not a bool.
+        ValueError: ``keep`` outside (0, 1] or not finite, ``keep != 1`` with
+            ``"quantize"``, an unknown ``method``, ``bits`` not one of
+            1, 2, 4, 8, or ``per_example=False`` with ``"norm"``.
+        TypeError: ``keep`` not a real number, ``method`` not a string,
+            ``per_example`` not a bool or ``bits`` not an int.
     """
 
-    keep: float = 0.1
+    keep: float | None = None
     method: str = "sample"
     per_example: bool = True
+    bits: int | None = None
 
     def __post_init__(self) -> None:
-        keep = _real("keep", self.keep)
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ValueError(
+                f"radgrad: method must be one of {sorted(METHODS)}, got {self.method!r}"
+            )
+        keep = self.keep
+        if keep is None:
+            keep = 1.0 if self.method == "quantize" else _DEFAULT_KEEP
+        keep = _real("keep", keep)
         if not math.isfinite(keep) or not 0.0 < keep <= 1.0:
             raise ValueError(f"radgrad: keep must be in (0, 1] and finite, got {self.keep!r}")
+        if self.method == "quantize" and keep != 1.0:
+            raise ValueError(
+                f"radgrad: method='quantize' keeps every entry, so keep must be 1 or None, got {self.keep!r}; "
+                "to quantize a sample, use method='sample' with bits"
+            )
         object.__setattr__(self, "keep", keep)
         # NOTE [keep under torch.compile]: torch.compile turns a float it sees
         # change between calls into a symbol (torch 2.13 does not specialize
@@ -110,17 +123,26 @@ class SketchConfig:
         # A str is always a compile-time constant (guarded by equality), so the
         # traced code reads keep from its exact repr.
         object.__setattr__(self, "_keep_text", repr(keep))
-        if not isinstance(self.method, str) or self.method not in METHODS:
-            raise ValueError(
-                f"radgrad: method must be one of {sorted(METHODS)}, got {self.method!r}"
-            )
         if not isinstance(self.per_example, bool):
             raise TypeError(f"radgrad: per_example must be True or False, got {self.per_example!r}")
+        if self.method == "norm" and not self.per_example:
+            raise ValueError("radgrad: method='norm' draws positions from each row's own values; "
+                             "per_example must be True")
+        bits = self.bits
+        if bits is None and self.method == "quantize":
+            bits = DEFAULT_QUANTIZE_BITS
+        if bits is not None:
+            if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+                raise TypeError(f"radgrad: bits must be an int in {BITS} or None, got {bits!r}")
+            if int(bits) not in BITS:
+                raise ValueError(f"radgrad: bits must be one of {BITS} or None, got {bits!r}")
+            bits = int(bits)
+        object.__setattr__(self, "bits", bits)
 
     @property
     def exact(self) -> bool:
-        """True when nothing is randomized (``keep == 1``)."""
-        return self._keep_text == "1.0"
+        """True when nothing is randomized (``keep == 1`` and no ``bits``)."""
+        return self._keep_text == "1.0" and self.bits is None
 
     def kept(self, d: int) -> int:
         """Number of values kept from a row of ``d`` entries."""
@@ -128,24 +150,36 @@ class SketchConfig:
 
 
 class Sketch:
-    """A packed tensor: the kept values plus the random draw needed to rebuild the rest.
+    """A packed tensor: what is stored for it, and how to rebuild an estimate.
 
-    ``values`` and ``state`` are tensors; an autograd function saves both
-    through :func:`radgrad.save_for_backward`. ``state`` holds the row bases
-    and offsets of ``"sample"`` (NOTE [Sampling with shared offsets]) or the
-    seed of ``"project"``. When nothing is randomized (``keep == 1``, or
-    ``k == D``: keeping every entry of a row costs as much as the row, so
-    it is stored exactly, e.g. a row of one entry) ``values`` is the
-    original tensor and ``state`` is ``None``. (A plain slotted class rather than a
-    dataclass: one is built on every forward and backward of every RAD op.)
+    ``values`` holds the kept values (``rows x k``, or ``rows x D`` for
+    ``"quantize"``), as packed codes when ``config.bits`` is set; ``state``
+    the positions (``"sample"``: row bases and offsets; ``"norm"``: the
+    indices) or the seed (``"project"``), or None; ``scale`` the per-row
+    offset and step of quantized codes, or None; ``dtype`` the estimate's
+    dtype. An autograd function saves the tensors through
+    :func:`radgrad.save_for_backward`. An exact sketch (nothing randomized)
+    has ``values`` the original tensor and ``state`` and ``scale`` None.
+    (A plain slotted class rather than a dataclass: one is built on every
+    forward and backward of every RAD op.)
     """
 
-    __slots__ = ("values", "state", "shape", "batch_dims", "config")
+    __slots__ = ("values", "state", "scale", "shape", "dtype", "batch_dims", "config")
 
-    def __init__(self, values: Tensor | None, state: Tensor | None, shape: torch.Size,
-                 batch_dims: int, config: SketchConfig) -> None:
-        self.values, self.state, self.shape = values, state, shape
-        self.batch_dims, self.config = batch_dims, config
+    def __init__(self, values: Tensor | None, state: Tensor | None, scale: Tensor | None,
+                 shape: torch.Size, dtype: torch.dtype, batch_dims: int, config: SketchConfig) -> None:
+        self.values, self.state, self.scale = values, state, scale
+        self.shape, self.dtype, self.batch_dims, self.config = shape, dtype, batch_dims, config
+
+    @property
+    def exact(self) -> bool:
+        """True when the sketch holds the tensor itself."""
+        return self.state is None and self.scale is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors stored (the original tensor's, for an exact sketch)."""
+        return sum(t.numel() * t.element_size() for t in (self.values, self.state, self.scale) if t is not None)
 
     def unpack(self) -> Tensor:
         return unpack(self)
@@ -154,23 +188,30 @@ class Sketch:
         return f"Sketch(shape={tuple(self.shape)}, batch_dims={self.batch_dims}, config={self.config})"
 
 
+def _positions(config: SketchConfig, k: int, d: int) -> bool:
+    """Whether a row keeps a subset or projection (rather than every entry)."""
+    return config.method != "quantize" and k < d
+
+
 def draw(x: Tensor, config: SketchConfig, *, batch_dims: int,
          generator: torch.Generator | None = None) -> Tensor | None:
-    """The random draw :func:`pack` makes for ``x``, or ``None`` when nothing is randomized.
+    """The positions (``"sample"``) or seed (``"project"``) :func:`pack` draws for ``x``, or None.
 
-    Drawing apart from packing lets an op draw before its forward computation
-    and tie its output to the draw (:func:`radgrad.tie`), as the built-in ops
-    do; ``pack(x, ..., state=draw(x, ...))`` is ``pack(x, ...)``.
+    None when nothing is drawn ahead: every entry is kept (``keep == 1``,
+    ``k == D``, ``"quantize"``) or the positions depend on the values
+    (``"norm"``). ``pack(x, ..., state=draw(x, ...))`` is ``pack(x, ...)``;
+    two tensors packed with one state keep the same positions or signs.
+    Rounding (``bits``) is drawn by :func:`pack` itself.
     """
     _check(x, batch_dims)
     rows, d = _rows_and_width(x.shape, batch_dims)
     k = config.kept(d)
-    if config.exact or k >= d or rows == 0:
+    if rows == 0 or not _positions(config, k, d) or config.method == "norm":
         return None
     if d > _MAX_WIDTH:
         raise ValueError(f"radgrad: rows of at most 2**31 - 1 entries can be sketched, got {d}")
     if config.method == "sample":
-        return rng.draw(0, d, ((rows if config.per_example else 1) + k,), _index_dtype(d), x, generator)
+        return sample.draw(rows, d, k, config.per_example, x, generator)
     return rng.draw_seed(x, generator)
 
 
@@ -182,49 +223,52 @@ def pack(
 
     Args:
         x: a floating-point tensor, of any strides and device.
-        config: keep fraction, method and per-example setting.
+        config: method, keep fraction, per-example setting and bits.
         batch_dims: how many leading dimensions index rows (NOTE [Sketch layout]).
         generator: draw from this generator instead of torch's default
             generator of ``x``'s device.
-        state: use this draw instead of drawing: the ``state`` of another
-            sketch made with the same config from a tensor of the same shape
-            and ``batch_dims`` (both estimates then keep the same positions or
-            use the same signs), or what :func:`draw` returned for ``x``.
+        state: use these positions or signs instead of drawing them: what
+            :func:`draw` returned for ``x``, or the ``state`` of another
+            ``"sample"`` or ``"project"`` sketch with the same config, shape and
+            ``batch_dims``.
 
     Returns:
-        A Sketch holding ``rows x k`` kept values (``k = max(1, round(keep * D))``)
-        and its random draw; for ``keep == 1``, for ``k == D`` and for an
-        empty tensor it holds ``x`` itself (exact, nothing drawn).
+        A Sketch (NOTE [What a sketch stores]); for an exact config, for
+        ``k == D`` without ``bits`` and for an empty tensor it holds ``x``
+        itself (nothing drawn).
 
     Raises:
         TypeError: ``x`` is not a floating-point tensor.
         ValueError: ``batch_dims`` is not between 0 and ``x.dim()``, a row has
             more than 2**31 - 1 entries, or ``state`` does not fit.
     """
-    if state is None:
-        state = draw(x, config, batch_dims=batch_dims, generator=generator)
-    else:
-        _check(x, batch_dims)
-    if state is None or config.exact:
-        return Sketch(x, None, x.shape, batch_dims, config)
+    _check(x, batch_dims)
     rows, d = _rows_and_width(x.shape, batch_dims)
     k = config.kept(d)
-    _check_state(state, config, rows, k)
-    if config.method == "sample":
-        xr = _as_rows(x, batch_dims)
-        idx = _indices(state, k, d)
-        if config.per_example:
-            values = xr.gather(-1, idx.view(*xr.shape[:-1], k))
-        else:
-            values = xr.index_select(-1, idx[0])
-        return Sketch(values.reshape(rows, k), state, x.shape, batch_dims, config)
-    xr = x.reshape(rows, d)
-    if config.per_example:
-        values = torch.cat([torch.bmm(xr[lo:hi].unsqueeze(1), signs).squeeze(1)
-                            for lo, hi, signs in _sign_chunks(state, rows, d, k, x.dtype)])
+    positions = _positions(config, k, d)
+    if config.exact or rows == 0 or d == 0 or not (positions or config.bits):
+        return Sketch(x, None, None, x.shape, x.dtype, batch_dims, config)
+    if d > _MAX_WIDTH:
+        raise ValueError(f"radgrad: rows of at most 2**31 - 1 entries can be sketched, got {d}")
+    if state is not None:
+        _check_state(state, config, rows, k, positions)
+    xr = _as_rows(x, batch_dims)
+    if not positions:
+        values = xr.reshape(rows, d)
+    elif config.method == "sample":
+        if state is None:
+            state = sample.draw(rows, d, k, config.per_example, x, generator)
+        values = sample.gather(xr, state, k, config.per_example)
+    elif config.method == "norm":
+        values, state = norm.gather(xr.reshape(rows, d), k, x, generator)
     else:
-        values = xr @ rng.signs(state, 0, (d, k), x.dtype)
-    return Sketch(values, state, x.shape, batch_dims, config)
+        if state is None:
+            state = rng.draw_seed(x, generator)
+        values = project.project(xr.reshape(rows, d), state, k, config.per_example)
+    scale = None
+    if config.bits is not None:
+        values, scale = quantize.quantize(values, config.bits, x, generator)
+    return Sketch(values, state, scale, x.shape, x.dtype, batch_dims, config)
 
 
 def unpack(sketch: Sketch) -> Tensor:
@@ -233,21 +277,43 @@ def unpack(sketch: Sketch) -> Tensor:
     For a randomized sketch the result is a new tensor; otherwise it is the
     packed tensor itself.
     """
-    config, values = sketch.config, sketch.values
-    if sketch.state is None:
-        return values
+    if sketch.exact:
+        return sketch.values
+    config, values, state = sketch.config, sketch.values, sketch.state
     rows, d = _rows_and_width(sketch.shape, sketch.batch_dims)
-    k = values.shape[1]
-    if config.method == "sample":
-        idx = _indices(sketch.state, k, d).expand(rows, k)
-        est = values.new_zeros(rows, d).scatter_add_(1, idx, values * (d / k))
-    elif config.per_example:
-        est = torch.cat([torch.bmm(values[lo:hi].unsqueeze(1), signs.transpose(1, 2)).squeeze(1)
-                         for lo, hi, signs in _sign_chunks(sketch.state, rows, d, k, values.dtype)])
-        est = est.mul_(1.0 / k)
+    if sketch.scale is not None:
+        n = d if state is None else config.kept(d)
+        values = quantize.dequantize(values, sketch.scale, config.bits, n, sketch.dtype)
+    if state is None:
+        est = values
+    elif config.method == "sample":
+        est = sample.scatter(values, state, rows, d)
+    elif config.method == "norm":
+        est = norm.scatter(values, state, rows, d)
     else:
-        est = (values @ rng.signs(sketch.state, 0, (d, k), values.dtype).t()).mul_(1.0 / k)
+        est = project.back_project(values, state, d, config.per_example)
     return est.view(sketch.shape)
+
+
+def tie(output: Tensor, *items: Tensor | Sketch | None) -> Tensor:
+    """``output``, made to depend on the random draws of ``items`` under ``torch.compile``.
+
+    The value is ``output`` itself, bit for bit (it is multiplied by a true
+    boolean). Call it on the output of an autograd function's forward with
+    every sketch it packed (or a state from :func:`draw`): under
+    ``torch.compile`` this keeps what the backward pass reads computed in the
+    forward pass (NOTE [Draws are saved, never redrawn] in :mod:`radgrad.rng`).
+    Eagerly it returns ``output`` untouched.
+    """
+    if not torch.compiler.is_compiling():
+        return output
+    for item in items:
+        drawn = (item.state, item.values if item.scale is not None else None) \
+            if isinstance(item, Sketch) else (item,)
+        for t in drawn:
+            if t is not None and t.numel():
+                output = output * (t.reshape(-1)[0] | 1).ne(0)
+    return output
 
 
 def _check(x: Tensor, batch_dims: int) -> None:
@@ -261,9 +327,14 @@ def _check(x: Tensor, batch_dims: int) -> None:
         )
 
 
-def _check_state(state: Tensor, config: SketchConfig, rows: int, k: int) -> None:
+def _check_state(state: Tensor, config: SketchConfig, rows: int, k: int, positions: bool) -> None:
+    if not positions or config.method == "norm":
+        raise ValueError(
+            f"radgrad: state= gives the positions or signs of method 'sample' or 'project' with keep < 1; "
+            f"this config ({config}) draws none ahead (see radgrad.draw)"
+        )
     if config.method == "sample":
-        shape = ((rows if config.per_example else 1) + k,)
+        shape = sample.state_shape(rows, k, config.per_example)
         ok = state.shape == shape and not state.is_floating_point()
     else:
         shape = ()
@@ -284,24 +355,3 @@ def _as_rows(x: Tensor, batch_dims: int) -> Tensor:
     if batch_dims == 0:
         return x.reshape(1, -1)
     return x.flatten(batch_dims) if batch_dims < x.dim() else x.unsqueeze(-1)
-
-
-def _index_dtype(d: int) -> torch.dtype:
-    return torch.int16 if d <= 2**15 else torch.int32
-
-
-def _indices(state: Tensor, k: int, d: int) -> Tensor:
-    """The ``(rows, k)`` (per example) or ``(1, k)`` (shared) sampled indices of a sample state."""
-    # (a + o) mod D as t = a + (o - D) in [-D, D), plus D where t < 0: int32 shifts
-    # and adds, several times faster on a CPU than a comparison or a remainder.
-    state = state.int()
-    t = state[:-k, None] + (state[-k:] - d)
-    return t.add_(t.bitwise_right_shift(31).bitwise_and_(d)).long()
-
-
-def _sign_chunks(seed: Tensor, rows: int, d: int, k: int, dtype: torch.dtype):
-    """Yield (lo, hi, signs) with independent ``(hi-lo, d, k)`` sign matrices, in a fixed order."""
-    step = max(1, _PROJECT_CHUNK // (d * k))
-    for lo in range(0, rows, step):
-        hi = min(rows, lo + step)
-        yield lo, hi, rng.signs(seed, lo * d * k, (hi - lo, d, k), dtype)

@@ -87,6 +87,8 @@ def check_keep(value: object, name: str = "keep") -> float:
     (the library's rule) and turns its ``TypeError``/``ValueError`` into an :class:`OptionError`.
     """
     try:
+        if value is None:  # SketchConfig reads None as "the method's default"
+            raise ValueError
         return radgrad.SketchConfig(value).keep  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise OptionError(name, _number_rule(0.0, False, 1.0), value) from None

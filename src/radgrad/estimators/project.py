@@ -1,0 +1,46 @@
+"""Random projections: store ``x S`` for a ``D x k`` matrix of random signs, return ``(x S) S^T / k``.
+
+NOTE [Projection]
+    ``E[S S^T] / k = I``, so the estimate is unbiased. Only a 64-bit seed is
+    stored; the signs are rebuilt from it (NOTE [Counter-based signs] in
+    :mod:`radgrad.rng`). ``per_example=True`` draws a matrix per row.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from radgrad import rng
+
+__all__ = ["project", "back_project"]
+
+# Largest number of sign entries generated at once by a per-example projection.
+_CHUNK = 2**22
+
+
+def _sign_chunks(seed: Tensor, rows: int, d: int, k: int, dtype: torch.dtype):
+    """Yield (lo, hi, signs) with independent ``(hi-lo, d, k)`` sign matrices, in a fixed order."""
+    step = max(1, _CHUNK // (d * k))
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        yield lo, hi, rng.signs(seed, lo * d * k, (hi - lo, d, k), dtype)
+
+
+def project(xr: Tensor, seed: Tensor, k: int, per_example: bool) -> Tensor:
+    """``x S``: the ``(rows, k)`` projections of the ``(rows, D)`` rows ``xr``."""
+    rows, d = xr.shape
+    if not per_example:
+        return xr @ rng.signs(seed, 0, (d, k), xr.dtype)
+    return torch.cat([torch.bmm(xr[lo:hi].unsqueeze(1), signs).squeeze(1)
+                      for lo, hi, signs in _sign_chunks(seed, rows, d, k, xr.dtype)])
+
+
+def back_project(values: Tensor, seed: Tensor, d: int, per_example: bool) -> Tensor:
+    """``(x S) S^T / k``: the ``(rows, D)`` estimate."""
+    rows, k = values.shape
+    if not per_example:
+        return (values @ rng.signs(seed, 0, (d, k), values.dtype).t()).mul_(1.0 / k)
+    est = torch.cat([torch.bmm(values[lo:hi].unsqueeze(1), signs.transpose(1, 2)).squeeze(1)
+                     for lo, hi, signs in _sign_chunks(seed, rows, d, k, values.dtype)])
+    return est.mul_(1.0 / k)

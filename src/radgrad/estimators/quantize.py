@@ -1,0 +1,102 @@
+"""Stochastic rounding: each row's values stored in ``bits`` bits, unbiased.
+
+NOTE [Stochastic rounding]
+    A row's values are mapped onto ``L = 2**bits - 1`` equal steps between
+    the row's minimum ``lo`` and maximum ``hi``: ``f = (x - lo) / step`` with
+    ``step = (hi - lo) / L``. The stored code is ``floor(f + u)`` for a
+    uniform ``u``, which is ``ceil(f)`` with probability ``f - floor(f)`` and
+    ``floor(f)`` otherwise, so ``E[code] = f`` and the estimate
+    ``lo + code * step`` has expectation ``x``. Its variance per entry is at
+    most ``step**2 / 4``. A constant row (``step == 0``) is stored exactly.
+    ``lo`` and ``step`` are kept per row, in float32 (float64 for float64
+    tensors). A row holding inf or NaN estimates NaN throughout: never a
+    finite, wrong number.
+
+    The ``u`` are pairwise independent (NOTE [Pairwise-independent uniforms] in
+    :mod:`radgrad.rng`), which gives the estimate the mean and covariance of
+    independent rounding. They are multiples of ``2**-24``, as are
+    ``torch.rand``'s float32 numbers: the rounding probability is exact up
+    to that grain, which is below float32's own rounding.
+
+NOTE [Code packing]
+    ``8 / bits`` codes share a byte, the first in the low bits. Packing reads
+    the ``8 / bits`` one-byte codes of an output byte as one integer ``v``
+    (little-endian: code i in byte i) and multiplies it by
+    ``M = sum_i 2**(8 (n - 1) - (8 - bits) i)``: code i lands at bit
+    ``8 (n - 1) + bits * i`` of the product, and every cross term lands
+    either above the top byte or, without carries, below it, so the top byte
+    of ``v * M`` is the packed byte. (For ``bits = 1`` this is the multiplier
+    of :mod:`radgrad.bits`.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from radgrad import rng
+
+__all__ = ["BITS", "quantize", "dequantize", "packed_width"]
+
+#: The supported code widths.
+BITS = (1, 2, 4, 8)
+
+_WORD = {1: torch.int64, 2: torch.int32, 4: torch.int16}
+
+
+def packed_width(n: int, bits: int) -> int:
+    """Bytes per row of ``n`` codes of ``bits`` bits."""
+    return -(-n * bits // 8)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 tensors, float32 for the rest (float16 and bfloat16 are rounded in float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def quantize(values: Tensor, bits: int, after: Tensor,
+             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """``(codes, scale)``: the ``(rows, n)`` values as packed ``bits``-bit codes and ``(rows, 2)`` (lo, step)."""
+    rows, n = values.shape
+    levels = 2**bits - 1
+    v = values.to(compute_dtype(values.dtype))
+    lo = v.amin(-1, keepdim=True)
+    step = (v.amax(-1, keepdim=True) - lo).div_(levels)
+    # A constant row has step 0 and is stored as lo; a non-finite step makes the row NaN on unpacking.
+    inverse = torch.where(step > 0, step.reciprocal(), 0)
+    u = rng.uniform(rows, n, v.dtype, after, generator)
+    codes = torch.addcmul(u, v - lo, inverse).floor_().clamp_(0, levels).to(torch.uint8)
+    return _pack_codes(codes, bits), torch.cat([lo, step], dim=1)
+
+
+def dequantize(codes: Tensor, scale: Tensor, bits: int, n: int, dtype: torch.dtype) -> Tensor:
+    """The ``(rows, n)`` estimate in ``dtype`` from what :func:`quantize` returned."""
+    lo, step = scale[:, :1], scale[:, 1:]
+    return torch.addcmul(lo, _unpack_codes(codes, bits, n).to(scale.dtype), step).to(dtype)
+
+
+def _pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """``(rows, n)`` one-byte codes -> ``(rows, packed_width(n, bits))`` bytes (NOTE [Code packing])."""
+    if bits == 8:
+        return codes
+    per = 8 // bits
+    pad = -codes.shape[1] % per
+    if pad:
+        codes = F.pad(codes, (0, pad))
+    top = 8 * (per - 1)
+    multiplier = sum(1 << (top - (8 - bits) * i) for i in range(per))
+    if multiplier >= 2**63:
+        multiplier -= 2**64
+    word = codes.contiguous().view(_WORD[bits])
+    return (word * multiplier).bitwise_right_shift_(top).to(torch.uint8)
+
+
+def _unpack_codes(data: Tensor, bits: int, n: int) -> Tensor:
+    """The ``(rows, n)`` one-byte codes of :func:`_pack_codes`'s bytes."""
+    if bits == 8:
+        return data
+    per = 8 // bits
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=data.device)
+    codes = data.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and_(2**bits - 1)
+    return codes.view(data.shape[0], -1)[:, :n]
