@@ -196,3 +196,25 @@ def test_strided_same_padding_is_an_error():
     w = torch.randn(2, 1, 3, requires_grad=True)
     with pytest.raises(ValueError, match="padding='same' is not supported for strided"):
         radgrad.functional.conv(torch.randn(1, 1, 8), w, stride=2, padding="same")
+
+
+@pytest.mark.parametrize("config", ESTIMATORS, ids=config_id)
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_weight_gradient_from_blocks_of_rows_equals_one_block(kind, config, monkeypatch):
+    # NOTE [Unpacking in blocks]: the same draw, rebuilt in blocks of 10 entries
+    # (several rows, or examples, each) or all at once, gives the same weight gradient.
+    torch.manual_seed(0)
+    if kind == "linear":
+        x, weight = torch.randn(5, 3, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+        op = lambda w: radgrad.functional.linear(x, w, None, config)  # noqa: E731
+    else:
+        x, weight = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randn(3, 2, 3, 3, dtype=torch.float64)
+        op = lambda w: radgrad.functional.conv(x, w, None, padding=1, config=config)  # noqa: E731
+    weight.requires_grad_()
+    grads = []
+    for block in (2**18, 10):
+        monkeypatch.setattr(radgrad.functional, "_BLOCK", block)
+        torch.manual_seed(1)
+        out = op(weight)
+        grads.append(torch.autograd.grad(out, weight, torch.ones_like(out))[0])
+    assert_same_up_to_rounding(grads[1], grads[0])

@@ -87,6 +87,15 @@ def test_stored_bytes_equal_the_formula(config, keep, d, k):
     assert unpack(sketch).shape == x.shape
 
 
+@pytest.mark.parametrize("config", [SketchConfig(1.0), *CONFIGS], ids=_id)
+def test_blocks_of_rows_unpack_to_the_estimate(config, monkeypatch):
+    monkeypatch.setattr(radgrad.estimators.project, "_CHUNK", 20 * 5 * 2)  # projections in chunks too
+    x = torch.randn(3, 7, 20, dtype=torch.float64)
+    sketch = pack(x, config, batch_dims=2)
+    blocks = [radgrad.sketch.unpack_rows(sketch, lo, min(21, lo + 4)) for lo in range(0, 21, 4)]
+    torch.testing.assert_close(torch.cat(blocks).view(x.shape), unpack(sketch), rtol=1e-12, atol=1e-14)
+
+
 def test_batch_dims_layout():
     x = torch.randn(2, 3, 4, 5)
     sketch = pack(x, SketchConfig(0.5), batch_dims=2)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import radgrad
 from radgrad.experiments import budget, data, tasks, variance
 from radgrad.experiments.data import Tensors
 from radgrad.experiments.tasks import METHODS, TASKS, get_method, get_task
@@ -43,7 +44,12 @@ def test_registries_reject_unknown_names() -> None:
 
 def test_paper_hyperparameters() -> None:
     assert set(TASKS) == {"mnist-mlp", "cifar-cnn", "smnist-irnn", "smnist-rows"}
-    assert list(METHODS) == ["baseline", "reduced-batch", "project", "same-sample", "different-sample"]
+    assert list(METHODS) == ["baseline", "reduced-batch", "project", "same-sample", "different-sample",
+                             "quantize", "quantize-1", "norm"]
+    # methods beyond the paper borrow the tuned settings of the closest paper method
+    assert get_task("mnist-mlp").lr_wd("quantize") == get_task("mnist-mlp").lr_wd("baseline")
+    assert get_task("cifar-cnn").lr_wd("norm") == get_task("cifar-cnn").lr_wd("different-sample")
+    assert get_method("quantize").config(0.1) == radgrad.SketchConfig(method="quantize", bits=2)
     mnist = RunConfig("mnist-mlp", "different-sample").resolved()
     assert (mnist.iters, mnist.batch, mnist.lr, mnist.weight_decay) == (20_000, 150, 9.34e-4, 1.25e-6)
     assert get_task("cifar-cnn").lr_wd("same-sample") == (1.159e-3, 9.99e-4)

@@ -31,7 +31,7 @@ from torch.autograd import Function
 
 from radgrad import bits
 from radgrad.saved import save_for_backward, saved_tensors
-from radgrad.sketch import Sketch, SketchConfig, pack, tie
+from radgrad.sketch import Sketch, SketchConfig, pack, tie, unpack_rows
 
 __all__ = ["linear", "conv", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d", "recurrence"]
 
@@ -142,15 +142,39 @@ class _Linear(_RADFunction):
 
     @staticmethod
     def backward(ctx, grad, *_):
-        estimate, weight = saved_tensors(ctx)
+        sketch, weight = saved_tensors(ctx, unpack=False)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad2d = grad.reshape(-1, grad.shape[-1])
         grad_input = grad.matmul(weight) if need_input else None
         grad_weight = None
         if need_weight:
-            grad_weight = grad2d.t().mm(estimate.reshape(grad2d.shape[0], estimate.shape[-1]))
+            rows, d = grad2d.shape[0], sketch.shape[-1]
+            for lo, hi in _blocks(sketch, rows, d):
+                part = unpack_rows(sketch, lo, hi)
+                if grad_weight is None:
+                    grad_weight = grad2d[lo:hi].t().mm(part)
+                else:
+                    grad_weight.addmm_(grad2d[lo:hi].t(), part)
         grad_bias = grad2d.sum(0) if need_bias else None
         return grad_input, grad_weight, grad_bias, None
+
+
+# NOTE [Unpacking in blocks]
+#   A backward pass rebuilds a sketch's dense estimate to multiply it with
+#   the output gradient. Rebuilt whole, the estimate of the largest layer's
+#   input, plus its indices, would sit in memory at once and could lift the
+#   step's peak above the exact model's (the MNIST MLP at batch 1000: +10%).
+#   So estimates of more than _BLOCK entries are rebuilt and multiplied a
+#   block of rows (or examples) at a time, summing the weight gradient.
+_BLOCK = 2**18
+
+
+def _blocks(sketch: Sketch, rows: int, width: int, unit: int = 1) -> list[tuple[int, int]]:
+    """Row ranges, whole multiples of ``unit`` rows, of at most about ``_BLOCK`` entries each."""
+    if sketch.exact or rows * width <= _BLOCK:
+        return [(0, rows)]
+    step = max(1, _BLOCK // (width * unit)) * unit
+    return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
 
 
 def linear(
@@ -182,15 +206,30 @@ class _Conv(_RADFunction):
 
     @staticmethod
     def backward(ctx, grad, *_):
-        estimate, weight = saved_tensors(ctx)
+        sketch, weight = saved_tensors(ctx, unpack=False)
         stride, padding, dilation, groups = ctx.options
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = torch.ops.aten.convolution_backward(
-            grad, estimate, weight, [weight.shape[0]] if need_bias else None,
-            stride, padding, dilation, False, [0] * len(stride), groups,
-            [need_input, need_weight, need_bias],
-        )
-        return (*grads, None, None, None, None, None)
+        options = (stride, padding, dilation, False, [0] * len(stride), groups)
+        bias_sizes = [weight.shape[0]] if need_bias else None
+        shape = sketch.shape
+        blocks = _blocks(sketch, shape[0] * shape[1], math.prod(shape[2:]), unit=shape[1])
+        if len(blocks) == 1:
+            grads = torch.ops.aten.convolution_backward(
+                grad, sketch.unpack(), weight, bias_sizes, *options, [need_input, need_weight, need_bias])
+            return (*grads, None, None, None, None, None)
+        # NOTE [Unpacking in blocks], by examples: convolution_backward reads the
+        # input only for the weight gradient, so a stride-0 placeholder serves the rest.
+        placeholder = grad.new_zeros(()).expand(shape)
+        grad_input, _, grad_bias = torch.ops.aten.convolution_backward(
+            grad, placeholder, weight, bias_sizes, *options, [need_input, False, need_bias])
+        grad_weight = None
+        for lo, hi in blocks:
+            first, last = lo // shape[1], hi // shape[1]
+            part = unpack_rows(sketch, lo, hi).view(last - first, *shape[1:])
+            part = torch.ops.aten.convolution_backward(
+                grad[first:last], part, weight, None, *options, [False, True, False])[1]
+            grad_weight = part if grad_weight is None else grad_weight.add_(part)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 def conv(

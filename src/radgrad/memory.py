@@ -1,6 +1,12 @@
-"""The memory ruler: bytes saved for the backward pass, measured, per module.
+"""The memory ruler: bytes saved for the backward pass, per module, and the peak of a training step.
 
-Every memory figure radgrad reports comes from here. The ruler installs
+Every memory figure radgrad reports comes from here. :func:`record` and
+:func:`measure` count what autograd saves for backward; :func:`peak` counts
+every live tensor byte through a whole step (forward, backward, optimizer),
+which is what must fit in a device's memory: checkpointing and compression
+can cut the saved bytes without cutting the peak as much.
+
+The saved-bytes ruler installs
 ``torch.autograd.graph.saved_tensors_hooks`` and sees every tensor that
 autograd keeps for backward: torch's own ops and radgrad's sketches alike
 (radgrad saves them through ``ctx.save_for_backward``).
@@ -22,14 +28,14 @@ inside ``record`` an outer ``save_on_cpu`` is not applied.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MemoryRecord", "record", "measure", "saved_bytes"]
+__all__ = ["MemoryRecord", "record", "measure", "saved_bytes", "PeakRecord", "peak"]
 
 OUTSIDE = "(outside modules)"
 
@@ -162,3 +168,84 @@ def measure(model: nn.Module, *inputs: Any, **kwargs: Any) -> MemoryRecord:
 def saved_bytes(model: nn.Module, *inputs: Any, **kwargs: Any) -> int:
     """Bytes saved for backward by ``model(*inputs, **kwargs)`` (see :func:`measure`)."""
     return measure(model, *inputs, **kwargs).total
+
+
+@dataclass
+class PeakRecord:
+    """What :func:`peak` saw.
+
+    Attributes:
+        peak: the most tensor bytes live at once during the step.
+        at_start: tensor bytes of the tracked modules and optimizers live
+            when the step began (parameters, buffers, gradients, optimizer state).
+        by_kind: the bytes live at the peak, by kind: ``"parameters"``,
+            ``"buffers"``, ``"gradients"``, ``"activations"`` (created in a
+            module's forward), ``"temporaries"``, ``"optimizer state"`` and ``"other"``.
+    """
+
+    peak: int
+    at_start: int
+    by_kind: dict[str, int]
+
+    @property
+    def added(self) -> int:
+        """Bytes the step needs on top of what was live before it: ``peak - at_start``."""
+        return self.peak - self.at_start
+
+
+_KINDS = {"Parameter": "parameters", "Buffer": "buffers", "Gradient": "gradients", "Activation": "activations",
+          "Temp": "temporaries", "Optstate": "optimizer state", "Other": "other"}
+
+
+def peak(step: Callable[[], Any], *owners: nn.Module | torch.optim.Optimizer) -> PeakRecord:
+    """Run ``step()`` once and return the peak of live tensor bytes during it.
+
+    Counts, on every device, the tensors of ``owners`` (modules: parameters,
+    buffers, gradients; optimizers: their state) and every tensor created
+    while ``step`` runs, for as long as it lives. Tensors created before the
+    step and owned by none of ``owners`` (the input batch, say) are not
+    counted. Measured by torch's ``MemTracker`` (torch.distributed._tools),
+    which follows tensor storages through a dispatch mode: it works on the
+    CPU and needs no allocator support, but not inside ``torch.compile``d code.
+
+    Run one step before measuring: an optimizer such as Adam allocates its
+    state on its first step, which a steady-state step does not.
+
+    Example::
+
+        def step():
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        step()  # warm-up: the optimizer's state exists from here on
+        print(radgrad.memory.peak(step, model, optimizer).peak)
+
+    Raises:
+        TypeError: an owner is neither a module nor an optimizer.
+        RuntimeError: torch was built without ``torch.distributed`` (MemTracker lives there).
+    """
+    for owner in owners:
+        if not isinstance(owner, (nn.Module, torch.optim.Optimizer)):
+            raise TypeError(f"radgrad.memory.peak: owners must be modules or optimizers, got {type(owner).__name__}")
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError as err:
+        raise RuntimeError("radgrad.memory.peak needs a torch built with torch.distributed "
+                           f"(its MemTracker measures the peak): {err}") from None
+    tracker = MemTracker()
+    tracker.track_external(*owners)
+    with tracker:
+        at_start = _total(tracker.get_tracker_snapshot("current"))
+        step()
+    snapshot = tracker.get_tracker_snapshot("peak")
+    by_kind = dict.fromkeys(_KINDS.values(), 0)
+    for per_device in snapshot.values():
+        for kind, nbytes in per_device.items():
+            if kind != "Total":
+                by_kind[_KINDS[kind.value]] += nbytes
+    return PeakRecord(peak=_total(snapshot), at_start=at_start, by_kind=by_kind)
+
+
+def _total(snapshot: dict) -> int:
+    return sum(per_device["Total"] for per_device in snapshot.values())

@@ -58,7 +58,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["draw", "draw_seed", "uniform", "signs"]
+__all__ = ["draw", "draw_seed", "draw_grid", "uniform", "uniform_rows", "signs"]
 
 _DISTRIBUTED = torch.distributed.is_available()
 _GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # constants as signed int64: torch's integer ops wrap
@@ -109,9 +109,18 @@ def draw(low: int, high: int, shape: Sequence[int], dtype: torch.dtype, after: T
 def uniform(rows: int, n: int, dtype: torch.dtype, after: Tensor,
             generator: torch.Generator | None = None) -> Tensor:
     """A ``(rows, n)`` grid of pairwise-independent uniforms on ``[0, 1)`` (NOTE [Pairwise-independent uniforms])."""
-    ab = draw(0, 2**24, (rows + n,), torch.int32, after, generator)
-    grid = (ab[:rows, None] + ab[None, rows:]).bitwise_and_(2**24 - 1)
-    return grid.to(dtype).mul_(2**-24)
+    return uniform_rows(draw_grid(rows, n, after, generator), rows, 0, rows, dtype)
+
+
+def draw_grid(rows: int, n: int, after: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The ``rows + n`` integers that define a grid of :func:`uniform` numbers."""
+    return draw(0, 2**24, (rows + n,), torch.int32, after, generator)
+
+
+def uniform_rows(grid: Tensor, rows: int, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+    """Rows ``lo .. hi`` of the uniforms defined by ``grid`` (from :func:`draw_grid` for ``rows`` rows)."""
+    block = (grid[lo:hi, None] + grid[None, rows:]).bitwise_and_(2**24 - 1)
+    return block.to(dtype).mul_(2**-24)
 
 
 def draw_seed(after: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -41,7 +41,7 @@ from torch import Tensor
 from radgrad import rng
 from radgrad.estimators import norm, project, quantize, sample
 
-__all__ = ["METHODS", "BITS", "SketchConfig", "Sketch", "draw", "pack", "unpack", "tie"]
+__all__ = ["METHODS", "BITS", "SketchConfig", "Sketch", "draw", "pack", "unpack", "unpack_rows", "tie"]
 
 #: Names of the estimators, each with a one-line description (the CLI shows these).
 METHODS: dict[str, str] = {
@@ -279,20 +279,29 @@ def unpack(sketch: Sketch) -> Tensor:
     """
     if sketch.exact:
         return sketch.values
-    config, values, state = sketch.config, sketch.values, sketch.state
+    return unpack_rows(sketch, 0, _rows_and_width(sketch.shape, sketch.batch_dims)[0]).view(sketch.shape)
+
+
+def unpack_rows(sketch: Sketch, lo: int, hi: int) -> Tensor:
+    """Rows ``lo .. hi`` of the estimate, as a ``(hi - lo, D)`` tensor (NOTE [Sketch layout]).
+
+    A backward pass that reads a sketch a block of rows at a time never holds
+    the whole dense estimate, only a block of it.
+    """
     rows, d = _rows_and_width(sketch.shape, sketch.batch_dims)
+    if sketch.exact:
+        return sketch.values.reshape(rows, d)[lo:hi]
+    config, values, state = sketch.config, sketch.values[lo:hi], sketch.state
     if sketch.scale is not None:
         n = d if state is None else config.kept(d)
-        values = quantize.dequantize(values, sketch.scale, config.bits, n, sketch.dtype)
+        values = quantize.dequantize(values, sketch.scale[lo:hi], config.bits, n, sketch.dtype)
     if state is None:
-        est = values
-    elif config.method == "sample":
-        est = sample.scatter(values, state, rows, d)
-    elif config.method == "norm":
-        est = norm.scatter(values, state, rows, d)
-    else:
-        est = project.back_project(values, state, d, config.per_example)
-    return est.view(sketch.shape)
+        return values
+    if config.method == "sample":
+        return sample.scatter(values, state, lo, d, config.per_example)
+    if config.method == "norm":
+        return norm.scatter(values, state[lo:hi], d)
+    return project.back_project(values, state, lo, d, config.per_example)
 
 
 def tie(output: Tensor, *items: Tensor | Sketch | None) -> Tensor:

@@ -50,6 +50,6 @@ def gather(xr: Tensor, k: int, after: Tensor, generator: torch.Generator | None)
     return values.to(xr.dtype), idx.to(index_dtype(d))
 
 
-def scatter(values: Tensor, indices: Tensor, rows: int, d: int) -> Tensor:
-    """The ``(rows, D)`` estimate: every stored value added at its position."""
-    return values.new_zeros(rows, d).scatter_add_(1, indices.long(), values)
+def scatter(values: Tensor, indices: Tensor, d: int) -> Tensor:
+    """The ``(rows, D)`` estimate of the rows whose values and indices are given: every value added at its position."""
+    return values.new_zeros(values.shape[0], d).scatter_add_(1, indices.long(), values)

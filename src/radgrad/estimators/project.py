@@ -19,12 +19,12 @@ __all__ = ["project", "back_project"]
 _CHUNK = 2**22
 
 
-def _sign_chunks(seed: Tensor, rows: int, d: int, k: int, dtype: torch.dtype):
-    """Yield (lo, hi, signs) with independent ``(hi-lo, d, k)`` sign matrices, in a fixed order."""
+def _sign_chunks(seed: Tensor, first: int, rows: int, d: int, k: int, dtype: torch.dtype):
+    """Yield (lo, hi, signs): the ``(hi-lo, d, k)`` sign matrices of rows ``first + lo .. first + hi``."""
     step = max(1, _CHUNK // (d * k))
     for lo in range(0, rows, step):
         hi = min(rows, lo + step)
-        yield lo, hi, rng.signs(seed, lo * d * k, (hi - lo, d, k), dtype)
+        yield lo, hi, rng.signs(seed, (first + lo) * d * k, (hi - lo, d, k), dtype)
 
 
 def project(xr: Tensor, seed: Tensor, k: int, per_example: bool) -> Tensor:
@@ -33,14 +33,14 @@ def project(xr: Tensor, seed: Tensor, k: int, per_example: bool) -> Tensor:
     if not per_example:
         return xr @ rng.signs(seed, 0, (d, k), xr.dtype)
     return torch.cat([torch.bmm(xr[lo:hi].unsqueeze(1), signs).squeeze(1)
-                      for lo, hi, signs in _sign_chunks(seed, rows, d, k, xr.dtype)])
+                      for lo, hi, signs in _sign_chunks(seed, 0, rows, d, k, xr.dtype)])
 
 
-def back_project(values: Tensor, seed: Tensor, d: int, per_example: bool) -> Tensor:
-    """``(x S) S^T / k``: the ``(rows, D)`` estimate."""
+def back_project(values: Tensor, seed: Tensor, first: int, d: int, per_example: bool) -> Tensor:
+    """``(x S) S^T / k``: rows ``first ..`` of the estimate from their projections."""
     rows, k = values.shape
     if not per_example:
         return (values @ rng.signs(seed, 0, (d, k), values.dtype).t()).mul_(1.0 / k)
     est = torch.cat([torch.bmm(values[lo:hi].unsqueeze(1), signs.transpose(1, 2)).squeeze(1)
-                     for lo, hi, signs in _sign_chunks(seed, rows, d, k, values.dtype)])
+                     for lo, hi, signs in _sign_chunks(seed, first, rows, d, k, values.dtype)])
     return est.mul_(1.0 / k)

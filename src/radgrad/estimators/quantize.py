@@ -43,6 +43,8 @@ __all__ = ["BITS", "quantize", "dequantize", "packed_width"]
 BITS = (1, 2, 4, 8)
 
 _WORD = {1: torch.int64, 2: torch.int32, 4: torch.int16}
+# Entries rounded at once.
+_BLOCK = 2**18
 
 
 def packed_width(n: int, bits: int) -> int:
@@ -60,14 +62,22 @@ def quantize(values: Tensor, bits: int, after: Tensor,
     """``(codes, scale)``: the ``(rows, n)`` values as packed ``bits``-bit codes and ``(rows, 2)`` (lo, step)."""
     rows, n = values.shape
     levels = 2**bits - 1
-    v = values.to(compute_dtype(values.dtype))
-    lo = v.amin(-1, keepdim=True)
-    step = (v.amax(-1, keepdim=True) - lo).div_(levels)
+    dtype = compute_dtype(values.dtype)
+    lo = values.amin(-1, keepdim=True).to(dtype)
+    step = (values.amax(-1, keepdim=True).to(dtype) - lo).div_(levels)
     # A constant row has step 0 and is stored as lo; a non-finite step makes the row NaN on unpacking.
     inverse = torch.where(step > 0, step.reciprocal(), 0)
-    u = rng.uniform(rows, n, v.dtype, after, generator)
-    codes = torch.addcmul(u, v - lo, inverse).floor_().clamp_(0, levels).to(torch.uint8)
-    return _pack_codes(codes, bits), torch.cat([lo, step], dim=1)
+    grid = rng.draw_grid(rows, n, after, generator)
+    codes = torch.empty(rows, packed_width(n, bits), dtype=torch.uint8, device=values.device)
+    # a block of rows at a time: the float temporaries stay small (NOTE [Unpacking in blocks] in
+    # radgrad.functional), whatever the tensor's size
+    step_rows = max(1, _BLOCK // max(1, n))
+    for first in range(0, rows, step_rows):
+        last = min(rows, first + step_rows)
+        t = rng.uniform_rows(grid, rows, first, last, dtype)
+        t.addcmul_(values[first:last].to(dtype) - lo[first:last], inverse[first:last])
+        codes[first:last] = _pack_codes(t.floor_().clamp_(0, levels).to(torch.uint8), bits)
+    return codes, torch.cat([lo, step], dim=1)
 
 
 def dequantize(codes: Tensor, scale: Tensor, bits: int, n: int, dtype: torch.dtype) -> Tensor:

@@ -40,18 +40,17 @@ def draw(rows: int, d: int, k: int, per_example: bool, after: Tensor,
     return rng.draw(0, d, state_shape(rows, k, per_example), index_dtype(d), after, generator)
 
 
-def _indices(state: Tensor, k: int, d: int) -> Tensor:
-    """The ``(rows, k)`` (per example) or ``(1, k)`` (shared) sampled indices."""
+def _indices(bases: Tensor, offsets: Tensor, d: int) -> Tensor:
+    """The ``(len(bases), k)`` sampled indices ``(a + o) mod D``."""
     # (a + o) mod D as t = a + (o - D) in [-D, D), plus D where t < 0: int32 shifts
     # and adds, several times faster on a CPU than a comparison or a remainder.
-    state = state.int()
-    t = state[:-k, None] + (state[-k:] - d)
+    t = bases.int()[:, None] + (offsets.int() - d)
     return t.add_(t.bitwise_right_shift(31).bitwise_and_(d)).long()
 
 
 def gather(xr: Tensor, state: Tensor, k: int, per_example: bool) -> Tensor:
     """The kept values ``(rows, k)`` of ``xr``, a ``(*batch, D)`` view of the rows (not rescaled)."""
-    idx = _indices(state, k, xr.shape[-1])
+    idx = _indices(state[:-k], state[-k:], xr.shape[-1])
     if per_example:
         values = xr.gather(-1, idx.view(*xr.shape[:-1], k))
     else:
@@ -59,8 +58,9 @@ def gather(xr: Tensor, state: Tensor, k: int, per_example: bool) -> Tensor:
     return values.reshape(-1, k)
 
 
-def scatter(values: Tensor, state: Tensor, rows: int, d: int) -> Tensor:
-    """The ``(rows, D)`` estimate: kept values rescaled by ``D / k`` at their positions, zeros elsewhere."""
-    k = values.shape[1]
-    idx = _indices(state, k, d).expand(rows, k)
+def scatter(values: Tensor, state: Tensor, lo: int, d: int, per_example: bool) -> Tensor:
+    """Rows ``lo ..`` of the estimate from their kept values: rescaled by ``D / k`` at their positions."""
+    rows, k = values.shape
+    bases = state[lo:lo + rows] if per_example else state[:1]
+    idx = _indices(bases, state[-k:], d).expand(rows, k)
     return values.new_zeros(rows, d).scatter_add_(1, idx, values * (d / k))

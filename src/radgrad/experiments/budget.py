@@ -35,7 +35,8 @@ def prepare(model: nn.Module, method: Method | str, keep: float) -> nn.Module:
     """
     method = get_method(method) if isinstance(method, str) else method
     if method.rad:
-        return radgrad.convert(model, keep=keep, method=method.sketch, per_example=method.per_example)
+        c = method.config(keep)
+        return radgrad.convert(model, keep=c.keep, method=c.method, per_example=c.per_example, bits=c.bits)
     return radgrad.convert(model, keep=EXACT_KEEP)
 
 

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+import radgrad
 from radgrad import models
 from radgrad.experiments import data as datasets
 
-__all__ = ["Task", "Method", "TASKS", "METHODS", "EXACT_KEEP", "PAPER_KEEPS", "get_task", "get_method", "load_data"]
+__all__ = ["Task", "Method", "TASKS", "METHODS", "PAPER_METHODS", "EXACT_KEEP", "PAPER_KEEPS", "get_task", "get_method", "load_data"]
 
 #: Keep fraction of the exact methods' models: radgrad layers at keep 1 give exact
 #: gradients while storing 1-bit ReLU masks and nothing for pooling, the memory
@@ -41,9 +42,12 @@ class Method:
     Attributes:
         name: registry key, as typed on the command line.
         description: one line for ``--help``.
-        sketch: RAD estimator (``"sample"`` or ``"project"``), or None for exact gradients.
+        sketch: RAD estimator (a :data:`radgrad.METHODS` name), or None for exact gradients.
         per_example: independent randomness per example (RAD only).
         reduced: the batch is the largest whose measured memory fits RAD's.
+        bits: code width of the kept values (:class:`radgrad.SketchConfig`), or None.
+        tuned_as: the method whose tuned learning rate and weight decay this one
+            uses (the paper tuned its five methods only), or None for its own.
     """
 
     name: str
@@ -51,6 +55,13 @@ class Method:
     sketch: str | None = None
     per_example: bool = True
     reduced: bool = False
+    bits: int | None = None
+    tuned_as: str | None = None
+
+    def config(self, keep: float) -> radgrad.SketchConfig:
+        """The sketch settings of this RAD method at ``keep`` (``"quantize"`` keeps every entry)."""
+        return radgrad.SketchConfig(None if self.sketch == "quantize" else keep, self.sketch,
+                                    self.per_example, self.bits)
 
     @property
     def rad(self) -> bool:
@@ -97,7 +108,8 @@ class Task:
 
     def lr_wd(self, method: str) -> tuple[float, float]:
         """The default (learning rate, weight decay) of ``method`` on this task."""
-        return self.hyper[get_method(method).name]
+        method = get_method(method)
+        return self.hyper[method.tuned_as or method.name]
 
 
 #: The keep fractions of the paper's Table 1, in its column order.
@@ -115,12 +127,20 @@ METHODS: dict[str, Method] = {
                per_example=False),
         Method("different-sample", "RAD, an independent random subset of entries per example", "sample",
                per_example=True),
+        Method("quantize", "RAD beyond the paper: every entry kept, stochastically rounded to 2 bits with "
+               "a per-row scale (--keep does not apply)", "quantize", bits=2, tuned_as="baseline"),
+        Method("quantize-1", "as quantize, 1 bit per entry", "quantize", bits=1, tuned_as="baseline"),
+        Method("norm", "RAD beyond the paper: --keep draws per row in proportion to |x|, positions "
+               "stored, values in 1 bit", "norm", bits=1, tuned_as="different-sample"),
     )
 }
 
+#: The paper's methods, whose learning rates and weight decays it tuned (in its table's order).
+PAPER_METHODS = ("baseline", "reduced-batch", "project", "same-sample", "different-sample")
+
 
 def _per_method(table: tuple[tuple[float, float], ...]) -> dict[str, tuple[float, float]]:
-    return dict(zip(METHODS, table, strict=True))
+    return dict(zip(PAPER_METHODS, table, strict=True))
 
 
 # Paper table, rows in METHODS order: baseline, reduced batch, project, same sample, different sample.
@@ -128,7 +148,7 @@ _MNIST_HYPER = _per_method(((1.35e-3, 4.07e-7), (6.45e-4, 5.69e-5), (5.27e-4, 1.
                             (4.52e-4, 4.06e-6), (9.34e-4, 1.25e-6)))
 _CIFAR_HYPER = _per_method(((1.24e-3, 4.34e-5), (4.30e-4, 1.96e-6), (4.35e-4, 5.49e-5),
                             (1.159e-3, 9.99e-4), (2.139e-3, 7.45e-4)))
-_RNN_HYPER = {name: (1e-4, 0.0) for name in METHODS}
+_RNN_HYPER = {name: (1e-4, 0.0) for name in PAPER_METHODS}
 _RNN = dict(dataset="mnist", input_shape=(1, 28, 28), optimizer="sgd", hyper=_RNN_HYPER,
             paper_iters=100_000, decay=None, clip=1.0)
 
