@@ -250,17 +250,22 @@ def test_train_stop_and_resume_cli(tmp_path: Path, tiny_mnist: Path, capsys: pyt
 def test_compare(tmp_path: Path, tiny_mnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cmp"
     argv = ["compare", *_run_args("mnist-mlp", tiny_mnist, out), "--methods", "baseline", "reduced-batch",
-            "different-sample", "--seeds", "0", "1"]
+            "different-sample", "accumulate", "checkpoint", "quantize", "--seeds", "0", "1"]
     assert main(argv) == 0
     md = capsys.readouterr().out
-    assert "| method | batch | saved MB |" in md and "| different-sample | 6 |" in md
+    assert "| method | batch | micro-batch | saved MB | peak MB |" in md and "| different-sample | 6 |" in md
     for name in ("compare.png", "compare.md", "compare.csv"):
         assert (out / name).stat().st_size > 0
-    rows = list(csv.DictReader((out / "compare.csv").read_text().splitlines()))
-    assert [r["method"] for r in rows] == ["baseline", "reduced-batch", "different-sample"]
-    assert int(rows[1]["batch"]) < 6 and rows[0]["seeds"] == "2"
+    rows = {r["method"]: r for r in csv.DictReader((out / "compare.csv").read_text().splitlines())}
+    assert list(rows) == ["baseline", "reduced-batch", "different-sample", "accumulate", "checkpoint", "quantize"]
+    assert int(rows["reduced-batch"]["batch"]) < 6 and rows["baseline"]["seeds"] == "2"
+    # accumulation: the full batch, in micro-batches of the reduced size, saving what the reduced batch saves
+    assert rows["accumulate"]["batch"] == "6" and rows["accumulate"]["micro-batch"] == rows["reduced-batch"]["batch"]
+    assert rows["accumulate"]["saved bytes"] == rows["reduced-batch"]["saved bytes"]
+    assert rows["checkpoint"]["saved MB"] == "n/a" and float(rows["checkpoint"]["peak MB"]) > 0
+    assert float(rows["quantize"]["saved bytes"]) < float(rows["different-sample"]["saved bytes"])
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*-seed*/result.json")}
-    assert len(stamps) == 6
+    assert len(stamps) == 12
     assert main(argv) == 0  # finished runs are read back, not rerun
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
 

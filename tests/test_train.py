@@ -19,6 +19,7 @@ import torch
 import radgrad
 from radgrad.experiments import budget, data, tasks, variance
 from radgrad.experiments.data import Tensors
+from radgrad.experiments.steps import Stepper
 from radgrad.experiments.tasks import METHODS, TASKS, get_method, get_task
 from radgrad.experiments.train import CHECKPOINT, CURVE, RESULT, RunConfig, RunDiverged, RunStopped, fit, train
 
@@ -45,7 +46,7 @@ def test_registries_reject_unknown_names() -> None:
 def test_paper_hyperparameters() -> None:
     assert set(TASKS) == {"mnist-mlp", "cifar-cnn", "smnist-irnn", "smnist-rows"}
     assert list(METHODS) == ["baseline", "reduced-batch", "project", "same-sample", "different-sample",
-                             "quantize", "quantize-1", "norm"]
+                             "accumulate", "checkpoint", "quantize", "quantize-1", "norm"]
     # methods beyond the paper borrow the tuned settings of the closest paper method
     assert get_task("mnist-mlp").lr_wd("quantize") == get_task("mnist-mlp").lr_wd("baseline")
     assert get_task("cifar-cnn").lr_wd("norm") == get_task("cifar-cnn").lr_wd("different-sample")
@@ -309,3 +310,25 @@ def test_variance_config_is_checked(field: str, value: object, message: str) -> 
 
 def test_tasks_module_public_names() -> None:
     assert tasks.EXACT_KEEP == 1.0 and tasks.PAPER_KEEPS == (1.0, 0.8, 0.5, 0.3, 0.1, 0.05)
+
+
+@pytest.mark.parametrize("stepper", [Stepper(micro=3), Stepper(micro=4), Stepper(segments=2), Stepper(segments=3)],
+                         ids=["micro-3", "micro-4-uneven", "checkpoint-2", "checkpoint-3"])
+def test_accumulation_and_checkpointing_give_the_minibatch_gradient(stepper: Stepper) -> None:
+    # exact methods: the gradient of the mean loss over the whole minibatch, up to float64 rounding
+    torch.manual_seed(0)
+    model = radgrad.convert(radgrad.models.mnist_mlp(hidden=20), keep=1.0).double()
+    x, y = torch.rand(10, 1, 28, 28, dtype=torch.float64), torch.randint(10, (10,))
+    loss = Stepper().backward(model, x, y)
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    got_loss = stepper.backward(model, x, y)
+    torch.testing.assert_close(got_loss, loss, rtol=1e-12, atol=0)
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-14)
+
+
+def test_checkpointing_needs_a_sequential_model() -> None:
+    with pytest.raises(ValueError, match="radgrad: checkpointing cuts an nn.Sequential model into segments; "
+                                         "got SequenceClassifier"):
+        Stepper(segments=2).backward(radgrad.models.smnist_irnn(28), torch.rand(2, 1, 28, 28), torch.zeros(2).long())

@@ -14,9 +14,11 @@ import torch
 from torch import Tensor, nn
 
 import radgrad
+from radgrad.experiments.steps import Stepper
 from radgrad.experiments.tasks import EXACT_KEEP, Method, Task, get_method
 
-__all__ = ["example_inputs", "prepare", "saved_bytes", "param_bytes", "reduced_batch", "BUDGET_METHOD"]
+__all__ = ["example_inputs", "prepare", "saved_bytes", "peak_bytes", "param_bytes", "reduced_batch",
+           "checkpoint_segments", "BUDGET_METHOD"]
 
 #: The RAD method whose memory sets the reduced batch (project and same-sample keep as many values).
 BUDGET_METHOD = "different-sample"
@@ -49,6 +51,59 @@ def saved_bytes(model: nn.Module, task: Task, batch: int) -> int:
             return radgrad.memory.saved_bytes(model, example_inputs(task, batch))
     finally:
         model.train(was_training)
+
+
+def peak_bytes(model: nn.Module, task: Task, batch: int, stepper: Stepper = Stepper()) -> int:
+    """The most bytes a forward and backward pass at ``batch`` holds on top of the weights (measured).
+
+    :func:`radgrad.memory.peak` over one ``stepper`` pass from zeroed gradients:
+    activations, what is saved for backward, gradients and temporaries. The
+    optimizer's step is left out: its memory (Adam's state and temporaries)
+    is the same for every method. With accumulation, every micro-batch after
+    the first holds the gradients so far plus one micro-batch's pass, so
+    that is what is measured.
+    """
+    x = example_inputs(task, batch)
+    y = torch.zeros(batch, dtype=torch.long)
+    was_training = model.training
+    model.train()
+    one_pass = Stepper(segments=stepper.segments)
+    micro = stepper.micro if stepper.micro is not None and stepper.micro < batch else None
+
+    def step() -> None:
+        if micro is None:
+            model.zero_grad(set_to_none=True)
+            one_pass.backward(model, x, y)
+        else:
+            one_pass.backward(model, x[:micro], y[:micro])
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model.zero_grad(set_to_none=True)
+            if micro is not None:
+                one_pass.backward(model, x[:micro], y[:micro])  # the gradients of a first micro-batch
+            record = radgrad.memory.peak(step, model)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return record.peak - param_bytes(model)
+
+
+def checkpoint_segments(model: nn.Module, task: Task, keep: float, batch: int) -> tuple[int, bool]:
+    """``(segments, fits)``: the checkpoint segmentation of ``model`` with the lowest peak, and
+    whether that peak is within RAD's (:data:`BUDGET_METHOD` at ``keep``, measured by :func:`peak_bytes`).
+
+    Raises:
+        ValueError: ``model`` is not an ``nn.Sequential``.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"radgrad: checkpointing cuts an nn.Sequential model into segments; the {task.name} "
+                         f"model is a {type(model).__name__}")
+    budget = peak_bytes(prepare(copy.deepcopy(model), BUDGET_METHOD, keep), task, batch)
+    exact = prepare(copy.deepcopy(model), "baseline", keep)
+    peaks = {s: peak_bytes(exact, task, batch, Stepper(segments=s)) for s in range(1, len(model) + 1)}
+    best = min(peaks, key=lambda s: (peaks[s], s))
+    return best, peaks[best] <= budget
 
 
 def param_bytes(model: nn.Module) -> int:

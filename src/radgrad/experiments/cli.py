@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from radgrad.experiments import options
+from radgrad.experiments import options, report
 
 __all__ = ["build_parser", "main", "missing_extra", "EXTRA"]
 
@@ -276,7 +276,8 @@ def _train(args: argparse.Namespace) -> int:
         print(stop, file=sys.stderr)
         return 0
     print(f"{result['config']['task']} {result['config']['method']} seed {result['seed']}: batch {result['batch']}, "
-          f"saved {result['saved_bytes'] / 1e6:.3f} MB, final train loss {result['final_train_loss']:.4f}, "
+          f"saved {report.megabytes(result['saved_bytes'])} MB, peak {report.megabytes(result['peak_bytes'])} MB, "
+          f"final train loss {result['final_train_loss']:.4f}, "
           f"test accuracy {100 * result['final_test_accuracy']:.2f}%; wrote {args.out}")
     return 0
 

@@ -61,8 +61,12 @@ def compare(
     md = f"# {title}\n\n" + report.markdown(list(rows[0]), [list(r.values()) for r in rows])
     md += ("\nfinal train loss: mean of the last 5% of the iterations' minibatch losses; "
            "± is the standard deviation over seeds. Test accuracy on the fixed test subset "
-           f"({results[methods[0]][0]['eval_examples']} examples) at the end. saved MB: bytes saved for backward per step, "
-           "measured by radgrad.memory.\n")
+           f"({results[methods[0]][0]['eval_examples']} examples) at the end. saved MB: bytes saved for backward "
+           "by one forward pass (one micro-batch's when accumulating; n/a under checkpointing, whose own "
+           "saved-tensor hooks hide it), measured by radgrad.memory. peak MB: the most bytes a forward and "
+           "backward pass holds on top of the weights (radgrad.memory.peak; the optimizer's step, the same "
+           "for every method, left out). ms/step: wall-clock time of a training step, median over seeds "
+           "and steps; the runs of one comparison may have shared the machine.\n")
     report.write_outputs(out, STEM, md, rows)
     plots.learning_curves(results, title).savefig(out / f"{STEM}.png", dpi=120)
     return rows, md
@@ -80,12 +84,16 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
         rows.append({
             "method": method,
             "batch": runs[0]["batch"],
-            "saved MB": f"{runs[0]['saved_bytes'] / 1e6:.3f}",
+            "micro-batch": runs[0].get("micro_batch") or "",
+            "saved MB": report.megabytes(runs[0]["saved_bytes"]),
+            "peak MB": report.megabytes(runs[0].get("peak_bytes")),
             "saved bytes": runs[0]["saved_bytes"],
             "lr": runs[0]["config"]["lr"],
             "final train loss": _mean_std([r["final_train_loss"] for r in runs], 4),
             "test accuracy %": _mean_std([100 * r["final_test_accuracy"] for r in runs], 2),
             "seeds": len(runs),
             "it/s": f"{statistics.fmean(r['iters_per_second'] or 0.0 for r in runs):.1f}",
+            "ms/step (median)": f"{1e3 * statistics.median(t for r in runs for t in r.get('step_seconds', [])):.2f}"
+            if any(r.get("step_seconds") for r in runs) else "n/a",
         })  # fmt: skip
     return rows

@@ -33,8 +33,8 @@ def learning_curves(runs: Mapping[str, Sequence[dict[str, Any]]], title: str) ->
     Lines are the mean over seeds, bands the min-max range; the training loss
     is a moving average over 2% of the run, on a log scale.
     """
-    fig = Figure(figsize=(12, 4.6), layout="constrained")
-    loss_ax, acc_ax = fig.subplots(1, 2)
+    fig = Figure(figsize=(17, 4.6), layout="constrained")
+    loss_ax, clock_ax, acc_ax = fig.subplots(1, 3)
     for i, (method, results) in enumerate(runs.items()):
         color = f"C{i}"
         first = results[0]
@@ -42,19 +42,24 @@ def learning_curves(runs: Mapping[str, Sequence[dict[str, Any]]], title: str) ->
         window = max(1, length // 50)
         curves = np.stack([smooth(r["losses"][:length], window) for r in results])
         its = np.arange(1, length + 1)
-        label = (f"{method} (batch {first['batch']}, {first['saved_bytes'] / 1e6:.3g} MB, "
-                 f"{len(results)} seed{'s' * (len(results) > 1)})")
+        memory = f"peak {first['peak_bytes'] / 1e6:.3g} MB" if first.get("peak_bytes") is not None \
+            else f"saved {first['saved_bytes'] / 1e6:.3g} MB"
+        label = f"{method} (batch {first['batch']}, {memory}, {len(results)} seed{'s' * (len(results) > 1)})"
         loss_ax.plot(its, curves.mean(0), color=color, lw=1.3, label=label)
         if len(results) > 1:
             loss_ax.fill_between(its, curves.min(0), curves.max(0), color=color, alpha=0.2, lw=0)
+        if all(r.get("step_seconds") for r in results):  # the same curve against training time
+            clock = np.mean([np.cumsum(r["step_seconds"][:length]) for r in results], axis=0)
+            clock_ax.plot(clock, curves.mean(0), color=color, lw=1.3, label=method)
         steps = [e["iteration"] for e in first["evals"]]
         acc = np.array([[e["test_accuracy"] for e in r["evals"][: len(steps)]] for r in results])
         acc_ax.plot(steps, acc.mean(0), color=color, marker="o", ms=3, lw=1.2, label=method)
         if len(results) > 1:
             acc_ax.fill_between(steps, acc.min(0), acc.max(0), color=color, alpha=0.2, lw=0)
     loss_ax.set(xlabel="iteration", ylabel="training loss (moving average over 2% of the run)", yscale="log")
+    clock_ax.set(xlabel="training seconds (steps only, mean over seeds)", ylabel="training loss", yscale="log")
     acc_ax.set(xlabel="iteration", ylabel="test accuracy (fixed test subset)")
-    for ax in (loss_ax, acc_ax):
+    for ax in (loss_ax, clock_ax, acc_ax):
         ax.grid(True, which="both", alpha=0.3)
     loss_ax.legend(fontsize=8, title="mean over seeds, band: min-max", title_fontsize=8)
     fig.suptitle(title, fontsize=10)

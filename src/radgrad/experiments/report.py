@@ -10,7 +10,12 @@ from typing import Any
 
 from radgrad.experiments.options import make_folder
 
-__all__ = ["markdown", "csv_text", "write_outputs"]
+__all__ = ["markdown", "csv_text", "write_outputs", "megabytes"]
+
+
+def megabytes(nbytes: int | None, digits: int = 3) -> str:
+    """``nbytes`` in MB (10**6 bytes), or "n/a" for a figure not measured."""
+    return "n/a" if nbytes is None else f"{nbytes / 1e6:.{digits}f}"
 
 
 def markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -45,6 +45,8 @@ class Method:
         sketch: RAD estimator (a :data:`radgrad.METHODS` name), or None for exact gradients.
         per_example: independent randomness per example (RAD only).
         reduced: the batch is the largest whose measured memory fits RAD's.
+        accumulate: the full batch, its gradient accumulated over micro-batches of the reduced size.
+        checkpoint: the full batch through ``checkpoint_sequential``, segmented to fit RAD's peak memory.
         bits: code width of the kept values (:class:`radgrad.SketchConfig`), or None.
         tuned_as: the method whose tuned learning rate and weight decay this one
             uses (the paper tuned its five methods only), or None for its own.
@@ -55,6 +57,8 @@ class Method:
     sketch: str | None = None
     per_example: bool = True
     reduced: bool = False
+    accumulate: bool = False
+    checkpoint: bool = False
     bits: int | None = None
     tuned_as: str | None = None
 
@@ -127,6 +131,11 @@ METHODS: dict[str, Method] = {
                per_example=False),
         Method("different-sample", "RAD, an independent random subset of entries per example", "sample",
                per_example=True),
+        Method("accumulate", "exact gradients of the full batch, accumulated over micro-batches of the "
+               "reduced batch's size", accumulate=True, tuned_as="baseline"),
+        Method("checkpoint", "exact gradients of the full batch, torch.utils.checkpoint segmented to fit "
+               "RAD's peak memory (or the nearest; nn.Sequential models only)", checkpoint=True,
+               tuned_as="baseline"),
         Method("quantize", "RAD beyond the paper: every entry kept, stochastically rounded to 2 bits with "
                "a per-row scale (--keep does not apply)", "quantize", bits=2, tuned_as="baseline"),
         Method("quantize-1", "as quantize, 1 bit per entry", "quantize", bits=1, tuned_as="baseline"),

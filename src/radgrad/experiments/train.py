@@ -49,6 +49,7 @@ from tqdm import tqdm
 import radgrad
 from radgrad.experiments import budget, options, report
 from radgrad.experiments.data import Tensors
+from radgrad.experiments.steps import Stepper
 from radgrad.experiments.tasks import Task, get_method, get_task, load_data
 
 __all__ = ["RunConfig", "RunStopped", "RunDiverged", "train", "fit", "evaluate", "load_result", "write_atomic",
@@ -137,6 +138,7 @@ class _History:
     losses: list[float] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)  # wall-clock time of each step
 
 
 @dataclass
@@ -150,7 +152,10 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     sampler: torch.Generator
     batch: int
-    saved_bytes: int
+    saved_bytes: int | None
+    peak_bytes: int
+    stepper: Stepper
+    checkpoint_fits: bool | None = None
     history: _History = field(default_factory=_History)
     saved_iteration: int | None = None  # iteration held by the checkpoint on disk, if any
 
@@ -192,8 +197,17 @@ def _build(config: RunConfig) -> _Run:
     torch.manual_seed(config.seed)
     model = task.model()
     batch = budget.reduced_batch(model, task, config.keep, config.batch) if method.reduced else config.batch
+    stepper, fits = Stepper(), None
+    if method.accumulate:
+        stepper = Stepper(micro=budget.reduced_batch(model, task, config.keep, config.batch))
+    elif method.checkpoint:
+        segments, fits = budget.checkpoint_segments(model, task, config.keep, config.batch)
+        stepper = Stepper(segments=segments)
     budget.prepare(model, method, config.keep).train()
-    saved = budget.saved_bytes(model, task, batch)
+    # what one pass saves for backward: a micro-batch's when accumulating; the ruler
+    # cannot see through checkpointing's own saved-tensor hooks, so none is reported there
+    saved = None if method.checkpoint else budget.saved_bytes(model, task, stepper.micro or batch)
+    peak = budget.peak_bytes(model, task, batch, stepper)
     opt_type = torch.optim.Adam if task.optimizer == "adam" else torch.optim.SGD
     optimizer = opt_type(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = None
@@ -201,7 +215,7 @@ def _build(config: RunConfig) -> _Run:
         step = max(1, config.iters // task.decays)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=task.decay)
     sampler = torch.Generator().manual_seed(sampler_seed(config.seed))
-    return _Run(config, task, model, optimizer, scheduler, sampler, batch, saved)
+    return _Run(config, task, model, optimizer, scheduler, sampler, batch, saved, peak, stepper, fits)
 
 
 @torch.no_grad()
@@ -430,12 +444,10 @@ def _loop(run: _Run, data: Tensors, folder: Path | None, stop_after: int | None,
         while run.iteration < config.iters:
             start = time.perf_counter()
             idx = torch.randint(len(train_y), (run.batch,), generator=run.sampler)
-            loss = nn.functional.cross_entropy(run.model(train_x[idx]), train_y[idx])
-            value = loss.item()
+            run.optimizer.zero_grad(set_to_none=True)
+            value = run.stepper.backward(run.model, train_x[idx], train_y[idx]).item()
             if not math.isfinite(value):
                 raise _diverged(run, folder, run.iteration + 1, f"the training loss is {value}")
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             if task.clip is not None:
                 nn.utils.clip_grad_norm_(run.model.parameters(), task.clip)
             try:
@@ -448,7 +460,8 @@ def _loop(run: _Run, data: Tensors, folder: Path | None, stop_after: int | None,
             if run.scheduler is not None:
                 run.scheduler.step()
             history.losses.append(value)
-            history.seconds += time.perf_counter() - start
+            history.step_seconds.append(time.perf_counter() - start)
+            history.seconds += history.step_seconds[-1]
             it = run.iteration
             if it % config.eval_every == 0 or it == config.iters:
                 row = _eval_row(run.model, it, test_x, test_y)
@@ -490,7 +503,11 @@ def _result(run: _Run, eval_examples: int) -> dict[str, Any]:
         "lr_decay": None if run.task.decay is None else {"factor": run.task.decay, "every": max(1, config.iters // run.task.decays)},
         "clip": run.task.clip,
         "batch": run.batch,
+        "micro_batch": run.stepper.micro,
+        "checkpoint_segments": run.stepper.segments,
+        "checkpoint_fits_rad_peak": run.checkpoint_fits,
         "saved_bytes": run.saved_bytes,
+        "peak_bytes": run.peak_bytes,
         "param_bytes": budget.param_bytes(run.model),
         "final_train_loss": sum(tail) / len(tail),
         "final_train_loss_window": len(tail),
@@ -500,6 +517,7 @@ def _result(run: _Run, eval_examples: int) -> dict[str, Any]:
         "train_seconds": history.seconds,  # training steps only, evaluation excluded
         "iters_per_second": len(history.losses) / history.seconds if history.seconds else None,
         "losses": history.losses,
+        "step_seconds": history.step_seconds,
         "evals": history.evals,
     }
 
