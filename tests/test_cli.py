@@ -380,3 +380,19 @@ def test_missing_extra_when_the_command_line_is_imported() -> None:
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == ("radgrad: the command line needs the experiments extra: "
                            "pip install 'radgrad[experiments]' (missing: tqdm)\n")
+
+
+def test_allocate(tmp_path: Path, tiny_mnist: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "alloc"
+    argv = ["allocate", "--task", "mnist-mlp", "--budget", "0.3", "--batch", "8", "--draws", "3",
+            "--data", str(tiny_mnist), "--out", str(out)]
+    assert main(argv) == 0
+    md = capsys.readouterr().out
+    assert "| setting | saved MB | relative variance |" in md and "| allocated |" in md
+    result = json.loads((out / "allocate.json").read_text())
+    assert set(result["allocation"]) == {"1", "3", "5", "7"}
+    assert all(r["saved_bytes"] <= result["budget_bytes"] for r in result["rows"])
+    assert (out / "allocate.png").stat().st_size > 0
+    with pytest.raises(SystemExit):  # the RNN tasks are not a choice
+        main(["allocate", "--task", "smnist-rows", "--out", str(out)])
+    assert "invalid choice" in capsys.readouterr().err

@@ -13,6 +13,7 @@ Public names: :func:`convert` (one call for an existing model), :mod:`radgrad.nn
 """
 
 from radgrad import functional, memory, models, nn
+from radgrad.allocate import allocate
 from radgrad.convert import convert
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import BITS, METHODS, Sketch, SketchConfig, draw, pack, tie, unpack

@@ -4,6 +4,7 @@
     radgrad compare  --task mnist-mlp --methods baseline reduced-batch different-sample --seeds 0 1 2 --out runs/cmp
     radgrad memory   [--tasks ...] [--keeps 1 0.8 0.5 0.3 0.1 0.05] [--batch 150] [--out docs/memory]
     radgrad variance --task mnist-mlp --keep 0.1 --draws 200 --out runs/var
+    radgrad allocate --task cifar-cnn --budget 0.1 --out runs/alloc
     radgrad reactor ... | radgrad lcg-variance ... | radgrad demo ...   (other experiments' own options)
 
 Run ``radgrad <command> --help`` for each command's options.
@@ -29,7 +30,7 @@ EXTRA: dict[str, str] = {"tqdm": "tqdm", "matplotlib": "matplotlib", "PIL": "pil
 try:
     import torch
 
-    from radgrad.experiments import table1, variance
+    from radgrad.experiments import allocation, table1, variance
     from radgrad.experiments.compare import STEM, compare
     from radgrad.experiments.tasks import METHODS, PAPER_KEEPS, TASKS, get_method, get_task
     from radgrad.experiments.train import RunConfig, RunDiverged, RunStopped, train
@@ -190,6 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--out", type=_OUT, default=Path("runs/variance"), help="folder for the outputs")
 
+    p = sub.add_parser("allocate", help="per-layer budget allocation against every uniform setting",
+                       formatter_class=_Formatter,
+                       description="Choose each layer's sketch setting within a byte budget on a calibration "
+                                   "batch (radgrad.allocate), then judge it on another batch with fresh draws "
+                                   "beside every uniform setting that fits the same budget. Writes allocate.md, "
+                                   ".csv, .json and a bar chart allocate.png.")
+    p.add_argument("--task", type=task, choices=[t for t in TASKS if not t.startswith("smnist")], required=True,
+                   metavar="TASK", help="task: mnist-mlp or cifar-cnn (the RNNs are not allocated)")
+    p.add_argument("--budget", type=_KEEP, default=0.1, help="saved bytes allowed, a fraction of the exact model's")
+    p.add_argument("--batch", type=options.integer("batch"), default=150, help="calibration and evaluation batch")
+    p.add_argument("--calibration-draws", type=options.integer("calibration-draws", 2), default=4,
+                   help="sketches per layer and candidate when allocating, >= 2")
+    p.add_argument("--draws", type=options.integer("draws", 2), default=30,
+                   help="gradient estimates per setting when judging, >= 2")
+    p.add_argument("--seed", type=_SEED, default=0, help="seeds parameters, batches and draws")
+    p.add_argument("--data", default=None, help="dataset file or folder (as for train)")
+    p.add_argument("--threads", type=_THREADS, default=1, help="torch CPU threads")
+    p.add_argument("--out", type=_OUT, default=Path("runs/allocate"), help="folder for the outputs")
+
     for name, (module, text) in EXTERNAL.items():
         sub.add_parser(name, help=text, add_help=False,
                        description=f"{text}; options are parsed by {module} (radgrad {name} --help)")
@@ -315,8 +335,19 @@ def _variance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _allocate(args: argparse.Namespace) -> int:
+    config = allocation.AllocationConfig(
+        task=args.task, budget=args.budget, batch=args.batch, calibration_draws=args.calibration_draws,
+        draws=args.draws, seed=args.seed, threads=args.threads, data=args.data)
+    result = allocation.study(config)
+    md = allocation.render(result)
+    print(md)
+    print("wrote " + ", ".join(map(str, allocation.write(result, md, args.out))))
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": _train, "compare": _compare, "memory": _memory, "variance": _variance,
+    "train": _train, "compare": _compare, "memory": _memory, "variance": _variance, "allocate": _allocate,
 }
 
 if __name__ == "__main__":
