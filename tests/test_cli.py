@@ -335,9 +335,10 @@ def test_demo_runs_the_training_loop_and_writes_its_outputs(tmp_path: Path, tiny
     assert demo.main(["--steps", "4", "--seed", "3", "--out", str(out), "--threads", "1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[:3] == ["MNIST MLP, 4 iterations, seed 3",
-                         "| method | batch | saved for backward | final train loss | test accuracy |",
-                         "|---|---|---|---|---|"]
-    assert [line.split(" | ")[0] for line in lines[3:6]] == ["| baseline", "| reduced-batch", "| rad"]
+                         "| method | batch | saved for backward | ms/step | final train loss | test accuracy |",
+                         "|---|---|---|---|---|---|"]
+    assert [line.split(" | ")[0] for line in lines[3:8]] == ["| baseline", "| reduced-batch", "| accumulate",
+                                                             "| rad-paper", "| rad-quantize"]
     saved = json.loads((out / "demo.json").read_text())
     assert saved["config"]["seed"] == 3 and saved["config"]["steps"] == 4 and saved["config"]["keep"] == 0.1
     results = saved["results"]
@@ -345,7 +346,7 @@ def test_demo_runs_the_training_loop_and_writes_its_outputs(tmp_path: Path, tiny
     assert results["baseline"]["batch"] == 150 and results["reduced-batch"]["batch"] < 150
     assert all(len(r["losses"]) == 4 and r["eval_examples"] == len(tiny_tensors.test_y) for r in results.values())
     rad = RunConfig(demo.TASK, "different-sample", keep=demo.KEEP, iters=4, seed=3, eval_size=len(tiny_tensors.test_y))
-    assert train(rad, data=tiny_tensors, progress=False)["losses"] == results["rad"]["losses"]  # the same loop
+    assert train(rad, data=tiny_tensors, progress=False)["losses"] == results["rad-paper"]["losses"]  # the same loop
     rows = list(csv.DictReader((out / "demo.csv").read_text().splitlines()))
     assert [r["method"] for r in rows] == list(demo.RUNS) and rows[0]["batch"] == "150"
     assert "4 iterations, seed 3" in (out / "demo.md").read_text()

@@ -93,6 +93,9 @@ def checkpoint_segments(model: nn.Module, task: Task, keep: float, batch: int) -
     """``(segments, fits)``: the checkpoint segmentation of ``model`` with the lowest peak, and
     whether that peak is within RAD's (:data:`BUDGET_METHOD` at ``keep``, measured by :func:`peak_bytes`).
 
+    At least two segments: ``checkpoint_sequential`` runs its last segment
+    normally, so one segment would checkpoint nothing.
+
     Raises:
         ValueError: ``model`` is not an ``nn.Sequential``.
     """
@@ -101,7 +104,7 @@ def checkpoint_segments(model: nn.Module, task: Task, keep: float, batch: int) -
                          f"model is a {type(model).__name__}")
     budget = peak_bytes(prepare(copy.deepcopy(model), BUDGET_METHOD, keep), task, batch)
     exact = prepare(copy.deepcopy(model), "baseline", keep)
-    peaks = {s: peak_bytes(exact, task, batch, Stepper(segments=s)) for s in range(1, len(model) + 1)}
+    peaks = {s: peak_bytes(exact, task, batch, Stepper(segments=s)) for s in range(2, len(model) + 1)}
     best = min(peaks, key=lambda s: (peaks[s], s))
     return best, peaks[best] <= budget
 
