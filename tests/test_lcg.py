@@ -305,6 +305,13 @@ def test_inject_counts_k_per_stored_row(keep, method):
     assert result.stored == 4 * max(1, round(keep * 10))
 
 
+@pytest.mark.parametrize("method", ["quantize", "norm"])
+def test_inject_takes_the_estimators_whose_values_it_counts(method):
+    graph = trace(lambda x: torch.tanh(x).sum(), torch.randn(4, 10, dtype=DT))
+    with pytest.raises(ValueError, match=f"radgrad.lcg: method must be 'sample' or 'project' .*got '{method}'"):
+        graph.inject(1.0, method=method)
+
+
 def test_inject_counts_matmul_operands_and_respects_at():
     x, w = torch.randn(4, 10, dtype=DT), torch.randn(10, 5, dtype=DT)
     graph = trace(lambda x, w: torch.tanh(x @ w).sum(), x, w)

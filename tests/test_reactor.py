@@ -90,8 +90,9 @@ def test_loss_definition_matches_simulate_and_target():
     torch.testing.assert_close(reactor.simulate(theta, [0.0], **SMALL), reactor.target([0.0], nx=8))
 
 
-@pytest.mark.parametrize("method", ["sample", "project"])
-def test_rad_gradient_is_unbiased(method):
+@pytest.mark.parametrize("method,keep,bits", [("sample", 0.1, None), ("project", 0.1, None), ("norm", 0.1, None),
+                                              ("quantize", 1.0, 2)])
+def test_rad_gradient_is_unbiased(method, keep, bits):
     # N = 1000 draws (a few seconds): the standard error of the mean is then below 1/16 of
     # every component of |g| here, so the 5-standard-error tolerance would still reject a
     # gradient scaled by the kept fraction k/D = 5/49 (the authors' missing 1/keep), which
@@ -100,11 +101,12 @@ def test_rad_gradient_is_unbiased(method):
     torch.manual_seed(0)
     theta, n = _theta(0), 1000
     exact = _grad(theta, **SMALL)
-    draws = torch.stack([_grad(theta, keep=0.1, method=method, **SMALL) for _ in range(n)])
+    draws = torch.stack([_grad(theta, keep=keep, method=method, bits=bits, **SMALL) for _ in range(n)])
     mean, se = draws.mean(0), draws.std(0) / n**0.5
     assert ((mean - exact).abs() <= 5 * se).all(), ((mean - exact) / se).tolist()
     kept = radgrad.SketchConfig(0.1).kept(49) / 49
-    assert ((1 - kept) * exact.abs() > 8 * se).all(), "the test must have power against the 1/keep bug"
+    bug = 1 - kept if method in ("sample", "project") else 0.25  # the 1/keep bug; for the others a 25% bias
+    assert (bug * exact.abs() > 8 * se).all(), "the test must have power against that bias"
 
 
 def test_same_seed_bitwise_equal_and_calls_differ():
@@ -142,6 +144,8 @@ def test_unstable_dt():
         (dict(t_end=0.3, dt=1 / 256, nx=8), "t_end=0.3 must be a positive whole multiple of dt"),
         (dict(checkpoint_every=0), "checkpoint_every must be a positive integer"),
         (dict(checkpoint_every=4, keep=0.5), "checkpoint_every needs keep=1"),
+        (dict(checkpoint_every=4, method="quantize"), "checkpoint_every needs keep=1 and no bits"),
+        (dict(method="quantize", keep=0.1), "radgrad.experiments.reactor: method='quantize' keeps every entry"),
         (dict(nx=1), "nx must be an integer >= 2"),
         (dict(method="nope", keep=0.5), r"radgrad\.experiments\.reactor: .*method"),
     ],
@@ -155,7 +159,7 @@ def test_memory_scales_with_keep():
     theta, options = _theta(), dict(nx=32, dt=1 / 4096, t_end=0.125)  # 512 states of 961 values
     saved = {}
     for label, kw in {"exact": {}, "0.1": dict(keep=0.1), "0.01": dict(keep=0.01),
-                      "ckpt64": dict(checkpoint_every=64)}.items():
+                      "ckpt64": dict(checkpoint_every=64), "2 bits": dict(method="quantize", bits=2)}.items():
         with radgrad.memory.record() as rec:
             reactor.loss(theta, **kw, **options)
         saved[label] = rec.total
@@ -168,6 +172,7 @@ def test_memory_scales_with_keep():
     for label, k in (("0.01", 10), ("0.1", 96)):
         assert saved[label] == other + 512 * k * 8 + 512 * 2 + 2 * k * 2, label
     assert saved["ckpt64"] == pytest.approx(saved["exact"] / 64, rel=0.01)
+    assert saved["2 bits"] < 0.05 * saved["exact"]  # 2 of 64 bits per value, and a scale per state
 
 
 def _sgd(keep: float, lr: float, iters: int = 40, seed: int = 1) -> float:

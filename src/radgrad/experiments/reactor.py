@@ -364,17 +364,18 @@ def _check_theta(theta: Tensor) -> None:
         )
 
 
-def _sketch_config(keep: float, method: str) -> radgrad.SketchConfig:
+def _sketch_config(keep: float, method: str, bits: int | None) -> radgrad.SketchConfig:
     try:
-        return radgrad.SketchConfig(keep, method=method, per_example=True)
+        return radgrad.SketchConfig(keep, method=method, per_example=True, bits=bits)
     except (TypeError, ValueError) as err:
         raise type(err)(f"radgrad.experiments.reactor: {str(err).removeprefix('radgrad: ')}") from err
 
 
 def _setup(
-    keep: float, nx: int, dt: float, t_end: float, diffusion: float, method: str, checkpoint_every: int | None
+    keep: float, nx: int, dt: float, t_end: float, diffusion: float, method: str, checkpoint_every: int | None,
+    bits: int | None = None,
 ) -> tuple[radgrad.SketchConfig, _Problem]:
-    config = _sketch_config(keep, method)
+    config = _sketch_config(keep, method, bits)
     p = _problem(nx, dt, t_end, diffusion)
     if checkpoint_every is not None:
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
@@ -384,17 +385,17 @@ def _setup(
             )
         if not config.exact:
             raise ValueError(
-                "radgrad.experiments.reactor: checkpoint_every needs keep=1 (recomputed states are exact)"
+                "radgrad.experiments.reactor: checkpoint_every needs keep=1 and no bits (recomputed states are exact)"
             )
     return config, p
 
 
 def validate(
     *, keep: float = 1.0, nx: int = 32, dt: float = 1 / 4096, t_end: float = 10.0,
-    diffusion: float = 0.25, method: str = "sample", checkpoint_every: int | None = None,
+    diffusion: float = 0.25, method: str = "sample", checkpoint_every: int | None = None, bits: int | None = None,
 ) -> None:
     """Raise the error :func:`loss` would raise for these options (see there); else return None."""
-    _setup(keep, nx, dt, t_end, diffusion, method, checkpoint_every)
+    _setup(keep, nx, dt, t_end, diffusion, method, checkpoint_every, bits)
 
 
 def loss(
@@ -407,6 +408,7 @@ def loss(
     diffusion: float = 0.25,
     method: str = "sample",
     checkpoint_every: int | None = None,
+    bits: int | None = None,
 ) -> Tensor:
     """The reactor loss (NOTE [Loss]) of control parameters ``theta``, differentiable in ``theta``.
 
@@ -422,7 +424,9 @@ def loss(
         dt: time step; must satisfy ``dt <= (1/nx)^2 / (4 diffusion)``.
         t_end: horizon, a whole multiple of ``dt``.
         diffusion: the coefficient ``D``.
-        method: the :data:`radgrad.METHODS` estimator used for ``keep < 1``.
+        method: the :data:`radgrad.METHODS` estimator used for ``keep < 1`` (``"quantize"``: every
+            value, rounded to ``bits``; takes ``keep=1``).
+        bits: store the kept values in this many bits (1, 2, 4, 8), or None for full precision.
         checkpoint_every: store only every ``m``-th state and recompute the others in the
             backward pass (exact gradient, about one extra forward pass); needs ``keep=1``.
 
@@ -431,7 +435,7 @@ def loss(
             not a multiple of ``dt``, or ``checkpoint_every`` invalid or combined with ``keep < 1``.
     """
     _check_theta(theta)
-    config, p = _setup(keep, nx, dt, t_end, diffusion, method, checkpoint_every)
+    config, p = _setup(keep, nx, dt, t_end, diffusion, method, checkpoint_every, bits)
     if checkpoint_every is None:
         store: _Sketched | _Checkpointed = _Sketched(config)
     else:

@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nx", type=int, default=32, help="cells per side (grid of nx+1 nodes)")
     parser.add_argument("--dt", type=float, default=1 / 4096, help="time step")
     parser.add_argument("--method", choices=sorted(radgrad.METHODS), default="sample", help="RAD estimator")
+    parser.add_argument("--bits", type=int, choices=radgrad.BITS, default=None,
+                        help="store the kept values in this many bits (method quantize: every value, --keep 1)")
     parser.add_argument("--checkpoint-every", type=int, default=None, help="exact checkpointing instead of RAD")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (small ops: 1 is fastest)")
     parser.add_argument("--jobs", type=int, default=1, help="keep fractions optimised in parallel processes")
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         for keep in keeps:
             options.check_keep(keep)
-            reactor.validate(**problem, keep=keep, method=args.method, checkpoint_every=args.checkpoint_every)
+            reactor.validate(**problem, keep=keep, method=args.method, checkpoint_every=args.checkpoint_every,
+                             bits=args.bits)
         options.check_int("iters", args.iters)
         options.check_number("lr", args.lr)
         options.check_seed(args.seed)
@@ -97,7 +100,7 @@ def _optimise(args: argparse.Namespace, keep: float, problem: dict[str, Any], ba
     start = reactor.initial_theta(torch.Generator().manual_seed(args.seed))
     theta = start.clone().requires_grad_()
     opt = OPTIMIZERS[args.optimizer]([theta], lr=args.lr)
-    kwargs = dict(problem, keep=keep, method=args.method, checkpoint_every=args.checkpoint_every)
+    kwargs = dict(problem, keep=keep, method=args.method, checkpoint_every=args.checkpoint_every, bits=args.bits)
     with radgrad.memory.record() as rec:
         reactor.loss(theta, **kwargs)
     losses = []
@@ -126,6 +129,7 @@ def _config(args: argparse.Namespace, keeps: Sequence[float]) -> dict[str, Any]:
 def _command(args: argparse.Namespace) -> str:
     keep = "--sweep" if args.sweep else "--keep " + " ".join(f"{k:g}" for k in args.keep)
     extra = f" --checkpoint-every {args.checkpoint_every}" if args.checkpoint_every else ""
+    extra += f" --bits {args.bits}" if args.bits else ""
     return (
         f"python -m radgrad.experiments.reactor_cli {keep} --iters {args.iters} --optimizer {args.optimizer} "
         f"--lr {args.lr:g} --seed {args.seed} --out {args.out} --t-end {args.t_end:g} --nx {args.nx} "

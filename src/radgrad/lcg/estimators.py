@@ -164,9 +164,13 @@ def inject(
         ones at ``at``, full tensors elsewhere) and the exact count.
 
     Raises:
-        ValueError: ``keep``/``method`` invalid (from :class:`radgrad.SketchConfig`),
+        ValueError: ``keep`` invalid (from :class:`radgrad.SketchConfig`), ``method`` not
+            ``"sample"`` or ``"project"``,
             an unknown vertex, or an input vertex in ``at``.
     """
+    if method not in ("sample", "project"):
+        raise ValueError(f"radgrad.lcg: method must be 'sample' or 'project' (the counts here are of stored "
+                         f"values, which only these keep in full precision), got {method!r}")
     config = SketchConfig(keep, method, per_example)
     targets = injection_targets(graph, at)
     replaced: dict[int, LocalJacobian] = {}
