@@ -137,3 +137,10 @@ def weight_entries(model: nn.Module) -> torch.Tensor:
     """
     return torch.cat([torch.full((p.numel(),), name.rsplit(".", 1)[-1].startswith("weight"))
                       for name, p in model.named_parameters()])
+
+
+def plan_target():
+    """A model and an example batch for ``radgrad plan --model problems:plan_target``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 5))
+    return model, (torch.randn(40, 64), torch.randint(5, (40,)))

@@ -397,3 +397,26 @@ def test_allocate(tmp_path: Path, tiny_mnist: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):  # the RNN tasks are not a choice
         main(["allocate", "--task", "smnist-rows", "--out", str(out)])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_plan_end_to_end_on_a_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "plan"
+    assert main(["plan", "--model", "problems:plan_target", "--budget", "0.3", "--rounds", "3", "--draws", "3",
+                 "--out", str(out)]) == 0
+    md = capsys.readouterr().out
+    assert "| candidate | setting | saved MB | peak MB | step / torch | gradient rel. std |" in md
+    result = json.loads((out / "plan.json").read_text())
+    rows = {r["candidate"]: r for r in result["rows"]}
+    assert {"torch (reference)", "accumulate", "checkpoint", "radgrad quantize", "radgrad allocate"} <= set(rows)
+    assert all(r["saved_bytes"] <= result["budget_bytes"] for name, r in rows.items()
+               if r["saved_bytes"] is not None and name != "torch (reference)")
+    assert rows["accumulate"]["relative_std"] == 0 and rows["radgrad quantize"]["relative_std"] > 0
+    assert result["recommendation"] in rows and result["recommendation"] != "checkpoint"
+    assert f"**Recommended: {result['recommendation']}.**" in md and (out / "plan.csv").exists()
+
+
+def test_plan_refuses_what_it_cannot_load(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--model", "nowhere"]) == 2
+    assert "model must be a task (" in capsys.readouterr().err
+    assert main(["plan", "--model", "problems:no_such_factory"]) == 2
+    assert "radgrad: cannot load 'problems:no_such_factory'" in capsys.readouterr().err

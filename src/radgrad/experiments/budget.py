@@ -54,39 +54,9 @@ def saved_bytes(model: nn.Module, task: Task, batch: int) -> int:
 
 
 def peak_bytes(model: nn.Module, task: Task, batch: int, stepper: Stepper = Stepper()) -> int:
-    """The most bytes a forward and backward pass at ``batch`` holds on top of the weights (measured).
-
-    :func:`radgrad.memory.peak` over one ``stepper`` pass from zeroed gradients:
-    activations, what is saved for backward, gradients and temporaries. The
-    optimizer's step is left out: its memory (Adam's state and temporaries)
-    is the same for every method. With accumulation, every micro-batch after
-    the first holds the gradients so far plus one micro-batch's pass, so
-    that is what is measured.
-    """
-    x = example_inputs(task, batch)
-    y = torch.zeros(batch, dtype=torch.long)
-    was_training = model.training
-    model.train()
-    one_pass = Stepper(segments=stepper.segments)
-    micro = stepper.micro if stepper.micro is not None and stepper.micro < batch else None
-
-    def step() -> None:
-        if micro is None:
-            model.zero_grad(set_to_none=True)
-            one_pass.backward(model, x, y)
-        else:
-            one_pass.backward(model, x[:micro], y[:micro])
-
-    try:
-        with torch.random.fork_rng(devices=[]):
-            model.zero_grad(set_to_none=True)
-            if micro is not None:
-                one_pass.backward(model, x[:micro], y[:micro])  # the gradients of a first micro-batch
-            record = radgrad.memory.peak(step, model)
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return record.peak - param_bytes(model)
+    """The most bytes a forward and backward pass at ``batch`` holds on top of the weights
+    (:meth:`~radgrad.experiments.steps.Stepper.peak`, on random inputs of the task's shape)."""
+    return stepper.peak(model, example_inputs(task, batch), torch.zeros(batch, dtype=torch.long))
 
 
 def checkpoint_segments(model: nn.Module, task: Task, keep: float, batch: int) -> tuple[int, bool]:

@@ -5,6 +5,7 @@
     radgrad memory   [--tasks ...] [--keeps 1 0.8 0.5 0.3 0.1 0.05] [--batch 150] [--out docs/memory]
     radgrad variance --task mnist-mlp --keep 0.1 --draws 200 --out runs/var
     radgrad allocate --task cifar-cnn --budget 0.1 --out runs/alloc
+    radgrad plan     --model cifar-cnn --budget 0.1 | --model mypackage.models:make --out runs/plan
     radgrad reactor ... | radgrad lcg-variance ... | radgrad demo ...   (other experiments' own options)
 
 Run ``radgrad <command> --help`` for each command's options.
@@ -30,7 +31,7 @@ EXTRA: dict[str, str] = {"tqdm": "tqdm", "matplotlib": "matplotlib", "PIL": "pil
 try:
     import torch
 
-    from radgrad.experiments import allocation, table1, variance
+    from radgrad.experiments import allocation, plan, table1, variance
     from radgrad.experiments.compare import STEM, compare
     from radgrad.experiments.tasks import METHODS, PAPER_KEEPS, TASKS, get_method, get_task
     from radgrad.experiments.train import RunConfig, RunDiverged, RunStopped, train
@@ -210,6 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=_THREADS, default=1, help="torch CPU threads")
     p.add_argument("--out", type=_OUT, default=Path("runs/allocate"), help="folder for the outputs")
 
+    p = sub.add_parser("plan", help="for your model and memory budget: measure what fits, recommend one",
+                       formatter_class=_Formatter,
+                       description="Measure accumulation, checkpointing and radgrad's estimators within a budget "
+                                   "of saved bytes on an example batch: saved and peak memory, step time against "
+                                   "plain torch, gradient relative std; recommend one and say why. Writes plan.md, "
+                                   ".csv and .json.")
+    p.add_argument("--model", required=True, metavar="TASK|MODULE:FACTORY",
+                   help=f"a task ({', '.join(TASKS)}) or module:factory returning (model, (x, y)) or "
+                        "(model, (x, y), loss)")
+    p.add_argument("--budget", type=_KEEP, default=0.1, help="saved bytes allowed, a fraction of the plain model's")
+    p.add_argument("--batch", type=options.integer("batch"), default=150, help="batch of a task's example")
+    p.add_argument("--rounds", type=options.integer("rounds"), default=20, help="interleaved timing rounds")
+    p.add_argument("--draws", type=options.integer("draws", 2), default=10, help="gradient draws per candidate")
+    p.add_argument("--seed", type=_SEED, default=0, help="seeds the model, the example and the draws")
+    p.add_argument("--threads", type=_THREADS, default=1, help="torch CPU threads")
+    p.add_argument("--out", type=_OUT, default=None, help="if given, write plan.md, .csv and .json here")
+
     for name, (module, text) in EXTERNAL.items():
         sub.add_parser(name, help=text, add_help=False,
                        description=f"{text}; options are parsed by {module} (radgrad {name} --help)")
@@ -346,8 +364,20 @@ def _allocate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    config = plan.PlanConfig(target=args.model, budget=args.budget, batch=args.batch, rounds=args.rounds,
+                             draws=args.draws, seed=args.seed, threads=args.threads)
+    result = plan.plan(config)
+    md = plan.render(result)
+    print(md)
+    if args.out is not None:
+        print("wrote " + ", ".join(map(str, plan.write(result, md, args.out))))
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _train, "compare": _compare, "memory": _memory, "variance": _variance, "allocate": _allocate,
+    "plan": _plan,
 }
 
 if __name__ == "__main__":

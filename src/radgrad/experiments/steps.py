@@ -13,11 +13,14 @@ same minibatch as every other method so the comparison is like for like:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint_sequential
+
+import radgrad
 
 __all__ = ["Stepper"]
 
@@ -29,24 +32,58 @@ class Stepper:
     Attributes:
         micro: accumulate over micro-batches of this many examples (None: one pass).
         segments: checkpoint an ``nn.Sequential`` model in this many segments (None: no checkpointing).
+        loss: the loss of a batch, ``loss(output, y)``, a mean over examples (default: cross-entropy).
     """
 
     micro: int | None = None
     segments: int | None = None
+    loss: Callable[[Tensor, Tensor], Tensor] = nn.functional.cross_entropy
 
     def backward(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """Add the gradient of the mean cross-entropy over ``(x, y)`` to ``.grad``; return the loss (detached)."""
+        """Add the gradient of the mean loss over ``(x, y)`` to ``.grad``; return the loss (detached)."""
         if self.micro is None or self.micro >= len(y):
-            loss = nn.functional.cross_entropy(self._forward(model, x), y)
+            loss = self.loss(self._forward(model, x), y)
             loss.backward()
             return loss.detach()
         total = x.new_zeros(())
         for lo in range(0, len(y), self.micro):
-            part = nn.functional.cross_entropy(self._forward(model, x[lo:lo + self.micro]), y[lo:lo + self.micro])
+            part = self.loss(self._forward(model, x[lo:lo + self.micro]), y[lo:lo + self.micro])
             part = part * (len(y[lo:lo + self.micro]) / len(y))
             part.backward()
             total += part.detach()
         return total
+
+    def peak(self, model: nn.Module, x: Tensor, y: Tensor) -> int:
+        """The most bytes one pass over ``(x, y)`` holds on top of the weights (:func:`radgrad.memory.peak`).
+
+        Activations, what is saved for backward, gradients and temporaries,
+        from zeroed gradients; the optimizer's step is left out. With
+        accumulation every micro-batch after the first holds the gradients so
+        far plus one micro-batch's pass, so that is what is measured. Draws
+        made here do not move torch's default CPU generator.
+        """
+        was_training = model.training
+        model.train()
+        one_pass = Stepper(segments=self.segments, loss=self.loss)
+        micro = self.micro if self.micro is not None and self.micro < len(y) else None
+
+        def step() -> None:
+            if micro is None:
+                model.zero_grad(set_to_none=True)
+                one_pass.backward(model, x, y)
+            else:
+                one_pass.backward(model, x[:micro], y[:micro])
+
+        try:
+            with torch.random.fork_rng(devices=[]):
+                model.zero_grad(set_to_none=True)
+                if micro is not None:
+                    one_pass.backward(model, x[:micro], y[:micro])  # the gradients of a first micro-batch
+                record = radgrad.memory.peak(step, model)
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        return record.peak - sum(p.numel() * p.element_size() for p in model.parameters())
 
     def _forward(self, model: nn.Module, x: Tensor) -> Tensor:
         if self.segments is None:
