@@ -35,9 +35,11 @@ class SketchedBmm(torch.autograd.Function):
         return grad_a, grad_b, None
 
 
-def sketched_bmm(a: torch.Tensor, b: torch.Tensor, keep: float = 0.1) -> torch.Tensor:
-    """``torch.bmm(a, b)`` whose gradient with respect to ``b`` is an unbiased estimate."""
-    return SketchedBmm.apply(a, b, radgrad.SketchConfig(keep))
+def sketched_bmm(a: torch.Tensor, b: torch.Tensor, keep: float | None = 0.1, method: str = "sample",
+                 bits: int | None = None) -> torch.Tensor:
+    """``torch.bmm(a, b)`` whose gradient with respect to ``b`` is an unbiased estimate
+    (``keep``, ``method``, ``bits``: see :class:`radgrad.SketchConfig`)."""
+    return SketchedBmm.apply(a, b, radgrad.SketchConfig(keep, method, bits=bits))
 
 
 if __name__ == "__main__":
@@ -45,7 +47,11 @@ if __name__ == "__main__":
     a, b = torch.randn(8, 150, 512), torch.randn(8, 512, 64, requires_grad=True)
     with radgrad.memory.record() as exact:
         y = torch.bmm(a, b)
-    with radgrad.memory.record() as sketched:
+    with radgrad.memory.record() as sampled:
         y = sketched_bmm(a, b, keep=0.1)
     y.square().sum().backward()
-    print(f"saved for backward: exact {exact.total:,} B, sketched {sketched.total:,} B")
+    with radgrad.memory.record() as quantized:
+        y = sketched_bmm(a, b, keep=None, method="quantize")
+    y.square().sum().backward()
+    print(f"saved for backward: exact {exact.total:,} B, sampled (keep 0.1) {sampled.total:,} B, "
+          f"quantized (2 bits) {quantized.total:,} B")
