@@ -354,3 +354,13 @@ def test_uniform_grid_is_uniform_and_pairwise_independent():
     diagonal = bins[:, 1, 1]  # u[1,1] - u[1,0] - u[0,1] + u[0,0] = 0 mod 1: triples are dependent, pairs not
     assert chi2(first * 5 + diagonal, 25) < 80
     assert chi2(first * 5 + first, 25) > 1000  # power
+
+
+@pytest.mark.parametrize("bits", radgrad.BITS)
+def test_rounding_a_block_of_rows_at_a_time_changes_nothing(bits, monkeypatch):
+    x = torch.randn(7, 3, 10)
+    config = SketchConfig(method="quantize", bits=bits)
+    whole = pack(x, config, batch_dims=2, generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(quantize, "_BLOCK", 25)  # two rows of 10 per block
+    blocks = pack(x, config, batch_dims=2, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(blocks.values, whole.values) and torch.equal(blocks.scale, whole.scale)

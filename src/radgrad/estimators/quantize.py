@@ -43,8 +43,8 @@ __all__ = ["BITS", "quantize", "dequantize", "packed_width"]
 BITS = (1, 2, 4, 8)
 
 _WORD = {1: torch.int64, 2: torch.int32, 4: torch.int16}
-# Entries rounded at once.
-_BLOCK = 2**18
+# Entries rounded at once: a few float temporaries of this size live while a tensor is quantized.
+_BLOCK = 2**16
 
 
 def packed_width(n: int, bits: int) -> int:
