@@ -87,7 +87,7 @@ def _packed(output: Tensor, x: Tensor, config: SketchConfig, batch_dims: int) ->
     return tie(output, sketch), (None if sketch.exact else sketch.values), sketch.state, sketch.scale
 
 
-def _unpacked_parts(ctx, parts: Sequence[Tensor | None], x: Tensor, config: SketchConfig,
+def _sketch_from(ctx, parts: Sequence[Tensor | None], x: Tensor, config: SketchConfig,
                     batch_dims: int) -> Sketch:
     """The sketch of ``x`` whose tensors ``forward`` returned, its outputs marked non-differentiable."""
     values, state, scale = parts
@@ -137,7 +137,7 @@ class _Linear(_RADFunction):
     @staticmethod
     def setup_context(ctx, inputs, outputs):
         input, weight, _, config = inputs
-        sketch = _unpacked_parts(ctx, outputs[1:], input, config, input.dim() - 1)
+        sketch = _sketch_from(ctx, outputs[1:], input, config, input.dim() - 1)
         save_for_backward(ctx, sketch, weight if ctx.needs_input_grad[0] else None)
 
     @staticmethod
@@ -202,7 +202,7 @@ class _Conv(_RADFunction):
     def setup_context(ctx, inputs, outputs):
         input, weight, _, stride, padding, dilation, groups, config = inputs
         ctx.options = (stride, padding, dilation, groups)
-        save_for_backward(ctx, _unpacked_parts(ctx, outputs[1:], input, config, 2), weight)
+        save_for_backward(ctx, _sketch_from(ctx, outputs[1:], input, config, 2), weight)
 
     @staticmethod
     def backward(ctx, grad, *_):
@@ -475,7 +475,7 @@ class _Recurrence(_RADFunction):
             saved = [weight]
             for i, (lo, hi) in enumerate(chunks):
                 previous = _previous_states(output, h0, lo, hi)
-                saved += [_unpacked_parts(ctx, parts[3 * i:3 * i + 3], previous, config, 2),
+                saved += [_sketch_from(ctx, parts[3 * i:3 * i + 3], previous, config, 2),
                           bits.pack(output[lo:hi])]
         else:
             saved = [weight, h0, output]
