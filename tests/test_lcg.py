@@ -387,7 +387,7 @@ def test_inject_errors():
         graph.inject(0.5, at="tanh")
     with pytest.raises(ValueError, match="keep must be in"):
         graph.inject(0.0)
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="radgrad.lcg: method must be 'sample' or 'project'.*got 'dropout'"):
         graph.inject(0.5, method="dropout")
 
 
