@@ -1,6 +1,6 @@
 """The demo: the MNIST MLP trained at (about) a tenth of the activation memory, five ways, at a glance.
 
-    python -m radgrad.experiments.demo [--steps 8000] [--seed 0] [--out runs/demo] [--threads N]
+    python -m radgrad.experiments.demo [--steps 5000] [--seed 0] [--out runs/demo] [--threads N]
     radgrad demo ...                    (the same)
 
 Five runs of the training loop of ``radgrad train``
@@ -45,8 +45,8 @@ STEM = "demo"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser``."""
-    parser.add_argument("--steps", type=options.integer("steps"), default=8000,
-                        help="training iterations per method, >= 1 (8000: about 5 minutes on one core)")
+    parser.add_argument("--steps", type=options.integer("steps"), default=5000,
+                        help="training iterations per method, >= 1 (5000: about 5 minutes on one core)")
     parser.add_argument("--seed", type=options.seed(), default=0,
                         help=f"seed for weights, minibatches and RAD samples (0 to {options.SEED_MAX})")
     parser.add_argument("--out", type=options.folder(), default=Path("runs/demo"),
