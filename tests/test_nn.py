@@ -54,23 +54,26 @@ def test_linear_weight_gradient_is_the_exact_formula_on_the_sketch(shape, config
     assert_same_up_to_rounding(got[1], formula)
 
 
-# End to end, statistically: the composition of layers, one sketch config per
-# model (every op and config is checked deterministically above and in
+# End to end, statistically: the composition of layers, a paper's and a newer
+# sketch config per model (every op and config is checked deterministically above and in
 # test_functional.py). Weights only: bias gradients are exact, asserted
 # draw by draw. Draws: enough for the power check, a 10% bias caught.
-END_TO_END = {"mlp": ("sample", True, 1500), "conv": ("project", False, 1000)}
+END_TO_END = {("mlp", "paper"): (radgrad.SketchConfig(0.3, "sample", True), 1500),
+              ("conv", "paper"): (radgrad.SketchConfig(0.3, "project", False), 1000),
+              ("mlp", "beyond"): (radgrad.SketchConfig(method="quantize", bits=1), 1000),
+              ("conv", "beyond"): (radgrad.SketchConfig(0.3, "norm", bits=1), 1000)}
 
 
-@pytest.mark.parametrize("kind", ["mlp", "conv"])
-def test_weight_gradients_are_unbiased(kind):
-    method, per_example, n = END_TO_END[kind]
+@pytest.mark.parametrize("kind,which", list(END_TO_END), ids=lambda v: v)
+def test_weight_gradients_are_unbiased(kind, which):
+    config, n = END_TO_END[kind, which]
     model, x, y = problem(kind)
     if kind == "mlp":  # 16 examples, not 4: a sample estimate of a sum over more rows varies less
         g = torch.Generator().manual_seed(0)
         x = torch.randn(16, 7, dtype=torch.float64, generator=g)
         y = torch.randint(3, (16,), generator=g)
     exact = weight_grads(model, x, y)
-    radgrad.convert(model, keep=0.3, method=method, per_example=per_example)
+    radgrad.convert(model, **options(config))
     torch.manual_seed(1)
     samples = sample_grads(model, x, y, n)
     weights = weight_entries(model)

@@ -114,18 +114,21 @@ def test_weight_gradients_are_the_exact_formula_on_the_sketches(nonlinearity, co
             torch.testing.assert_close(got[name], b, rtol=0, atol=1e-12)
 
 
-def test_weight_gradients_are_unbiased():
-    # End to end, statistically: two layers, sketched inputs and states, one
-    # config (every config is checked deterministically above). Weights only:
+@pytest.mark.parametrize("config", [radgrad.SketchConfig(0.3, "sample"), radgrad.SketchConfig(method="quantize", bits=1),
+                                    radgrad.SketchConfig(0.3, "norm")], ids=config_id)
+def test_weight_gradients_are_unbiased(config):
+    # End to end, statistically: two layers, sketched inputs and states, the
+    # paper's sampling, the coarsest quantization and norm sampling (every
+    # config is checked deterministically above). Weights only:
     # the biases are exact (up to torch's order of additions), asserted draw by
     # draw. Draws: enough for the power check, a 10% bias caught; 8 examples,
-    # not 2: a sample estimate of a sum over more rows varies less. ("sample",
-    # not "project": a projection is exact on a one-hot row, which ReLU states
+    # not 2: a sample estimate of a sum over more rows varies less. (Not
+    # "project": a projection is exact on a one-hot row, which ReLU states
     # often are, and an entry that never varies would pass the power check alone.)
     rnn, x, h0 = _problem("relu", batch=8)
     exact = torch.cat([g.reshape(-1) for g in _grads(rnn, x, h0)[2:]])
     weights = weight_entries(rnn)
-    radgrad.convert(rnn, keep=0.3, method="sample", per_example=True)
+    radgrad.convert(rnn, **options(config))
     torch.manual_seed(1)
     samples = torch.stack([torch.cat([g.reshape(-1) for g in _grads(rnn, x, h0)[2:]]) for _ in range(600)])
     torch.testing.assert_close(samples[:, ~weights], exact[~weights].expand(len(samples), -1), rtol=0, atol=1e-12)
