@@ -1,14 +1,17 @@
 """radgrad: randomized automatic differentiation for PyTorch.
 
 A RAD layer computes its forward pass exactly but keeps, for the backward
-pass, only a random, compact, reweighted sketch of its input: weight gradients
-become unbiased estimates, everything else stays exact, and the memory saved
-for backward drops by about the keep fraction.
+pass, only a compact unbiased estimate of its input (a random sample, a
+projection, or stochastically rounded codes): weight gradients become
+unbiased estimates, everything else stays exact, and the memory saved for
+backward drops to a tenth or less.
 
-Public names: :func:`convert` (one call for an existing model), :mod:`radgrad.nn`
-(the layers), :mod:`radgrad.functional`, :mod:`radgrad.memory` (the ruler),
+Public names: :func:`convert` (one call for an existing model; ``method="quantize"``
+is the recommended setting), :func:`allocate` (per-layer settings within a byte
+budget), :mod:`radgrad.nn` (the layers), :mod:`radgrad.functional`,
+:mod:`radgrad.memory` (saved bytes and the peak of a step),
 :mod:`radgrad.models` (the paper's models), and the sketch API for custom ops
-(:class:`SketchConfig`, :func:`draw`, :func:`pack`, :func:`unpack`, :func:`tie`,
+(:class:`SketchConfig`, :data:`METHODS`, :data:`BITS`, :func:`draw`, :func:`pack`, :func:`unpack`, :func:`tie`,
 :func:`save_for_backward`, :func:`saved_tensors`).
 """
 
@@ -25,6 +28,7 @@ __all__ = [
     "METHODS",
     "Sketch",
     "SketchConfig",
+    "allocate",
     "convert",
     "draw",
     "functional",

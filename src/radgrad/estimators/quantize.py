@@ -106,7 +106,6 @@ def _unpack_codes(data: Tensor, bits: int, n: int) -> Tensor:
     """The ``(rows, n)`` one-byte codes of :func:`_pack_codes`'s bytes."""
     if bits == 8:
         return data
-    per = 8 // bits
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=data.device)
     codes = data.unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and_(2**bits - 1)
     return codes.view(data.shape[0], -1)[:, :n]

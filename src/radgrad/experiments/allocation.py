@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from radgrad.experiments.data import Tensors
 from radgrad.experiments.tasks import get_task, load_data
 from radgrad.experiments.train import sampler_seed
 
-__all__ = ["AllocationConfig", "study", "render", "write", "STEM"]
+__all__ = ["AllocationConfig", "study", "render", "write", "relative_errors", "STEM"]
 
 STEM = "allocate"
 
@@ -78,6 +79,15 @@ def _weights(model: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1].startswith("weight")]
 
 
+def relative_errors(loss: Callable[[], torch.Tensor], weights: Sequence[torch.Tensor],
+                    exact: Sequence[torch.Tensor], draws: int) -> np.ndarray:
+    """``||g_hat - g||^2 / ||g||^2`` for ``draws`` fresh gradients ``g_hat`` of ``loss()`` with respect to
+    ``weights``, where ``g`` is ``exact`` (all weights together)."""
+    norm = sum(float(g.square().sum()) for g in exact)
+    return np.array([sum(float((g - e).square().sum()) for g, e in zip(torch.autograd.grad(loss(), weights), exact))
+                     for _ in range(draws)]) / norm
+
+
 def _judge(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int) -> tuple[int, float, float]:
     """(saved bytes, relative variance, its standard error) of ``model`` on ``(x, y)`` (NOTE [Judging an allocation])."""
     saved = radgrad.memory.saved_bytes(model, x)
@@ -88,11 +98,7 @@ def _judge(model: nn.Module, x: torch.Tensor, y: torch.Tensor, draws: int) -> tu
     exact = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), weights)
     for m, config in settings.items():
         m.sketch = config
-    norm = sum(float(g.square().sum()) for g in exact)
-    errors = np.array([
-        sum(float((g - e).square().sum())
-            for g, e in zip(torch.autograd.grad(nn.functional.cross_entropy(model(x), y), weights), exact))
-        for _ in range(draws)]) / norm
+    errors = relative_errors(lambda: nn.functional.cross_entropy(model(x), y), weights, exact, draws)
     return saved, float(errors.mean()), float(errors.std(ddof=1) / math.sqrt(draws))
 
 

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 import radgrad
 from radgrad.experiments import budget as budgets
 from radgrad.experiments import options, report
+from radgrad.experiments.allocation import relative_errors
 from radgrad.experiments.steps import Stepper
 from radgrad.experiments.tasks import TASKS, get_task
 
@@ -166,10 +167,7 @@ def _largest_fitting(fits: Callable[[int], bool], n: int) -> int | None:
 
 def _relative_std(model: nn.Module, x: Tensor, y: Tensor, loss: Callable, exact: list[Tensor], draws: int) -> float:
     weights = [p for p in model.parameters() if p.requires_grad]
-    norm = sum(float(g.square().sum()) for g in exact)
-    errors = [sum(float((g - e).square().sum()) for g, e in zip(torch.autograd.grad(loss(model(x), y), weights), exact))
-              for _ in range(draws)]
-    return math.sqrt(statistics.fmean(errors) / norm)
+    return math.sqrt(float(relative_errors(lambda: loss(model(x), y), weights, exact, draws).mean()))
 
 
 def plan(config: PlanConfig) -> dict[str, Any]:
