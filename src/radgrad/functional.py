@@ -11,7 +11,7 @@ Contract of every function here:
     * the bias gradient is exact;
     * only the weight gradient is an estimate (unbiased): it is computed from
       an unpacked sketch of the input (:mod:`radgrad.sketch`);
-    * with ``config.keep == 1``, with gradients disabled, or when the weight
+    * with an exact config (``keep=1``, no ``bits``), with gradients disabled, or when the weight
       needs no gradient, the torch function itself runs, unchanged;
     * a second derivative through a randomized op raises RuntimeError.
 

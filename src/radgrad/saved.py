@@ -22,7 +22,7 @@ Example, an op ``y = x @ w`` that randomizes the ``x`` needed for ``dL/dw``::
             return grad @ w.t(), x_est.t() @ grad, None
 
 ``dL/dw = x^T grad`` is linear in ``x``, so the sketched gradient is unbiased;
-``dL/dx = grad w^T`` needs only ``w`` and stays exact. At ``keep=1`` the sketch
+``dL/dx = grad w^T`` needs only ``w`` and stays exact. At ``keep=1`` (no ``bits``) the sketch
 is ``x`` itself and the op is exact.
 """
 
@@ -98,7 +98,7 @@ def saved_tensors(ctx: Any, *, unpack: bool = True) -> tuple[Any, ...]:
                     "radgrad: double backward (create_graph=True, which torch.func.grad "
                     "and torch.autograd.grad(create_graph=True) use) through a RAD op is not "
                     "supported: its saved input is a random sketch, so a second derivative "
-                    "would be silently wrong. Use keep=1.0 or exclude this layer from convert()."
+                    "would be silently wrong. Use keep=1.0 without bits, or exclude this layer from convert()."
                 )
             out.append(sketch.unpack() if unpack else sketch)
     return tuple(out)
