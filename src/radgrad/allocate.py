@@ -138,8 +138,7 @@ def allocate(
         table = {name: {c: _measure(m, inputs[name], out_grads[name], exact_grads[name], c, draws)
                         for c in dict.fromkeys(candidates)}
                  for name, m in layers.items()}
-        layer_bytes = sum(_measure(m, inputs[name], out_grads[name], exact_grads[name], SketchConfig(1.0), draws)[0]
-                          for name, m in layers.items())
+        layer_bytes = sum(_saved(m, inputs[name], SketchConfig(1.0)) for name, m in layers.items())
     finally:
         for name, m in layers.items():
             m.sketch = settings[name]
@@ -184,10 +183,7 @@ def _capture(layers: dict[str, nn.Module], loss: Callable[[], Tensor]) -> tuple[
 def _measure(module: nn.Module, x: Tensor, grad_out: Tensor, exact: Tensor, config: SketchConfig,
              draws: int) -> tuple[int, float]:
     """(saved bytes, E||g_hat - g||^2) of ``module``'s weight gradient under ``config``."""
-    module.sketch = config
-    with memory.record(module) as rec, torch.enable_grad():
-        out = module(x)
-    saved = rec.total
+    saved = _saved(module, x, config)
     if config.exact:
         return saved, 0.0
     errors = []
@@ -195,8 +191,13 @@ def _measure(module: nn.Module, x: Tensor, grad_out: Tensor, exact: Tensor, conf
         with torch.enable_grad():
             (g,) = torch.autograd.grad(module(x), module.weight, grad_out)
         errors.append(float((g - exact).square().sum()))
-    del out
     return saved, sum(errors) / draws
+
+
+def _saved(module: nn.Module, x: Tensor, config: SketchConfig) -> int:
+    """Bytes ``module`` saves for backward on ``x`` under ``config`` (which it keeps)."""
+    module.sketch = config
+    return memory.saved_bytes(module, x)
 
 
 def _knapsack(table: dict[str, dict[SketchConfig, tuple[int, float]]], limit: int) -> dict[str, SketchConfig] | None:

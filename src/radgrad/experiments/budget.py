@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 import radgrad
+from radgrad.experiments import steps
 from radgrad.experiments.steps import Stepper
 from radgrad.experiments.tasks import EXACT_KEEP, Method, Task, get_method
 
@@ -44,13 +45,7 @@ def prepare(model: nn.Module, method: Method | str, keep: float) -> nn.Module:
 
 def saved_bytes(model: nn.Module, task: Task, batch: int) -> int:
     """Bytes ``model`` saves for backward on one training step at ``batch`` (measured)."""
-    was_training = model.training
-    model.train()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return radgrad.memory.saved_bytes(model, example_inputs(task, batch))
-    finally:
-        model.train(was_training)
+    return steps.saved_bytes(model, example_inputs(task, batch))
 
 
 def peak_bytes(model: nn.Module, task: Task, batch: int, stepper: Stepper = Stepper()) -> int:

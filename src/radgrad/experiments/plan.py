@@ -43,6 +43,7 @@ from radgrad.experiments import budget as budgets
 from radgrad.experiments import options, report
 from radgrad.experiments.allocation import relative_errors
 from radgrad.experiments.steps import Stepper
+from radgrad.experiments.steps import saved_bytes as _saved
 from radgrad.experiments.tasks import TASKS, get_task
 
 __all__ = ["PlanConfig", "load_target", "plan", "render", "write", "STEM", "SPEEDUP", "MAX_STD"]
@@ -109,12 +110,6 @@ def load_target(config: PlanConfig) -> tuple[nn.Module, Tensor, Tensor, Callable
         raise ValueError(f"radgrad: {config.target} must return (model, (x, y)) or (model, (x, y), loss)")
     loss = made[2] if len(made) == 3 else nn.functional.cross_entropy
     return made[0], made[1][0], made[1][1], loss
-
-
-def _saved(model: nn.Module, x: Tensor) -> int:
-    model.train()
-    with torch.random.fork_rng(devices=[]):
-        return radgrad.memory.saved_bytes(model, x)
 
 
 def _candidates(model: nn.Module, x: Tensor, y: Tensor, loss: Callable, limit: int,

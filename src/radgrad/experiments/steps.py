@@ -22,7 +22,21 @@ from torch.utils.checkpoint import checkpoint_sequential
 
 import radgrad
 
-__all__ = ["Stepper"]
+__all__ = ["Stepper", "saved_bytes"]
+
+
+def saved_bytes(model: nn.Module, x: Tensor) -> int:
+    """Bytes ``model`` saves for backward on a training-mode pass over ``x`` (:mod:`radgrad.memory`).
+
+    Draws made here do not move torch's default CPU generator; the model's mode is restored.
+    """
+    was_training = model.training
+    model.train()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return radgrad.memory.saved_bytes(model, x)
+    finally:
+        model.train(was_training)
 
 
 @dataclass(frozen=True)
