@@ -48,6 +48,10 @@ def run(rank: int, init_file: str, out: str) -> None:
                 "first_loss": losses[0],
                 "last_loss": losses[-1],
             }, f)
+    # Tear down only after both ranks are done talking: a rank that destroys the
+    # group while its peer still holds the DDP reducer can abort the peer.
+    del model, optimizer
+    dist.barrier()
     dist.destroy_process_group()
 
 
