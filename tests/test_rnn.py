@@ -84,7 +84,7 @@ def test_weight_gradients_are_the_exact_formula_on_the_sketches(nonlinearity, co
     # torch's. The draws come in the order of the forward pass: layer by layer,
     # the input then the chunks. With tanh the recurrent gradient is exact.
     if chunk is not None:
-        monkeypatch.setattr(radgrad.functional, "_RECURRENCE_CHUNK", chunk)
+        monkeypatch.setattr(radgrad.functional._recurrence, "_RECURRENCE_CHUNK", chunk)
     chunks = [(0, 6)] if chunk is None else [(0, 4), (4, 6)]
     rnn, x, h0 = _problem(nonlinearity)
     x, h0 = x.requires_grad_(), h0.requires_grad_()

@@ -1,0 +1,128 @@
+"""What every RAD autograd function shares: the base class, packing in forward, casting, blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from radgrad.sketch import Sketch, SketchConfig, pack, tie
+
+_DEFAULT = SketchConfig()
+_EXACT = SketchConfig(keep=1.0)
+
+
+def _randomized(config: SketchConfig, weight: Tensor) -> bool:
+    return not config.exact and weight.requires_grad and torch.is_grad_enabled()
+
+
+def _check_input(name: str, input: Tensor) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"radgrad.{name}: input must be a Tensor, got {type(input).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(
+            f"radgrad.{name}: input must be a floating-point tensor "
+            f"(float16, bfloat16, float32 or float64), got {input.dtype}"
+        )
+
+
+def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
+    # Autocast casts floating tensors other than float64 (see aten's cached_cast).
+    return [
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    ]
+
+
+def _apply(fn: Callable[..., Tensor], input: Tensor, weight: Tensor, bias: Tensor | None, *args) -> Tensor:
+    """Run a RAD op as autocast would run its torch twin."""
+    device_type = input.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return fn(input, weight, bias, *args)
+    input, weight, bias = _cast(torch.get_autocast_dtype(device_type), input, weight, bias)
+    with torch.autocast(device_type, enabled=False):
+        return fn(input, weight, bias, *args)
+
+
+# NOTE [Packing in the forward pass]
+#   A RAD function packs its sketches in ``forward`` and returns their tensors
+#   as extra, non-differentiable outputs, which ``setup_context`` saves. An
+#   output is computed in the forward pass by definition, so under
+#   torch.compile the partitioner can neither move a draw to the backward pass
+#   nor keep the dense input instead of its sketch (NOTE [Draws are saved,
+#   never redrawn] in radgrad.rng). The main output is also tied to the draws
+#   (radgrad.tie): the next layer's draw then waits for this one, and a
+#   compiled model draws in the order, hence the numbers, of the eager model.
+#   The public wrappers return the main output.
+def _packed(output: Tensor, x: Tensor, config: SketchConfig, batch_dims: int) -> tuple[Tensor | None, ...]:
+    """``output`` tied to ``pack(x)``, then the sketch's (values, state, scale); values None when it is ``x``."""
+    sketch = pack(x, config, batch_dims=batch_dims)
+    return tie(output, sketch), (None if sketch.exact else sketch.values), sketch.state, sketch.scale
+
+
+def _sketch_from(ctx, parts: Sequence[Tensor | None], x: Tensor, config: SketchConfig,
+                    batch_dims: int) -> Sketch:
+    """The sketch of ``x`` whose tensors ``forward`` returned, its outputs marked non-differentiable."""
+    values, state, scale = parts
+    ctx.mark_non_differentiable(*(t for t in parts if t is not None))
+    return Sketch(x if values is None else values, state, scale, x.shape, x.dtype, batch_dims, config)
+
+
+class _RADFunction(Function):
+    """Base of radgrad's autograd functions: ``forward``, ``setup_context`` and ``backward``.
+
+    NOTE [Two ways to apply]
+        Written once in the ``setup_context`` style, which torch.func needs
+        (``grad``, ``vmap``, ``jvp``). That style binds the arguments to
+        ``forward``'s signature on every call, which costs tens of microseconds
+        on a CPU: a tenth of a small layer's step. So :meth:`run` applies an
+        eager twin made from the very same three functions in the classic
+        style, and the class itself only under torch.func transforms and
+        torch.compile, where the binding costs nothing at run time.
+    """
+
+    generate_vmap_rule = True
+    _classic: type[Function]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+
+        def forward(ctx, *args):
+            output = cls.forward(*args)
+            cls.setup_context(ctx, args, output)
+            return output
+
+        cls._classic = type(cls.__name__, (Function,), {
+            "forward": staticmethod(forward), "backward": staticmethod(cls.backward)})
+
+    @classmethod
+    def run(cls, *args):
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return cls.apply(*args)
+        return cls._classic.apply(*args)
+
+
+
+# NOTE [Unpacking in blocks]
+#   A backward pass rebuilds a sketch's dense estimate to multiply it with
+#   the output gradient. Rebuilt whole, the estimate of the largest layer's
+#   input, plus its indices, would sit in memory at once and could lift the
+#   step's peak above the exact model's (the MNIST MLP at batch 1000: +10%).
+#   So estimates of more than _BLOCK entries are rebuilt and multiplied a
+#   block of rows (or examples) at a time, summing the weight gradient.
+_BLOCK = 2**18
+
+
+def _blocks(sketch: Sketch, rows: int, width: int, unit: int = 1) -> list[tuple[int, int]]:
+    """Row ranges, whole multiples of ``unit`` rows, of at most about ``_BLOCK`` entries each."""
+    if sketch.exact or rows * width <= _BLOCK:
+        return [(0, rows)]
+    step = max(1, _BLOCK // (width * unit)) * unit
+    return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
+
+
+def _tuple(value: Sequence[int] | int, n: int) -> list[int]:
+    return [value] * n if isinstance(value, int) else list(value)
+

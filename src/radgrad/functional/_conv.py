@@ -1,0 +1,116 @@
+"""RAD convolution: exact output and input gradient, weight gradient from a sketch of the input's positions."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from radgrad.functional._base import (
+    _DEFAULT, _RADFunction, _apply, _blocks, _check_input, _packed, _randomized, _sketch_from, _tuple,
+)
+from radgrad.saved import save_for_backward, saved_tensors
+from radgrad.sketch import SketchConfig, unpack_rows
+
+__all__ = ["conv"]
+
+
+class _Conv(_RADFunction):
+    @staticmethod
+    def forward(input, weight, bias, stride, padding, dilation, groups, config):
+        zeros = [0] * len(stride)
+        output = torch.convolution(input, weight, bias, stride, padding, dilation, False, zeros, groups)
+        return _packed(output, input, config, 2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        input, weight, _, stride, padding, dilation, groups, config = inputs
+        ctx.options = (stride, padding, dilation, groups)
+        save_for_backward(ctx, _sketch_from(ctx, outputs[1:], input, config, 2), weight)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        sketch, weight = saved_tensors(ctx, unpack=False)
+        stride, padding, dilation, groups = ctx.options
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        options = (stride, padding, dilation, False, [0] * len(stride), groups)
+        bias_sizes = [weight.shape[0]] if need_bias else None
+        shape = sketch.shape
+        blocks = _blocks(sketch, shape[0] * shape[1], math.prod(shape[2:]), unit=shape[1])
+        if len(blocks) == 1:
+            grads = torch.ops.aten.convolution_backward(
+                grad, sketch.unpack(), weight, bias_sizes, *options, [need_input, need_weight, need_bias])
+            return (*grads, None, None, None, None, None)
+        # NOTE [Unpacking in blocks], by examples: convolution_backward reads the
+        # input only for the weight gradient, so a stride-0 placeholder serves the rest.
+        placeholder = grad.new_zeros(()).expand(shape)
+        grad_input, _, grad_bias = torch.ops.aten.convolution_backward(
+            grad, placeholder, weight, bias_sizes, *options, [need_input, False, need_bias])
+        grad_weight = None
+        for lo, hi in blocks:
+            first, last = lo // shape[1], hi // shape[1]
+            part = unpack_rows(sketch, lo, hi).view(last - first, *shape[1:])
+            part = torch.ops.aten.convolution_backward(
+                grad[first:last], part, weight, None, *options, [False, True, False])[1]
+            grad_weight = part if grad_weight is None else grad_weight.add_(part)
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Sequence[int] | int = 1,
+    padding: Sequence[int] | int | str = 0,
+    dilation: Sequence[int] | int = 1,
+    groups: int = 1,
+    config: SketchConfig = _DEFAULT,
+) -> Tensor:
+    """RAD ``F.conv1d`` / ``F.conv2d`` / ``F.conv3d``, chosen by ``weight.dim()``.
+
+    The sketch samples spatial positions of ``input``: every (example,
+    channel) pair is a row. ``padding`` takes ints or ``"same"`` / ``"valid"``
+    as in torch; uneven ``"same"`` padding is applied with ``F.pad`` first, as
+    torch does.
+    """
+    _check_input("functional.conv", input)
+    n = weight.dim() - 2
+    if not _randomized(config, weight):
+        return _TORCH_CONV[n](input, weight, bias, stride, padding, dilation, groups)
+    unbatched = input.dim() == n + 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    stride, dilation = _tuple(stride, n), _tuple(dilation, n)
+    input, padding = _explicit_padding(input, padding, weight, stride, dilation)
+    out = _apply(_Conv.run, input, weight, bias, stride, padding, dilation, groups, config)[0]
+    return out.squeeze(0) if unbatched else out
+
+
+_TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+
+def _explicit_padding(
+    input: Tensor, padding: Sequence[int] | int | str, weight: Tensor, stride: list[int], dilation: list[int]
+) -> tuple[Tensor, list[int]]:
+    n = weight.dim() - 2
+    if padding == "valid":
+        return input, [0] * n
+    if padding != "same":
+        return input, _tuple(padding, n)
+    if any(s != 1 for s in stride):
+        raise ValueError("radgrad.functional.conv: padding='same' is not supported for strided convolutions")
+    total = [d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+    left = [t // 2 for t in total]
+    extra = [t - l for t, l in zip(total, left)]
+    if any(extra[i] != left[i] for i in range(n)):
+        # torch pads the uneven remainder on the high side of each dimension.
+        pad = []
+        for i in reversed(range(n)):
+            pad += [0, extra[i] - left[i]]
+        input = F.pad(input, pad)
+    return input, left
+

@@ -1,0 +1,60 @@
+"""RAD linear layer: exact output and input gradient, weight gradient from a sketch of the input."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from radgrad.functional._base import (
+    _DEFAULT, _RADFunction, _apply, _blocks, _check_input, _packed, _randomized, _sketch_from,
+)
+from radgrad.saved import save_for_backward, saved_tensors
+from radgrad.sketch import SketchConfig, unpack_rows
+
+__all__ = ["linear"]
+
+
+class _Linear(_RADFunction):
+    @staticmethod
+    def forward(input, weight, bias, config):
+        return _packed(F.linear(input, weight, bias), input, config, input.dim() - 1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        input, weight, _, config = inputs
+        sketch = _sketch_from(ctx, outputs[1:], input, config, input.dim() - 1)
+        save_for_backward(ctx, sketch, weight if ctx.needs_input_grad[0] else None)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        sketch, weight = saved_tensors(ctx, unpack=False)
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_input = grad.matmul(weight) if need_input else None
+        grad_weight = None
+        if need_weight:
+            rows, d = grad2d.shape[0], sketch.shape[-1]
+            for lo, hi in _blocks(sketch, rows, d):
+                part = unpack_rows(sketch, lo, hi)
+                if grad_weight is None:
+                    grad_weight = grad2d[lo:hi].t().mm(part)
+                else:
+                    grad_weight.addmm_(grad2d[lo:hi].t(), part)
+        grad_bias = grad2d.sum(0) if need_bias else None
+        return grad_input, grad_weight, grad_bias, None
+
+
+
+def linear(
+    input: Tensor, weight: Tensor, bias: Tensor | None = None, config: SketchConfig = _DEFAULT
+) -> Tensor:
+    """RAD ``F.linear``: exact output, weight gradient from a sketch of ``input``.
+
+    Each position of every leading dimension of ``input`` is a row of the
+    sketch (NOTE [Sketch layout] in :mod:`radgrad.sketch`).
+    """
+    _check_input("functional.linear", input)
+    if not _randomized(config, weight):
+        return F.linear(input, weight, bias)
+    return _apply(_Linear.run, input, weight, bias, config)[0]
+

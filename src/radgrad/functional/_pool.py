@@ -1,0 +1,162 @@
+"""Exact ReLU and pooling that save bit masks, shapes or small offsets instead of their input."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from radgrad import bits
+from radgrad.functional._base import _RADFunction, _tuple
+from radgrad.saved import save_for_backward, saved_tensors
+
+__all__ = ["relu", "avg_pool1d", "avg_pool2d", "max_pool2d"]
+
+
+class _ReLU(_RADFunction):
+    @staticmethod
+    def forward(input):
+        return torch.relu(input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # torch's ReLU backward passes the gradient where output > 0 or NaN,
+        # that is where the output is nonzero: one bit per entry.
+        save_for_backward(ctx, bits.pack(output))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = saved_tensors(ctx, unpack=False)
+        return bits.masked_grad(grad, mask)
+
+
+def relu(input: Tensor) -> Tensor:
+    """Exact ReLU that saves a 1-bit mask instead of its output."""
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        return torch.relu(input)
+    return _ReLU.run(input)
+
+
+class _AvgPool2d(_RADFunction):
+    @staticmethod
+    def forward(input, options):
+        return F.avg_pool2d(input, *options)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, ctx.options = inputs
+        ctx.shape = input.shape
+
+    @staticmethod
+    def backward(ctx, grad):
+        # avg_pool2d_backward reads only the input's shape: pass a stride-0 placeholder.
+        placeholder = grad.new_zeros(()).expand(ctx.shape)
+        return torch.ops.aten.avg_pool2d_backward(grad, placeholder, *ctx.options), None
+
+
+def avg_pool2d(
+    input: Tensor,
+    kernel_size: Sequence[int] | int,
+    stride: Sequence[int] | int | None = None,
+    padding: Sequence[int] | int = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+) -> Tensor:
+    """Exact ``F.avg_pool2d`` that saves nothing but the input's shape."""
+    options = (_tuple(kernel_size, 2), _tuple(kernel_size if stride is None else stride, 2),
+               _tuple(padding, 2), ceil_mode, count_include_pad, divisor_override)
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        return F.avg_pool2d(input, *options)
+    return _AvgPool2d.run(input, options)
+
+
+def avg_pool1d(
+    input: Tensor,
+    kernel_size: Sequence[int] | int,
+    stride: Sequence[int] | int | None = None,
+    padding: Sequence[int] | int = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> Tensor:
+    """Exact ``F.avg_pool1d`` that saves nothing but the input's shape."""
+    stride = kernel_size if stride is None else stride
+    out = avg_pool2d(input.unsqueeze(-2), [1, *_tuple(kernel_size, 1)], [1, *_tuple(stride, 1)],
+                     [0, *_tuple(padding, 1)], ceil_mode, count_include_pad)
+    return out.squeeze(-2)
+
+
+class _MaxPool2d(_RADFunction):
+    @staticmethod
+    def forward(input, kernel, stride, padding, dilation, ceil_mode):
+        output, index = torch.ops.aten.max_pool2d_with_indices(
+            input, kernel, stride, padding, dilation, ceil_mode
+        )
+        return output, index
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        input, kernel, stride, padding, dilation, _ = inputs
+        ctx.shape, ctx.options = input.shape, (kernel, stride, padding, dilation)
+        ctx.mark_non_differentiable(outputs[1])
+        ctx.save_for_backward(_window_offsets(outputs[1], input.shape[-1], ctx.options))
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        (offsets,) = ctx.saved_tensors
+        index = _plane_index(offsets, ctx.shape[-1], ctx.options)
+        planes, positions = math.prod(grad.shape[:-2]), grad.shape[-2] * grad.shape[-1]
+        grad_input = grad.new_zeros(planes, ctx.shape[-2] * ctx.shape[-1])
+        grad_input.scatter_add_(1, index.reshape(planes, positions), grad.reshape(planes, positions))
+        return grad_input.view(ctx.shape), None, None, None, None, None
+
+
+# NOTE [Compact max-pool indices]
+#   torch saves int64 indices into the input plane (plus the whole input).
+#   The backward pass needs only which element of its window each output took:
+#   an offset below kernel_h * kernel_w, one byte for windows up to 256
+#   entries. The plane index is rebuilt from the output position.
+def _window_origin(shape_out: torch.Size, options, device) -> tuple[Tensor, Tensor]:
+    _, stride, padding, _ = options
+    rows = torch.arange(shape_out[-2], device=device).mul_(stride[0]).sub_(padding[0])
+    cols = torch.arange(shape_out[-1], device=device).mul_(stride[1]).sub_(padding[1])
+    return rows.unsqueeze(1), cols
+
+
+def _window_offsets(index: Tensor, width: int, options) -> Tensor:
+    kernel, _, _, dilation = options
+    top, left = _window_origin(index.shape, options, index.device)
+    dr = torch.div(index, width, rounding_mode="floor").sub_(top).div_(dilation[0], rounding_mode="floor")
+    dc = index.remainder(width).sub_(left).div_(dilation[1], rounding_mode="floor")
+    size = kernel[0] * kernel[1]
+    dtype = torch.uint8 if size <= 256 else torch.int16 if size <= 2**15 else torch.int32
+    return dr.mul_(kernel[1]).add_(dc).to(dtype)
+
+
+def _plane_index(offsets: Tensor, width: int, options) -> Tensor:
+    kernel, _, _, dilation = options
+    top, left = _window_origin(offsets.shape, options, offsets.device)
+    offsets = offsets.long()
+    row = torch.div(offsets, kernel[1], rounding_mode="floor").mul_(dilation[0]).add_(top)
+    col = offsets.remainder(kernel[1]).mul_(dilation[1]).add_(left)
+    return row.mul_(width).add_(col)
+
+
+def max_pool2d(
+    input: Tensor,
+    kernel_size: Sequence[int] | int,
+    stride: Sequence[int] | int | None = None,
+    padding: Sequence[int] | int = 0,
+    dilation: Sequence[int] | int = 1,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """Exact ``F.max_pool2d`` that saves one small offset per output, not the input."""
+    options = (_tuple(kernel_size, 2), _tuple(kernel_size if stride is None else stride, 2),
+               _tuple(padding, 2), _tuple(dilation, 2), ceil_mode)
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        return F.max_pool2d(input, *options)
+    return _MaxPool2d.run(input, *options)[0]
+
