@@ -6,7 +6,11 @@ def test_public_names_are_pinned():
         "BITS", "METHODS", "Sketch", "SketchConfig", "allocate", "convert", "draw", "functional", "memory", "models", "nn",
         "pack", "save_for_backward", "saved_tensors", "tie", "unpack",
     ]
-    assert radgrad.nn.__all__ == ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN"]
+    assert radgrad.nn.__all__ == ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN",
+                                  "LayerNorm", "Dropout", "Activation", "TransposedLinear"]
+    assert sorted(radgrad.functional.__all__) == [
+        "avg_pool1d", "avg_pool2d", "conv", "dropout", "elementwise", "layer_norm", "linear", "max_pool2d",
+        "recurrence", "relu", "scaled_dot_product_attention"]
     assert sorted(radgrad.METHODS) == ["norm", "project", "quantize", "sample"]
     assert radgrad.BITS == (1, 2, 4, 8)
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
-from radgrad.nn import CONVERSIONS
+from radgrad import route
+from radgrad.nn import CONVERSIONS, Activation, TransposedLinear, _Dynamic
 from radgrad.sketch import SketchConfig
 
 __all__ = ["convert"]
@@ -74,6 +77,7 @@ def convert(
     for module in model.modules():
         if id(module) not in skipped:
             _convert_one(module, config)
+    route.install(model, config)
     return model
 
 
@@ -107,8 +111,50 @@ def _convert_one(module: nn.Module, config: SketchConfig) -> None:
         if rad_type is not None:
             rad_type.for_lazy(module, config)
         return
+    if isinstance(module, _Dynamic):
+        module._radgrad_mixin.from_torch(module, config)
+        return
     torch_type = _RAD_TYPES.get(type(module), type(module))
     rad_type = CONVERSIONS.get(torch_type)
-    if rad_type is None or not rad_type.convertible(module):
-        return
-    rad_type.from_torch(module, config)
+    if rad_type is not None:
+        if rad_type.convertible(module):
+            rad_type.from_torch(module, config)
+    elif _is_transposed_linear(module):
+        TransposedLinear.from_torch(module, config)
+    elif _is_elementwise(module):
+        Activation.from_torch(module, config)
+
+
+def _is_transposed_linear(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D``: ``x @ weight + bias`` with ``weight`` of shape ``(in, out)``."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pytorch_utils, "Conv1D", None)
+    return conv1d is not None and type(module) is conv1d
+
+
+# Parameter-free modules that need no probe: never elementwise, or exact already.
+_NOT_ELEMENTWISE = (nn.Identity, nn.modules.dropout._DropoutNd, nn.Flatten, nn.Unflatten)
+
+
+def _is_elementwise(module: nn.Module) -> bool:
+    """Whether ``module`` is a deterministic, parameter-free map acting entry by entry.
+
+    Decided by a probe, so that a model's own activations qualify: the
+    module must map a float64 tensor to one of the same shape, twice the
+    same, with a diagonal Jacobian and a forward-mode derivative.
+    """
+    if isinstance(module, _NOT_ELEMENTWISE) or any(True for _ in module.children()):
+        return False
+    if any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+        return False
+    x = torch.linspace(-3, 3, 24, dtype=torch.float64).view(2, 3, 4)
+    try:
+        with torch.no_grad():
+            y, again = module(x.clone()), module(x.clone())
+        if not (isinstance(y, torch.Tensor) and y.shape == x.shape and torch.equal(y, again)):
+            return False
+        jacobian = torch.autograd.functional.jacobian(lambda t: module(t.clone()), x).reshape(24, 24)
+        torch.func.jvp(lambda t: module(t.clone()), (x,), (torch.ones_like(x),))
+    except Exception:  # a module that cannot take this probe is not converted
+        return False
+    return bool(torch.equal(jacobian, torch.diag(jacobian.diagonal())))

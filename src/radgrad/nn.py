@@ -22,9 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from radgrad import functional as RF
+from radgrad.functional._elementwise import FUSED, fused_derivative
 from radgrad.sketch import SketchConfig
 
-__all__ = ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN"]
+__all__ = ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN", "LayerNorm",
+           "Dropout", "Activation", "TransposedLinear"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -245,6 +247,118 @@ class RNN(_Sketched, nn.RNN):
         return (input.transpose(0, 1) if self.batch_first else input), h_n
 
 
+class LayerNorm(_Sketched, nn.LayerNorm):
+    """``nn.LayerNorm`` that saves two sketches of its normalized input and the row scales.
+
+    Exact: the output and the bias gradient. Estimated (unbiased): the input
+    and weight gradients (NOTE [Layer norm from two sketches] in
+    :mod:`radgrad.functional`).
+    """
+
+    def __init__(self, *args, keep: float | None = None, method: str = "sample", per_example: bool = True,
+                 bits: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sketch = SketchConfig(keep, method, per_example, bits)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        return RF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, self.sketch)
+
+
+class Dropout(_Converted, nn.Dropout):
+    """``nn.Dropout`` that saves its mask as one bit per entry (exact).
+
+    While training, ``inplace=True`` is honoured in eval mode only (where
+    dropout does nothing anyway): the RAD path returns a new tensor.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        return RF.dropout(input, self.p, self.training)
+
+
+class _Dynamic(_Sketched):
+    """Mixin of the radgrad layers made for a class radgrad does not know in advance.
+
+    :func:`radgrad.convert` turns such a module into a subclass of both this
+    mixin and the module's own class, made once per class (so ``isinstance``
+    checks of the model's code still pass); it pickles and deep-copies as its
+    original class plus the mixin.
+    """
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, config: SketchConfig) -> nn.Module:
+        base = type(module)
+        if isinstance(module, _Dynamic):
+            base = module._radgrad_base
+        module.__class__ = _subclass(cls, base)
+        module.sketch = config
+        return module
+
+    def __reduce_ex__(self, protocol):
+        _, _, *rest = super().__reduce_ex__(max(protocol, 2))
+        return (_rebuild, (self._radgrad_mixin, self._radgrad_base), *rest)
+
+
+_SUBCLASSES: dict[tuple[type, type], type] = {}
+
+
+def _subclass(mixin: type, base: type) -> type:
+    key = (mixin, base)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(base.__name__, (mixin, base), {
+            "_radgrad_mixin": mixin, "_radgrad_base": base, "__module__": base.__module__,
+            "__qualname__": f"{base.__qualname__}[radgrad.{mixin.__name__}]"})
+    return _SUBCLASSES[key]
+
+
+def _rebuild(mixin: type, base: type) -> nn.Module:
+    return object.__new__(_subclass(mixin, base))
+
+
+class Activation(_Dynamic):
+    """An elementwise activation that saves a sketch of its derivative instead of its input.
+
+    Made by :func:`radgrad.convert` for any parameter-free module it finds to
+    act entry by entry (torch's ``GELU``, ``SiLU``, ``Tanh``..., or a model's
+    own, such as Hugging Face's ``NewGELUActivation``). Exact: the output.
+    Estimated (unbiased): the input gradient (:func:`radgrad.functional.elementwise`).
+    While training, ``inplace=True`` is honoured in eval mode only.
+    """
+
+    #: The name in :data:`radgrad.functional.FUSED` of the function this module computes, if any.
+    fused: str | None = None
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, config: SketchConfig) -> nn.Module:
+        module = super().from_torch(module, config)
+        module.fused = fused_derivative(module._plain)
+        return module
+
+    def _plain(self, input: Tensor) -> Tensor:
+        forward = super().forward
+        return forward(input.clone()) if getattr(self, "inplace", False) else forward(input)
+
+    def forward(self, input: Tensor, *args, **kwargs) -> Tensor:
+        if not self.training or args or kwargs or not isinstance(input, Tensor) or not input.is_floating_point():
+            return super().forward(input, *args, **kwargs)
+        derivative = None if self.fused is None else FUSED[self.fused][1]
+        return RF.elementwise(self._plain, input, self.sketch, derivative)
+
+
+class TransposedLinear(_Dynamic):
+    """A linear layer whose weight is stored ``(in, out)``, such as Hugging Face's ``Conv1D``.
+
+    Computes ``input @ weight + bias`` with the RAD linear op: exact output,
+    input and bias gradients; weight gradient from a sketch of the input.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        return RF.linear(input, self.weight.t(), self.bias, self.sketch)
+
+
 # torch module type -> RAD class; convert() and its documentation read this table.
 CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: Linear,
@@ -255,4 +369,6 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.AvgPool2d: AvgPool2d,
     nn.MaxPool2d: MaxPool2d,
     nn.RNN: RNN,
+    nn.LayerNorm: LayerNorm,
+    nn.Dropout: Dropout,
 }

@@ -76,7 +76,8 @@ def quantize(values: Tensor, bits: int, after: Tensor,
         last = min(rows, first + step_rows)
         t = rng.uniform_rows(grid, rows, first, last, dtype)
         t.addcmul_(values[first:last].to(dtype) - lo[first:last], inverse[first:last])
-        codes[first:last] = _pack_codes(t.floor_().clamp_(0, levels).to(torch.uint8), bits)
+        # t >= 0, so the conversion's truncation is the floor
+        codes[first:last] = _pack_codes(t.clamp_(0, levels).to(torch.uint8), bits)
     return codes, torch.cat([lo, step], dim=1)
 
 

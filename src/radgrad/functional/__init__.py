@@ -19,9 +19,15 @@ Under CPU or CUDA autocast the inputs are cast as autocast would cast them
 for the torch op, and the op runs in that dtype.
 """
 
+from radgrad.functional._attention import scaled_dot_product_attention
 from radgrad.functional._conv import conv
+from radgrad.functional._elementwise import dropout, elementwise
 from radgrad.functional._linear import linear
+from radgrad.functional._norm import layer_norm
 from radgrad.functional._pool import avg_pool1d, avg_pool2d, max_pool2d, relu
 from radgrad.functional._recurrence import recurrence
 
-__all__ = ["linear", "conv", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d", "recurrence"]
+__all__ = [
+    "linear", "conv", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d", "recurrence",
+    "elementwise", "dropout", "layer_norm", "scaled_dot_product_attention",
+]

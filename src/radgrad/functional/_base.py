@@ -56,18 +56,34 @@ def _apply(fn: Callable[..., Tensor], input: Tensor, weight: Tensor, bias: Tenso
 #   (radgrad.tie): the next layer's draw then waits for this one, and a
 #   compiled model draws in the order, hence the numbers, of the eager model.
 #   The public wrappers return the main output.
-def _packed(output: Tensor, x: Tensor, config: SketchConfig, batch_dims: int) -> tuple[Tensor | None, ...]:
-    """``output`` tied to ``pack(x)``, then the sketch's (values, state, scale); values None when it is ``x``."""
+def _packed(output: Tensor, x: Tensor, config: SketchConfig, batch_dims: int,
+            fresh: bool = False) -> tuple[Tensor | None, ...]:
+    """``output`` tied to ``pack(x)``, then the sketch's (values, state, scale).
+
+    The values are None when the sketch is ``x`` itself and ``x`` is an input
+    of the op (an op cannot return its input as a new output); ``fresh=True``
+    says ``x`` was computed inside the op, and its values are always returned.
+    """
     sketch = pack(x, config, batch_dims=batch_dims)
-    return tie(output, sketch), (None if sketch.exact else sketch.values), sketch.state, sketch.scale
+    values = None if sketch.exact and not fresh else sketch.values
+    return tie(output, sketch), values, sketch.state, sketch.scale
 
 
-def _sketch_from(ctx, parts: Sequence[Tensor | None], x: Tensor, config: SketchConfig,
-                    batch_dims: int) -> Sketch:
-    """The sketch of ``x`` whose tensors ``forward`` returned, its outputs marked non-differentiable."""
+def _sketch_from(ctx, parts: Sequence[Tensor | None], x: Tensor | torch.Size, config: SketchConfig,
+                 batch_dims: int, dtype: torch.dtype | None = None) -> Sketch:
+    """The sketch whose tensors ``forward`` returned, its outputs marked non-differentiable.
+
+    ``x`` is the packed tensor when it was an input of the op, or just its
+    shape (with ``dtype``) when it was computed inside (``fresh``).
+    """
     values, state, scale = parts
     ctx.mark_non_differentiable(*(t for t in parts if t is not None))
-    return Sketch(x if values is None else values, state, scale, x.shape, x.dtype, batch_dims, config)
+    if isinstance(x, Tensor):
+        shape, dtype = x.shape, x.dtype
+        values = x if values is None else values
+    else:
+        shape = x
+    return Sketch(values, state, scale, shape, dtype, batch_dims, config)
 
 
 class _RADFunction(Function):

@@ -1,0 +1,117 @@
+"""Functional calls inside a converted model, routed to their RAD twins.
+
+Module surgery reaches layers; it cannot reach the torch functions a model's
+own code calls (Hugging Face attention calls ``F.scaled_dot_product_attention``,
+``nn.MultiheadAttention`` calls ``F.linear`` on its projection weights).
+:func:`radgrad.convert` therefore wraps the forward pass of the converted
+model in :class:`Route`, a ``TorchFunctionMode`` active only while it trains
+with gradients on, which sends these calls to :mod:`radgrad.functional`:
+
+    ================================  ================================================
+    torch function                    RAD twin (what it saves)
+    ================================  ================================================
+    ``F.linear``                      :func:`~radgrad.functional.linear` (sketch of the input)
+    ``F.scaled_dot_product_attention``  exact q, k; sketch of v; mask bits
+    ``F.dropout``                     mask as bits (exact)
+    ``F.layer_norm``                  two sketches of the normalized input
+    ``F.gelu``, ``F.silu``, ``F.mish``  sketch of the derivative
+    ================================  ================================================
+
+Calls made inside radgrad's own ops run with gradients off and fall through
+to torch unchanged. In eval mode or under ``torch.no_grad`` nothing is
+routed: the model computes exactly what torch computes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from radgrad import functional as RF
+from radgrad.functional._elementwise import FUSED
+from radgrad.sketch import SketchConfig
+
+__all__ = ["Route", "ROUTED"]
+
+
+def _linear(config, input, weight, bias=None):
+    return RF.linear(input, weight, bias, config)
+
+
+def _sdpa(config, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return RF.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                           config)
+
+
+def _dropout(config, input, p=0.5, training=True, inplace=False):
+    return RF.dropout(input, p, training)
+
+
+def _layer_norm(config, input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    return RF.layer_norm(input, normalized_shape, weight, bias, eps, config)
+
+
+def _activation(name, config, input, *args, **kwargs):
+    kwargs.pop("inplace", None)
+    if name == "gelu" and (args[:1] == ("tanh",) or kwargs.get("approximate") == "tanh"):
+        name = "gelu-tanh"
+    forward, derivative = FUSED[name]
+    return RF.elementwise(forward, input, config, derivative)
+
+
+#: torch function -> RAD twin taking the config first; the table above.
+ROUTED = {
+    F.linear: _linear,
+    F.scaled_dot_product_attention: _sdpa,
+    F.dropout: _dropout,
+    F.layer_norm: _layer_norm,
+    F.gelu: functools.partial(_activation, "gelu"),
+    F.silu: functools.partial(_activation, "silu"),
+    F.mish: functools.partial(_activation, "mish"),
+}
+
+
+class Route(TorchFunctionMode):
+    """Send the functional calls of :data:`ROUTED` to their RAD twins with ``config``."""
+
+    def __init__(self, config: SketchConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        twin = ROUTED.get(func)
+        if twin is None or not torch.is_grad_enabled():
+            return func(*args, **(kwargs or {}))
+        return twin(self.config, *args, **(kwargs or {}))
+
+
+def install(model: nn.Module, config: SketchConfig) -> None:
+    """Route ``model``'s functional calls while it trains; a second call only updates the config."""
+    if getattr(model, "_radgrad_route", None) is not None:
+        model._radgrad_route.config = config
+        return
+    route = model._radgrad_route = _Installed(config)
+    route.handles = [model.register_forward_pre_hook(route.enter),
+                     model.register_forward_hook(route.exit, always_call=True)]
+
+
+class _Installed:
+    def __init__(self, config: SketchConfig) -> None:
+        self.config = config
+        self.active: list[Route | None] = []
+
+    def enter(self, module: nn.Module, args) -> None:
+        mode = Route(self.config) if module.training and torch.is_grad_enabled() else None
+        if mode is not None:
+            mode.__enter__()
+        self.active.append(mode)
+
+    def exit(self, module: nn.Module, args, output):
+        mode = self.active.pop()
+        if mode is not None:
+            mode.__exit__(None, None, None)
+        return output

@@ -1,0 +1,129 @@
+"""convert() on the models people train: Hugging Face GPT-2, nn.TransformerEncoder, custom activations."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import radgrad
+from problems import assert_unbiased
+
+transformers = pytest.importorskip("transformers")
+from transformers.activations import NewGELUActivation  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+QUANTIZE = dict(method="quantize", bits=2)
+
+
+def _gpt2(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=8,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout,
+                                     attn_pdrop=dropout)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _encoder(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout, batch_first=True, activation="gelu")
+    return nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 5))
+
+
+def test_gpt2_converts_its_conv1d_activations_norms_and_dropout_keeping_ties():
+    model = _gpt2(0.1)
+    params = list(model.parameters())
+    radgrad.convert(model, **QUANTIZE)
+    block = model.transformer.h[0]
+    assert isinstance(block.attn.c_attn, Conv1D) and isinstance(block.attn.c_attn, radgrad.nn.TransposedLinear)
+    assert isinstance(block.mlp.act, NewGELUActivation) and isinstance(block.mlp.act, radgrad.nn.Activation)
+    assert type(block.ln_1) is radgrad.nn.LayerNorm and type(block.attn.resid_dropout) is radgrad.nn.Dropout
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert all(a is b for a, b in zip(model.parameters(), params))
+
+
+@pytest.mark.parametrize("make", [_gpt2, _encoder], ids=["gpt2", "transformer-encoder"])
+def test_eval_outputs_bitwise_equal_after_convert(make):
+    model = make(0.1).eval()
+    x = torch.randint(32, (3, 8)) if make is _gpt2 else torch.randn(3, 8, 16)
+    before = model(x).logits if make is _gpt2 else model(x)
+    radgrad.convert(model, **QUANTIZE)
+    after = model(x).logits if make is _gpt2 else model(x)
+    assert torch.equal(before, after)
+
+
+def _loss(model, x, y):
+    out = model(x)
+    logits = out.logits if hasattr(out, "logits") else out
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [_gpt2, _encoder], ids=["gpt2", "transformer-encoder"])
+def test_training_gradients_unbiased_and_outputs_exact(make):
+    model = make().double().train()
+    torch.manual_seed(1)
+    if make is _gpt2:
+        x, y = torch.randint(32, (2, 8)), torch.randint(32, (2, 8))
+    else:
+        x, y = torch.randn(2, 8, 16, dtype=torch.float64), torch.randint(5, (2, 8))
+    exact_loss = _loss(model, x, y)
+    exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(exact_loss, list(model.parameters()))])
+    radgrad.convert(model, **QUANTIZE)
+    assert torch.equal(_loss(model, x, y), exact_loss)  # train-mode forward unchanged
+    entries = torch.randperm(exact.numel(), generator=torch.Generator().manual_seed(0))[:1500]
+    samples = torch.stack([
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(_loss(model, x, y), list(model.parameters()))])[entries]
+        for _ in range(1500)])
+    assert_unbiased(samples, exact[entries])
+
+
+class _QuickGELU(nn.Module):  # a model's own activation, written with torch ops
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class _Noisy(nn.Module):
+    def forward(self, x):
+        return x + torch.rand_like(x)
+
+
+def test_elementwise_probe_converts_activations_and_leaves_the_rest():
+    model = nn.Sequential(nn.GELU(), nn.SiLU(), _QuickGELU(), nn.Softmax(-1), _Noisy(), nn.Identity(), nn.Tanh())
+    radgrad.convert(model, **QUANTIZE)
+    converted = [isinstance(m, radgrad.nn.Activation) for m in model]
+    assert converted == [True, True, True, False, False, False, True]
+    assert isinstance(model[0], nn.GELU) and model[0].fused == "gelu"  # torch's fused kernel
+    assert model[2].fused is None  # no fused kernel computes it: autograd does
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    head = nn.Sequential(*model[:3], model[6]).double()
+    exact_model = nn.Sequential(nn.GELU(), nn.SiLU(), _QuickGELU(), nn.Tanh())
+    weights = torch.linspace(-1, 1, x.numel(), dtype=x.dtype).view(x.shape)
+    (exact,) = torch.autograd.grad((exact_model(x) * weights).sum(), x)
+    assert torch.equal(head(x), exact_model(x))
+    samples = torch.stack([torch.autograd.grad((head(x) * weights).sum(), x)[0].reshape(-1) for _ in range(3000)])
+    assert_unbiased(samples, exact.reshape(-1))
+
+
+def test_converted_models_pickle_and_deepcopy():
+    model = radgrad.convert(_gpt2(), **QUANTIZE)
+    x = torch.randint(32, (2, 8))
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(clone.transformer.h[0].mlp.c_fc) is type(model.transformer.h[0].mlp.c_fc)
+        assert clone.transformer.h[0].mlp.c_fc.sketch == model.transformer.h[0].mlp.c_fc.sketch
+        assert torch.equal(clone.eval()(x).logits, model.eval()(x).logits)
+
+
+def test_attention_calls_are_routed_only_while_training():
+    model = radgrad.convert(_gpt2(0.1), **QUANTIZE)
+    exact = radgrad.convert(copy.deepcopy(model), keep=1.0)
+    x = torch.randint(32, (2, 8))
+    rad, full = (radgrad.memory.measure(m, x).by_module["transformer.h.0.attn"] for m in (model, exact))
+    # exact: q, k, v, the probabilities, the dropout mask and the dropped probabilities;
+    # radgrad: exact q and k, 2-bit v, 1-bit mask
+    assert rad < 0.6 * full
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x).logits, exact.eval()(x).logits)
