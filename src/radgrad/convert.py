@@ -29,8 +29,12 @@ def convert(
     """Make ``model`` store randomized sketches for backward; return it.
 
     Every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.RNN``, ``nn.ReLU``,
-    ``nn.AvgPool1d``, ``nn.AvgPool2d`` and ``nn.MaxPool2d`` in ``model`` (the
-    model itself included) becomes its :mod:`radgrad.nn` twin *in place*: the
+    ``nn.AvgPool1d``, ``nn.AvgPool2d``, ``nn.MaxPool2d``, ``nn.LayerNorm`` and
+    ``nn.Dropout`` in ``model`` (the model itself included) becomes its
+    :mod:`radgrad.nn` twin, Hugging Face's ``Conv1D`` a
+    :class:`radgrad.nn.TransposedLinear` and every parameter-free module that
+    acts entry by entry (a probe checks) a :class:`radgrad.nn.Activation`,
+    *in place*: the
     module objects, their Parameter objects, buffers, hooks and ``state_dict``
     keys stay the same, so a pretrained model stays pretrained and an
     optimizer built before the call stays valid. Subclasses of these torch
@@ -39,10 +43,17 @@ def convert(
     Lazy modules (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) not yet
     materialized become RAD layers on their first forward.
 
-    What is exact and what is estimated: the forward pass and every gradient
-    except those of the converted linear and convolution weights are exact;
-    those weight gradients are unbiased estimates. In eval mode the model
-    computes exactly what it did before.
+    While the model trains with gradients on, its own calls to
+    ``F.scaled_dot_product_attention``, ``F.linear``, ``F.dropout``,
+    ``F.layer_norm`` and ``F.gelu/silu/mish`` go to their RAD twins
+    (:mod:`radgrad.route`).
+
+    What is exact and what is estimated: the forward pass is exact. Linear
+    and convolution layers estimate their weight gradients only; activations,
+    layer norm and attention (queries and keys) estimate gradients that flow
+    on to earlier layers, so every gradient upstream of them is an estimate.
+    Every estimate is unbiased. In eval mode the model computes exactly what
+    it did before.
 
     Converting twice is harmless; converting a converted model with other
     settings updates them.

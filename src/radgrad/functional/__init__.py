@@ -1,4 +1,4 @@
-"""RAD autograd functions: linear, convolution, ReLU and pooling.
+"""RAD autograd functions: linear, convolution, ReLU, pooling, recurrence, activations, norms, attention.
 
 Nothing here knows about modules: each public function takes tensors and a
 :class:`~radgrad.sketch.SketchConfig` and is a drop-in for its
@@ -6,11 +6,15 @@ Nothing here knows about modules: each public function takes tensors and a
 
 Contract of every function here:
     * the forward value is exactly torch's;
-    * the gradient with respect to the input is exactly torch's (it needs the
-      weight, the 1-bit ReLU mask or the pooling indices, never the input);
-    * the bias gradient is exact;
-    * only the weight gradient is an estimate (unbiased): it is computed from
-      an unpacked sketch of the input (:mod:`radgrad.sketch`);
+    * linear, conv, recurrence: the input and bias gradients are exact (they
+      need the weight, never the input) and only the weight gradient is an
+      estimate, computed from an unpacked sketch of the input
+      (:mod:`radgrad.sketch`);
+    * relu, pooling, dropout: everything exact (bit masks, offsets, shapes);
+    * elementwise, layer_norm, scaled_dot_product_attention: the gradients
+      that flow on to the inputs are estimates too (each function's
+      docstring says which), built from independent sketches of the factors
+      the backward pass multiplies, so every estimate is unbiased;
     * with an exact config (``keep=1``, no ``bits``), with gradients disabled, or when the weight
       needs no gradient, the torch function itself runs, unchanged;
     * a second derivative through a randomized op raises RuntimeError.

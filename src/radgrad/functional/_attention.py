@@ -11,7 +11,9 @@ NOTE [Attention from a sketch of V]
     does) instead of being stored: no ``L x S`` tensor is saved. ``v``
     enters only ``dPd``, linearly, so a sketch of it (one row per key
     position) gives unbiased ``dq`` and ``dk``; ``dv`` is exact. The dropout
-    mask is kept as one bit per entry.
+    mask is kept as one bit per entry. Without dropout, the backward pass
+    runs torch's own fused kernels (forward, then backward) on the estimate
+    of ``v``: the same formulas, with ``rowsum(P * dP)`` computed from it.
 """
 
 from __future__ import annotations
@@ -86,19 +88,33 @@ class _Attention(_RADFunction):
     def backward(ctx, grad, *_):
         q, k, v, attn_mask, mask = saved_tensors(ctx, unpack=False)
         dropout_p, is_causal, scale = ctx.options
+        if mask is None:
+            return (*_fused_backward(grad, q, k, v.unpack(), attn_mask, is_causal, scale, ctx.needs_input_grad),
+                    None, None, None, None, None)
         probs = _probabilities(q, k, _bias(attn_mask, is_causal, q, k), scale, is_causal)
         grad_probs = torch.matmul(grad, v.unpack().transpose(-2, -1))
-        if mask is not None:
-            kept, keep = bits.unpack(mask), 1.0 / (1.0 - dropout_p)
-            grad_probs = torch.ops.aten.threshold_backward(grad_probs, kept, 0).mul_(keep)
-            dropped = torch.ops.aten.threshold_backward(probs, kept, 0).mul_(keep)
-        else:
-            dropped = probs
+        kept, keep = bits.unpack(mask), 1.0 / (1.0 - dropout_p)
+        grad_probs = torch.ops.aten.threshold_backward(grad_probs, kept, 0).mul_(keep)
+        dropped = torch.ops.aten.threshold_backward(probs, kept, 0).mul_(keep)
         grad_v = torch.matmul(dropped.transpose(-2, -1), grad) if ctx.needs_input_grad[2] else None
         grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
         grad_q = torch.matmul(grad_scores, k).mul_(scale) if ctx.needs_input_grad[0] else None
         grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(scale) if ctx.needs_input_grad[1] else None
         return grad_q, grad_k, grad_v, None, None, None, None, None
+
+
+def _fused_backward(grad, q, k, v_estimate, attn_mask, is_causal, scale, needs) -> tuple[Tensor | None, ...]:
+    """Without dropout: torch's own attention kernels, run forward and backward on the estimate of v.
+
+    Its ``dv = P^T grad`` does not read v (exact); its ``dq`` and ``dk`` are
+    linear in v (unbiased). torch picks its fastest kernel for the device.
+    """
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(need) for t, need in zip((q, k, v_estimate), needs)]
+        out = F.scaled_dot_product_attention(*leaves, attn_mask, 0.0, is_causal, scale=scale)
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad))
+    return tuple(next(grads) if t.requires_grad else None for t in leaves)
 
 
 def scaled_dot_product_attention(
