@@ -81,3 +81,30 @@ def test_zero_feature_linear_trains():
     x = torch.randn(4, 0)
     model(x).sum().backward()
     assert model[0].weight.grad.shape == (3, 0) and torch.equal(model[0].bias.grad, torch.full((3,), 4.0))
+
+
+def test_coverage_lists_what_was_converted_and_left_exact():
+    model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.GELU(), nn.LayerNorm(8),
+                          nn.BatchNorm1d(4), nn.GRU(8, 8))
+    with pytest.warns(UserWarning, match=r"only 18% of the model's trainable parameters .* left exact: 5 \(GRU\)"):
+        radgrad.convert(model, method="quantize")
+    report = radgrad.coverage(model)
+    assert report.converted == {"1": "radgrad.nn.Linear", "2": "radgrad.nn.Activation", "3": "radgrad.nn.LayerNorm"}
+    assert report.routed == ["4"]
+    assert report.exact == {"5": "GRU: not a module type radgrad converts"}
+    covered = (8 * 8 + 8) + 2 * 8 + 2 * 4  # Linear, LayerNorm, BatchNorm; the embedding is counted apart
+    gru = 2 * (3 * 8) * 8 + 2 * 3 * 8
+    assert report.parameter_share == covered / (covered + gru)
+    text = str(report)
+    assert "3 modules converted, 1 routed" in text and "left exact: 5: GRU" in text
+
+
+def test_coverage_with_inputs_measures_saved_bytes_and_restores_settings():
+    model = radgrad.convert(nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4)), method="quantize").eval()
+    report = radgrad.coverage(model, torch.randn(64, 32))
+    exact = radgrad.memory.saved_bytes(nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4)),
+                                       torch.randn(64, 32))
+    assert report.saved_bytes["exact"] == exact
+    assert report.saved_bytes["converted"] < 0.2 * exact
+    assert not model.training and model[0].sketch.method == "quantize"
+    assert set(report.holders) == {"0", "1", "2"}

@@ -156,3 +156,22 @@ def test_attention_with_dropout_unbiased_for_each_mask():
     qk, exact_qk = samples[:, :-n_v], exacts[:, :-n_v]
     assert z_scores(qk - exact_qk, zero).max() < Z_BOUND
     assert z_scores(0.9 * qk - exact_qk, zero).max() > Z_BOUND, "test too weak to detect a 10% bias"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["quantize", "sample"])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5), (3, 2, 3, 2)], ids=["1d", "1d-seq", "2d"])
+def test_batch_norm_exact_output_and_stats_unbiased_grads(config, shape):
+    torch.manual_seed(0)
+    x = (torch.randn(*shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+    c = shape[1]
+    w = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True)
+    stats = [torch.zeros(c, dtype=torch.float64), torch.ones(c, dtype=torch.float64)]
+    torch_stats = [t.clone() for t in stats]
+    out = RF.batch_norm(x, *stats, w, b, True, 0.1, 1e-5, config)
+    assert torch.equal(out, F.batch_norm(x, *torch_stats, w, b, True, 0.1, 1e-5))
+    assert all(torch.equal(s, t) for s, t in zip(stats, torch_stats))  # running statistics updated alike
+    exact = _grads(lambda *t: F.batch_norm(t[0], None, None, t[1], t[2], True), x, w, b)
+    samples = _draws(lambda *t: RF.batch_norm(t[0], None, None, t[1], t[2], True, 0.1, 1e-5, config), [x, w, b])
+    torch.testing.assert_close(samples[:, -c:], exact[-c:].expand(N, -1), rtol=1e-12, atol=1e-14)
+    assert_unbiased(samples[:, :-c], exact[:-c])

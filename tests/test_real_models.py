@@ -127,3 +127,41 @@ def test_attention_calls_are_routed_only_while_training():
     assert rad < 0.6 * full
     with torch.no_grad():
         assert torch.equal(model.eval()(x).logits, exact.eval()(x).logits)
+
+
+def _resnet() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                                       num_labels=3, downsample_in_first_stage=False)
+    return transformers.ResNetForImageClassification(config)
+
+
+def test_resnet_batch_norm_is_routed_running_stats_exact():
+    model = _resnet().train()
+    rad = radgrad.convert(copy.deepcopy(model), **QUANTIZE)
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.equal(model(x).logits, rad(x).logits)  # train-mode forward, batch statistics
+    for a, b in zip(model.buffers(), rad.buffers()):
+        assert torch.equal(a, b)  # running statistics updated alike
+    plain, converted = radgrad.memory.saved_bytes(model, x), radgrad.memory.saved_bytes(rad, x)
+    assert converted < 0.25 * plain
+    assert torch.equal(model.eval()(x).logits, rad.eval()(x).logits)
+
+
+@pytest.mark.parametrize("masks", ["none", "causal", "padding"])
+def test_multihead_attention_is_routed_with_torch_outputs(masks):
+    model = _encoder().double()
+    rad = radgrad.convert(copy.deepcopy(model), **QUANTIZE)
+    x = torch.randn(3, 8, 16, dtype=torch.float64)
+    kwargs = {}
+    if masks == "causal":
+        kwargs = dict(mask=nn.Transformer.generate_square_subsequent_mask(8, dtype=torch.float64), is_causal=True)
+    elif masks == "padding":
+        padding = torch.zeros(3, 8, dtype=torch.bool)
+        padding[0, -3:] = True
+        kwargs = dict(src_key_padding_mask=padding)
+    assert torch.equal(rad[0](x, **kwargs), model[0](x, **kwargs))
+    attention = "0.layers.0.self_attn"
+    plain = radgrad.memory.measure(model, x).by_module[attention]
+    converted = radgrad.memory.measure(rad, x).by_module[attention]
+    assert converted < 0.6 * plain  # exact q, k; sketched input, v and output-projection input

@@ -7,7 +7,7 @@ unbiased estimates, everything else stays exact, and the memory saved for
 backward drops to a tenth or less.
 
 Public names: :func:`convert` (one call for an existing model; ``method="quantize"``
-is the recommended setting), :func:`allocate` (per-layer settings within a byte
+is the recommended setting), :func:`coverage` (what it covered), :func:`allocate` (per-layer settings within a byte
 budget), :mod:`radgrad.nn` (the layers), :mod:`radgrad.functional`,
 :mod:`radgrad.memory` (saved bytes and the peak of a step),
 :mod:`radgrad.models` (the paper's models), and the sketch API for custom ops
@@ -18,6 +18,7 @@ budget), :mod:`radgrad.nn` (the layers), :mod:`radgrad.functional`,
 from radgrad import functional, memory, models, nn
 from radgrad.allocate import allocate
 from radgrad.convert import convert
+from radgrad.coverage import Coverage, coverage
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import BITS, METHODS, Sketch, SketchConfig, draw, pack, tie, unpack
 
@@ -25,11 +26,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BITS",
+    "Coverage",
     "METHODS",
     "Sketch",
     "SketchConfig",
     "allocate",
     "convert",
+    "coverage",
     "draw",
     "functional",
     "memory",

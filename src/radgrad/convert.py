@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from radgrad import route
+from radgrad.coverage import coverage
 from radgrad.nn import CONVERSIONS, Activation, TransposedLinear, _Dynamic
 from radgrad.sketch import SketchConfig
 
@@ -56,7 +58,9 @@ def convert(
     it did before.
 
     Converting twice is harmless; converting a converted model with other
-    settings updates them.
+    settings updates them. :func:`radgrad.coverage` reports what was
+    converted, what was left exact and why; ``convert`` warns when less than
+    half of the trainable parameters are in modules it covers.
 
     Args:
         model: the model to convert.
@@ -89,6 +93,11 @@ def convert(
         if id(module) not in skipped:
             _convert_one(module, config)
     route.install(model, config)
+    report = coverage(model)
+    if report.parameter_share < 0.5:
+        left = ", ".join(f"{name} ({why.split(':')[0]})" for name, why in list(report.exact.items())[:5])
+        warnings.warn(f"radgrad.convert: only {report.parameter_share:.0%} of the model's trainable parameters "
+                      f"are in modules it covers; left exact: {left}. See radgrad.coverage(model).", stacklevel=2)
     return model
 
 
@@ -152,7 +161,7 @@ def _is_elementwise(module: nn.Module) -> bool:
 
     Decided by a probe, so that a model's own activations qualify: the
     module must map a float64 tensor to one of the same shape, twice the
-    same, with a diagonal Jacobian and a forward-mode derivative.
+    same, with a diagonal Jacobian.
     """
     if isinstance(module, _NOT_ELEMENTWISE) or any(True for _ in module.children()):
         return False
@@ -165,7 +174,6 @@ def _is_elementwise(module: nn.Module) -> bool:
         if not (isinstance(y, torch.Tensor) and y.shape == x.shape and torch.equal(y, again)):
             return False
         jacobian = torch.autograd.functional.jacobian(lambda t: module(t.clone()), x).reshape(24, 24)
-        torch.func.jvp(lambda t: module(t.clone()), (x,), (torch.ones_like(x),))
     except Exception:  # a module that cannot take this probe is not converted
         return False
     return bool(torch.equal(jacobian, torch.diag(jacobian.diagonal())))

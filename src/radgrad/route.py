@@ -2,7 +2,8 @@
 
 Module surgery reaches layers; it cannot reach the torch functions a model's
 own code calls (Hugging Face attention calls ``F.scaled_dot_product_attention``,
-``nn.MultiheadAttention`` calls ``F.linear`` on its projection weights).
+``nn.MultiheadAttention`` calls ``F.multi_head_attention_forward``,
+``nn.BatchNorm2d`` calls ``F.batch_norm``).
 :func:`radgrad.convert` therefore wraps the forward pass of the converted
 model in :class:`Route`, a ``TorchFunctionMode`` active only while it trains
 with gradients on, which sends these calls to :mod:`radgrad.functional`:
@@ -13,7 +14,8 @@ with gradients on, which sends these calls to :mod:`radgrad.functional`:
     ``F.linear``                      :func:`~radgrad.functional.linear` (sketch of the input)
     ``F.scaled_dot_product_attention``  exact q, k; sketch of v; mask bits
     ``F.dropout``                     mask as bits (exact)
-    ``F.layer_norm``                  two sketches of the normalized input
+    ``F.layer_norm``, ``F.batch_norm``  two sketches of the normalized input
+    ``F.multi_head_attention_forward``  RAD projections and attention (``need_weights=False``)
     ``F.gelu``, ``F.silu``, ``F.mish``  sketch of the derivative
     ================================  ================================================
 
@@ -47,6 +49,15 @@ def _sdpa(config, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
                                            config)
 
 
+def _batch_norm(config, input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                eps=1e-5):
+    return RF.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, config)
+
+
+def _mha(config, *args, **kwargs):
+    return RF.multi_head_attention_forward(*args, **kwargs, config=config)
+
+
 def _dropout(config, input, p=0.5, training=True, inplace=False):
     return RF.dropout(input, p, training)
 
@@ -69,6 +80,8 @@ ROUTED = {
     F.scaled_dot_product_attention: _sdpa,
     F.dropout: _dropout,
     F.layer_norm: _layer_norm,
+    F.batch_norm: _batch_norm,
+    F.multi_head_attention_forward: _mha,
     F.gelu: functools.partial(_activation, "gelu"),
     F.silu: functools.partial(_activation, "silu"),
     F.mish: functools.partial(_activation, "mish"),

@@ -156,3 +156,96 @@ def scaled_dot_product_attention(
         raise ValueError("radgrad.functional.scaled_dot_product_attention: pass attn_mask or is_causal, not both")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     return _Attention.run(query, key, value, attn_mask, dropout_p, is_causal, scale, config)[0]
+
+
+def multi_head_attention_forward(
+    query: Tensor, key: Tensor, value: Tensor, embed_dim_to_check: int, num_heads: int,
+    in_proj_weight: Tensor | None, in_proj_bias: Tensor | None, bias_k: Tensor | None, bias_v: Tensor | None,
+    add_zero_attn: bool, dropout_p: float, out_proj_weight: Tensor, out_proj_bias: Tensor | None,
+    training: bool = True, key_padding_mask: Tensor | None = None, need_weights: bool = True,
+    attn_mask: Tensor | None = None, use_separate_proj_weight: bool = False, q_proj_weight: Tensor | None = None,
+    k_proj_weight: Tensor | None = None, v_proj_weight: Tensor | None = None, static_k: Tensor | None = None,
+    static_v: Tensor | None = None, average_attn_weights: bool = True, is_causal: bool = False,
+    config: SketchConfig = _DEFAULT,
+) -> tuple[Tensor, Tensor | None]:
+    """RAD ``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` runs while training).
+
+    The projections are RAD linear layers (weight gradients from sketches of
+    their inputs) and the attention is :func:`scaled_dot_product_attention`;
+    the output is computed as torch computes it. Runs torch's function
+    unchanged (exact, saving what torch saves) when attention weights are
+    requested (``need_weights=True``, the module's default: pass
+    ``need_weights=False``, as ``nn.Transformer*`` layers do), with
+    ``bias_k``/``bias_v``, ``add_zero_attn`` or static keys and values.
+    """
+    args = (query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
+            add_zero_attn, dropout_p, out_proj_weight, out_proj_bias)
+    kwargs = dict(training=training, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                  attn_mask=attn_mask, use_separate_proj_weight=use_separate_proj_weight,
+                  q_proj_weight=q_proj_weight, k_proj_weight=k_proj_weight, v_proj_weight=v_proj_weight,
+                  static_k=static_k, static_v=static_v, average_attn_weights=average_attn_weights,
+                  is_causal=is_causal)
+    if (need_weights or bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None
+            or static_v is not None or query.dim() not in (2, 3)):
+        return F.multi_head_attention_forward(*args, **kwargs)
+    from radgrad.functional._linear import linear
+
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    tgt_len, bsz, embed_dim = query.shape
+    src_len = key.shape[0]
+    if embed_dim != embed_dim_to_check or embed_dim % num_heads:
+        return F.multi_head_attention_forward(*args, **kwargs)
+    head_dim = embed_dim // num_heads
+    # masks exactly as torch's function prepares them
+    key_padding_mask = F._canonical_mask(mask=key_padding_mask, mask_name="key_padding_mask",
+                                         other_type=F._none_or_dtype(attn_mask), other_name="attn_mask",
+                                         target_type=query.dtype)
+    if is_causal and attn_mask is None:
+        raise RuntimeError("radgrad: need attn_mask if specifying the is_causal hint (as torch requires)")
+    if is_causal and key_padding_mask is None:
+        attn_mask = None
+    else:
+        attn_mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None, other_name="",
+                                      target_type=query.dtype, check_other=False)
+        if key_padding_mask is not None:
+            is_causal = False
+    if not use_separate_proj_weight:
+        if key is value and query is key:
+            proj = linear(query, in_proj_weight, in_proj_bias, config)
+            proj = proj.unflatten(-1, (3, embed_dim)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+            q, k, v = proj[0], proj[1], proj[2]
+        else:
+            w_q, w_k, w_v = in_proj_weight.chunk(3)
+            b_q, b_k, b_v = (None,) * 3 if in_proj_bias is None else in_proj_bias.chunk(3)
+            q, k, v = linear(query, w_q, b_q, config), linear(key, w_k, b_k, config), linear(value, w_v, b_v, config)
+    else:
+        b_q, b_k, b_v = (None,) * 3 if in_proj_bias is None else in_proj_bias.chunk(3)
+        q, k, v = (linear(query, q_proj_weight, b_q, config), linear(key, k_proj_weight, b_k, config),
+                   linear(value, v_proj_weight, b_v, config))
+    if attn_mask is not None and attn_mask.dim() == 2:
+        attn_mask = attn_mask.unsqueeze(0)
+    q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
+    k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+    v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+    if key_padding_mask is not None:
+        key_padding_mask = (key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, num_heads, -1, -1)
+                            .reshape(bsz * num_heads, 1, src_len))
+        attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+    if not training:
+        dropout_p = 0.0
+    if attn_mask is not None:
+        if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(0)
+        else:
+            attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
+    q = q.view(bsz, num_heads, tgt_len, head_dim)
+    k = k.view(bsz, num_heads, src_len, head_dim)
+    v = v.view(bsz, num_heads, src_len, head_dim)
+    out = scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, config=config)
+    out = out.permute(2, 0, 1, 3).contiguous().view(bsz * tgt_len, embed_dim)
+    out = linear(out, out_proj_weight, out_proj_bias, config).view(tgt_len, bsz, -1)
+    return (out if batched else out.squeeze(1)), None

@@ -1,8 +1,9 @@
-"""RAD layer normalization: two independent sketches of the normalized input.
+"""RAD layer and batch normalization: two independent sketches of the normalized input.
 
 NOTE [Layer norm from two sketches]
     With ``xh = (x - mean) * rstd`` over the normalized dimensions (``N``
-    entries) and ``gw = grad * weight``, torch's backward is
+    entries: a row's features for layer norm, a channel's batch and spatial
+    positions for batch norm) and ``gw = grad * weight``, torch's backward is
         dx = rstd * (gw - mean(gw) - xh * mean(gw * xh)),
         dweight = sum over rows of grad * xh,      dbias = sum of grad.
     ``dx`` is quadratic in ``xh``: one sketch used twice would be biased by
@@ -25,7 +26,7 @@ from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _pack
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig
 
-__all__ = ["layer_norm"]
+__all__ = ["layer_norm", "batch_norm"]
 
 
 class _LayerNorm(_RADFunction):
@@ -52,20 +53,32 @@ class _LayerNorm(_RADFunction):
     @staticmethod
     def backward(ctx, grad, *_):
         a, b, rstd, weight = saved_tensors(ctx)
-        need_input, need_weight, need_bias = ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]
-        g = grad.to(rstd.dtype)
+        needs = ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]
         batch = tuple(range(grad.dim() - len(ctx.dims)))
-        grad_input = grad_weight = grad_bias = None
-        if need_input:
-            gw = g if weight is None else g * weight
-            mean_gw = gw.mean(ctx.dims, keepdim=True)
-            mean_gwb = (gw * b).mean(ctx.dims, keepdim=True)
-            grad_input = (gw - mean_gw - a * mean_gwb).mul_(rstd).to(grad.dtype)
-        if need_weight:
-            grad_weight = (g * a).sum(batch).to(weight.dtype)
-        if need_bias:
-            grad_bias = grad.sum(batch)
+        grad_input, grad_weight, grad_bias = _backward(grad, a, b, rstd, weight, ctx.dims, batch, needs)
         return grad_input, None, grad_weight, grad_bias, None, None
+
+
+def _backward(grad, a, b, rstd, weight, dims, param_dims, needs):
+    """(input, weight, bias) gradients of a normalization from sketches ``a``, ``b`` of its normalized input.
+
+    ``dims``: the dimensions each mean and rstd runs over; ``param_dims``:
+    the dimensions the weight and bias gradients sum over (NOTE [Layer norm
+    from two sketches]).
+    """
+    need_input, need_weight, need_bias = needs
+    g = grad.to(rstd.dtype)
+    grad_input = grad_weight = grad_bias = None
+    if need_input:
+        gw = g if weight is None else g * weight
+        mean_gw = gw.mean(dims, keepdim=True)
+        mean_gwb = (gw * b).mean(dims, keepdim=True)
+        grad_input = (gw - mean_gw - a * mean_gwb).mul_(rstd).to(grad.dtype)
+    if need_weight:
+        grad_weight = (g * a).sum(param_dims).to(weight.dtype)
+    if need_bias:
+        grad_bias = grad.sum(param_dims)
+    return grad_input, grad_weight, grad_bias
 
 
 def layer_norm(
@@ -88,3 +101,59 @@ def layer_norm(
     if config.exact or not (needs and torch.is_grad_enabled()) or math.prod(shape) == 0:
         return F.layer_norm(input, shape, weight, bias, eps)
     return _LayerNorm.run(input, shape, weight, bias, eps, config)[0]
+
+
+class _BatchNorm(_RADFunction):
+    @staticmethod
+    def forward(input, weight, bias, running_mean, running_var, momentum, eps, config):
+        output, mean, invstd = torch.native_batch_norm(input, weight, bias, running_mean, running_var, True,
+                                                       momentum, eps)
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        normalized = (input.to(invstd.dtype) - mean.view(shape)).mul_(invstd.view(shape))
+        batch_dims = 2 if input.dim() > 2 else 1
+        output, *a = _packed(output, normalized, config, batch_dims, fresh=True)
+        output, *b = _packed(output, normalized, config, batch_dims, fresh=True)
+        return output, invstd, *a, *b
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        input, weight, *_, config = inputs
+        invstd = outputs[1]
+        ctx.mark_non_differentiable(invstd)
+        batch_dims = 2 if input.dim() > 2 else 1
+        a = _sketch_from(ctx, outputs[2:5], input.shape, config, batch_dims, invstd.dtype)
+        b = _sketch_from(ctx, outputs[5:8], input.shape, config, batch_dims, invstd.dtype)
+        ctx.dims = (0, *range(2, input.dim()))
+        save_for_backward(ctx, a, b, invstd.view([1, -1] + [1] * (input.dim() - 2)), weight)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        a, b, invstd, weight = saved_tensors(ctx)
+        grads = _backward(grad, a, b, invstd, None if weight is None else weight.view(invstd.shape),
+                          ctx.dims, ctx.dims, ctx.needs_input_grad[:3])
+        return *grads, None, None, None, None, None
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    config: SketchConfig = _DEFAULT,
+) -> Tensor:
+    """RAD ``F.batch_norm``: exact output, running statistics and bias gradient; unbiased input and weight gradients.
+
+    In training, saves two independent sketches of the normalized input (one
+    row per example and channel) and each channel's inverse standard
+    deviation (NOTE [Layer norm from two sketches]). Not training (running
+    statistics used), it is torch's function: it saves nothing randomized.
+    """
+    _check_input("functional.batch_norm", input)
+    needs = input.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
+    if config.exact or not (training and needs and torch.is_grad_enabled()) or input.numel() == 0:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _BatchNorm.run(input, weight, bias, running_mean, running_var, momentum, eps, config)[0]

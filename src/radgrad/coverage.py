@@ -1,0 +1,125 @@
+"""What :func:`radgrad.convert` covered in a model, and what it left exact and why."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from radgrad import memory
+from radgrad.nn import _Converted
+from radgrad.sketch import SketchConfig
+
+__all__ = ["Coverage", "coverage"]
+
+# Modules whose functional calls radgrad routes while the model trains (radgrad.route).
+_ROUTED = (nn.modules.batchnorm._BatchNorm, nn.MultiheadAttention)
+# Modules that save nothing worth compressing: their backward reads indices or nothing.
+_NOTHING_TO_COMPRESS = (nn.Embedding, nn.EmbeddingBag)
+_EXACT = SketchConfig(keep=1.0)
+
+
+@dataclass
+class Coverage:
+    """What :func:`coverage` found; ``print`` it for a summary.
+
+    Attributes:
+        converted: qualified name -> what it became (``"radgrad.nn.Linear"``, ...).
+        routed: modules whose functional calls are routed while training (batch norm, multi-head attention).
+        exact: modules with parameters left exact -> why.
+        parameter_share: trainable parameters in converted or routed modules, over all trainable
+            parameters (embeddings, which save only indices, counted apart).
+        saved_bytes: with inputs given, bytes saved for backward as converted and with every
+            sketch exact (``{"converted": ..., "exact": ...}``); empty otherwise.
+        holders: with inputs given, the modules holding the most converted saved bytes.
+    """
+
+    converted: dict[str, str] = field(default_factory=dict)
+    routed: list[str] = field(default_factory=list)
+    exact: dict[str, str] = field(default_factory=dict)
+    parameter_share: float = 0.0
+    saved_bytes: dict[str, int] = field(default_factory=dict)
+    holders: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"radgrad: {len(self.converted)} modules converted, {len(self.routed)} routed; "
+                 f"{self.parameter_share:.0%} of trainable parameters covered"]
+        kinds: dict[str, int] = {}
+        for kind in self.converted.values():
+            kinds[kind] = kinds.get(kind, 0) + 1
+        lines += [f"  {kind}: {n}" for kind, n in sorted(kinds.items())]
+        if self.routed:
+            lines.append(f"  routed: {', '.join(self.routed[:6])}{' ...' if len(self.routed) > 6 else ''}")
+        for name, why in self.exact.items():
+            lines.append(f"  left exact: {name or '(model)'}: {why}")
+        if self.saved_bytes:
+            c, e = self.saved_bytes["converted"], self.saved_bytes["exact"]
+            lines.append(f"  saved for backward: {c:,} B of {e:,} B exact ({c / max(e, 1):.3f})")
+            lines += [f"    {name or '(model)'}: {n:,} B" for name, n in self.holders.items()]
+        return "\n".join(lines)
+
+
+def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Coverage:
+    """Report what :func:`radgrad.convert` covered in ``model``.
+
+    Without inputs it reads the model's modules only. With example inputs
+    (passed to ``model`` as ``model(*inputs, **kwargs)``) it also runs one
+    forward pass in training mode twice, as converted and with every sketch
+    made exact for the pass, and reports the bytes saved for backward and
+    the ``top`` modules holding the converted bytes.
+    """
+    report = Coverage()
+    covered = total = 0
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False)
+                  if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter))
+        if isinstance(module, _Converted):
+            report.converted[name] = f"radgrad.nn.{_kind(module)}"
+        elif isinstance(module, _ROUTED):
+            report.routed.append(name)
+        elif own and isinstance(module, _NOTHING_TO_COMPRESS):
+            continue
+        elif own:
+            report.exact[name] = f"{type(module).__name__}: not a module type radgrad converts"
+        total += own
+        covered += own if isinstance(module, (_Converted, *_ROUTED)) else 0
+    report.parameter_share = covered / total if total else 1.0
+    if inputs or kwargs:
+        modes = {m: m.training for m in model.modules()}
+        model.train()
+        try:
+            converted = memory.measure(model, *inputs, **kwargs)
+            with _all_exact(model):
+                exact = memory.measure(model, *inputs, **kwargs)
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        report.saved_bytes = {"converted": converted.total, "exact": exact.total}
+        report.holders = dict(sorted(converted.by_module.items(), key=lambda kv: -kv[1])[:top])
+    return report
+
+
+@contextlib.contextmanager
+def _all_exact(model: nn.Module) -> Iterator[None]:
+    configs = {m: m.sketch for m in model.modules() if isinstance(getattr(m, "sketch", None), SketchConfig)}
+    route = getattr(model, "_radgrad_route", None)
+    routed = route.config if route is not None else None
+    try:
+        for m in configs:
+            m.sketch = _EXACT
+        if route is not None:
+            route.config = _EXACT
+        yield
+    finally:
+        for m, config in configs.items():
+            m.sketch = config
+        if route is not None:
+            route.config = routed
+
+
+def _kind(module: nn.Module) -> str:
+    mixin = getattr(module, "_radgrad_mixin", None)
+    return (mixin or type(module)).__name__
