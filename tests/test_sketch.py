@@ -55,7 +55,8 @@ def _distance_to_levels(rows: torch.Tensor) -> float:
 def _expected_bytes(config: SketchConfig, rows: int, d: int, k: int) -> int:
     """Bytes a float32 sketch of rows x D stores (NOTE [What a sketch stores])."""
     n = d if config.method == "quantize" else k
-    values = rows * (-(-n * config.bits // 8) + 2 * 4) if config.bits else rows * n * 4
+    groups = -(-rows // -(-256 // n))  # rows of n < 256 entries share a scale, 256 entries per scale at least
+    values = rows * -(-n * config.bits // 8) + groups * 2 * 4 if config.bits else rows * n * 4
     index = 2  # int16 positions for D <= 2**15
     state = {"sample": ((rows if config.per_example else 1) + k) * index, "norm": rows * k * index,
              "project": 8, "quantize": 0}[config.method]
@@ -102,7 +103,24 @@ def test_batch_dims_layout():
     assert sketch.values.shape == (6, 10)
     assert pack(x, SketchConfig(0.5), batch_dims=0).values.shape == (1, 60)
     sketch = pack(x, SketchConfig(method="quantize", bits=4), batch_dims=2)
-    assert sketch.values.shape == (6, 10) and sketch.scale.shape == (6, 2)
+    assert sketch.values.shape == (6, 10) and sketch.scale.shape == (1, 2)  # short rows share a scale
+    sketch = pack(torch.randn(40, 300), SketchConfig(method="quantize", bits=4), batch_dims=1)
+    assert sketch.scale.shape == (40, 2)
+
+
+def test_short_rows_share_scales_and_unpack_in_any_block():
+    # 25 rows of 30 entries: groups of 9 rows share a scale, the last group has 7
+    x = torch.randn(25, 30, dtype=torch.float64) * torch.linspace(1, 5, 25, dtype=torch.float64)[:, None]
+    sketch = pack(x, SketchConfig(method="quantize", bits=2), batch_dims=1)
+    assert sketch.scale.shape == (3, 2)
+    whole = unpack(sketch)
+    for block in (1, 4, 9, 10):
+        parts = [radgrad.sketch.unpack_rows(sketch, lo, min(25, lo + block)) for lo in range(0, 25, block)]
+        assert torch.equal(torch.cat(parts), whole)
+    lo = sketch.scale[:, 0].repeat_interleave(9)[:25, None]
+    step = sketch.scale[:, 1].repeat_interleave(9)[:25, None]
+    assert torch.all((whole - lo) / step - ((whole - lo) / step).round() < 1e-9)  # on each group's grid
+    assert torch.equal(sketch.scale[2, 0], x[18:].min())
 
 
 def test_same_sample_shares_positions_across_rows():
@@ -295,7 +313,7 @@ def test_codes_pack_and_unpack_exactly(bits, n):
 
 @pytest.mark.parametrize("bits", radgrad.BITS)
 def test_rounding_picks_a_neighbouring_level(bits):
-    x = torch.randn(4, 50, dtype=torch.float64)
+    x = torch.randn(4, 300, dtype=torch.float64)  # rows of >= 256 entries: one scale per row
     est = unpack(pack(x, SketchConfig(method="quantize", bits=bits), batch_dims=1))
     lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
     step = (hi - lo) / (2**bits - 1)
@@ -308,7 +326,7 @@ def test_rounding_picks_a_neighbouring_level(bits):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_quantized_estimate_keeps_the_dtype_and_constant_rows(dtype):
-    x = torch.randn(3, 20).to(dtype)
+    x = torch.randn(3, 300).to(dtype)
     x[1] = 2.5
     sketch = pack(x, SketchConfig(method="quantize", bits=2), batch_dims=1)
     est = unpack(sketch)
@@ -317,10 +335,14 @@ def test_quantized_estimate_keeps_the_dtype_and_constant_rows(dtype):
 
 
 def test_non_finite_rows_estimate_nan():
-    x = torch.randn(3, 10)
+    x = torch.randn(3, 300)
     x[0, 2], x[1, 5] = math.inf, math.nan
     est = unpack(pack(x, SketchConfig(method="quantize"), batch_dims=1))
     assert est[:2].isnan().all() and est[2].isfinite().all()
+    short = torch.randn(30, 10)  # rows of 10 share a scale in groups of 26: NaN spreads to its group only
+    short[0, 3] = math.nan
+    est = unpack(pack(short, SketchConfig(method="quantize"), batch_dims=1))
+    assert est[:26].isnan().all() and est[26:].isfinite().all()
     # norm keeps positions of a row with inf or NaN, whose values are NaN
     sketch = pack(x, SketchConfig(0.5, "norm"), batch_dims=1)
     assert sketch.values[:2].isnan().all() and sketch.values[2].isfinite().all()

@@ -95,7 +95,8 @@ def convert(
     route.install(model, config)
     report = coverage(model)
     if report.parameter_share < 0.5:
-        left = ", ".join(f"{name} ({why.split(':')[0]})" for name, why in list(report.exact.items())[:5])
+        left = ", ".join(f"{name or '(model)'} ({why.split(':')[0]})"
+                         for name, why in list(report.exact.items())[:5])
         warnings.warn(f"radgrad.convert: only {report.parameter_share:.0%} of the model's trainable parameters "
                       f"are in modules it covers; left exact: {left}. See radgrad.coverage(model).", stacklevel=2)
     return model

@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from radgrad import memory
-from radgrad.nn import _Converted
+from radgrad.nn import CONVERSIONS, _Converted
 from radgrad.sketch import SketchConfig
 
 __all__ = ["Coverage", "coverage"]
@@ -82,6 +82,9 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
             report.routed.append(name)
         elif own and isinstance(module, _NOTHING_TO_COMPRESS):
             continue
+        elif own and type(module) in CONVERSIONS:
+            report.exact[name] = (f"{type(module).__name__}: its settings are not supported by "
+                                  f"radgrad.nn.{CONVERSIONS[type(module)].__name__}")
         elif own:
             report.exact[name] = f"{type(module).__name__}: not a module type radgrad converts"
         total += own

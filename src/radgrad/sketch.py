@@ -14,7 +14,8 @@ NOTE [Sketch layout]
     example and channel, ``D = H * W`` spatial positions), a single state has
     ``batch_dims = 0`` (one row). Any strides are accepted; nothing is copied
     unless the row dimensions cannot be merged into one. Quantization scales
-    are kept per row.
+    are kept per row, or per group of consecutive rows when rows are short
+    (NOTE [Stochastic rounding] in :mod:`radgrad.estimators.quantize`).
 
 NOTE [What a sketch stores]
     ``method`` chooses which values of a row are kept: ``"sample"`` ``k`` at
@@ -48,7 +49,7 @@ METHODS: dict[str, str] = {
     "sample": "keep k of D entries of each row at uniform random positions, rescaled by D/k",
     "norm": "keep k draws per row, entry j with probability |x_j| / ||x||_1, positions stored",
     "project": "store a random Rademacher projection x S and return (x S) S^T / k",
-    "quantize": "keep every entry, stochastically rounded to `bits` bits with a per-row scale",
+    "quantize": "keep every entry, stochastically rounded to `bits` bits with a per-row (or per-group-of-short-rows) scale",
 }
 BITS = quantize.BITS
 #: The bits of ``method="quantize"`` when none are given.
@@ -294,7 +295,7 @@ def unpack_rows(sketch: Sketch, lo: int, hi: int) -> Tensor:
     config, values, state = sketch.config, sketch.values[lo:hi], sketch.state
     if sketch.scale is not None:
         n = d if state is None else config.kept(d)
-        values = quantize.dequantize(values, sketch.scale[lo:hi], config.bits, n, sketch.dtype)
+        values = quantize.dequantize(values, sketch.scale, config.bits, n, sketch.dtype, lo)
     if state is None:
         return values
     if config.method == "sample":

