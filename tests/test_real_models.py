@@ -161,6 +161,9 @@ def test_multihead_attention_is_routed_with_torch_outputs(masks):
         padding[0, -3:] = True
         kwargs = dict(src_key_padding_mask=padding)
     assert torch.equal(rad[0](x, **kwargs), model[0](x, **kwargs))
+    report = radgrad.coverage(rad)
+    assert report.routed == ["0.layers.0.self_attn", "0.layers.1.self_attn"] and report.exact == {}
+    assert report.parameter_share == 1.0
     attention = "0.layers.0.self_attn"
     plain = radgrad.memory.measure(model, x).by_module[attention]
     converted = radgrad.memory.measure(rad, x).by_module[attention]

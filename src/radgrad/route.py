@@ -14,6 +14,7 @@ with gradients on, which sends these calls to :mod:`radgrad.functional`:
     ``F.linear``                      :func:`~radgrad.functional.linear` (sketch of the input)
     ``F.scaled_dot_product_attention``  exact q, k; sketch of v; mask bits
     ``F.dropout``                     mask as bits (exact)
+    ``F.relu``                        mask as bits (exact)
     ``F.layer_norm``, ``F.batch_norm``  two sketches of the normalized input
     ``F.multi_head_attention_forward``  RAD projections and attention (``need_weights=False``)
     ``F.gelu``, ``F.silu``, ``F.mish``  sketch of the derivative
@@ -58,6 +59,10 @@ def _mha(config, *args, **kwargs):
     return RF.multi_head_attention_forward(*args, **kwargs, config=config)
 
 
+def _relu(config, input, inplace=False):
+    return RF.relu(input)
+
+
 def _dropout(config, input, p=0.5, training=True, inplace=False):
     return RF.dropout(input, p, training)
 
@@ -79,6 +84,7 @@ ROUTED = {
     F.linear: _linear,
     F.scaled_dot_product_attention: _sdpa,
     F.dropout: _dropout,
+    F.relu: _relu,
     F.layer_norm: _layer_norm,
     F.batch_norm: _batch_norm,
     F.multi_head_attention_forward: _mha,
