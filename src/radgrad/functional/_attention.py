@@ -54,7 +54,10 @@ def _bias(attn_mask: Tensor | None, is_causal: bool, q: Tensor, k: Tensor) -> Te
 
 
 def _compact(t: Tensor) -> Tensor:
-    """``t``, copied when it is a view that would keep a larger storage alive."""
+    """``t``, copied when it is a view that would keep a larger storage alive (eagerly; compiled
+    graphs save what their partitioner chooses)."""
+    if torch.compiler.is_compiling():
+        return t
     if t.untyped_storage().nbytes() > t.numel() * t.element_size():
         return t.contiguous() if not t.is_contiguous() else t.clone()
     return t
