@@ -1,6 +1,7 @@
 """convert() on the models people train: Hugging Face GPT-2, nn.TransformerEncoder, custom activations."""
 
 import copy
+import json
 import pickle
 
 import pytest
@@ -168,3 +169,27 @@ def test_multihead_attention_is_routed_with_torch_outputs(masks):
     plain = radgrad.memory.measure(model, x).by_module[attention]
     converted = radgrad.memory.measure(rad, x).by_module[attention]
     assert converted < 0.6 * plain  # exact q, k; sketched input, v and output-projection input
+
+
+def test_real_model_runs_summarize_and_combine(tmp_path):
+    from radgrad.experiments import real_models
+
+    def run(model, method, seed, level):
+        return {"model": model, "method": method, "seed": seed, "losses": [5.0] * 10 + [level, level + 0.2] * 5,
+                "step_seconds": [0.1] * 20}
+
+    first = [run("gpt2", "exact", 0, 2.0), run("gpt2", "quantize", 0, 2.02)]
+    second = [run("gpt2", "exact", 1, 2.1), run("gpt2", "quantize", 1, 2.1)]
+    for i, runs in enumerate((first, second)):
+        (tmp_path / f"{i}.json").write_text(json.dumps({"config": {}, "runs": runs}))
+    md, rows = real_models.summarize(first + second, last=10)
+    assert real_models.final_loss(first[0], 10) == pytest.approx(2.1)
+    assert [round(r["gap"], 6) for r in rows] == [round(2.12 / 2.1 - 1, 6), 0.0]
+    assert rows[0]["exact_standard_error"] == pytest.approx(0.1 * (10 / 9) ** 0.5 / 10**0.5)
+    assert "| gpt2 | 2.1000 / 2.2000 | 2.1200 / 2.2000 | +1.0% / +0.0% | 1.0% |" in md
+    out = tmp_path / "out"
+    real_models.main(["--combine", str(tmp_path / "0.json"), str(tmp_path / "1.json"), "--final", "10",
+                      "--steps", "20", "--out", str(out)])
+    saved = json.loads((out / "real_models.json").read_text())
+    assert len(saved["runs"]) == 4 and saved["config"]["seeds"] == [0, 1]
+    assert (out / "real_models.png").stat().st_size > 0 and "+1.0%" in (out / "real_models.md").read_text()

@@ -11,7 +11,10 @@ the same weights and see the same batches.
 
 Writes ``real_models.json`` (config and every run's per-step losses and
 times), ``real_models.csv``, ``real_models.md`` (final losses: the mean of the
-last ``--final`` steps' training losses) and ``real_models.png``.
+last ``--final`` steps' training losses, with its standard error) and
+``real_models.png``. Runs are independent (each seeds its own weights,
+batches and draws), so seeds may run in parallel processes and be merged
+with ``--combine``.
 """
 
 from __future__ import annotations
@@ -188,22 +191,31 @@ def final_loss(run: dict, last: int) -> float:
     return statistics.fmean(run["losses"][-last:])
 
 
+def _standard_error(run: dict, last: int) -> float:
+    """The standard error of :func:`final_loss` from its steps' spread (batches drawn independently)."""
+    tail = run["losses"][-last:]
+    return statistics.stdev(tail) / len(tail) ** 0.5
+
+
 def summarize(runs: list[dict], last: int) -> tuple[str, list[dict]]:
     """A markdown table and CSV rows: final loss by model, method and seed, and the gap to exact."""
     rows, table = [], []
     for name in dict.fromkeys(r["model"] for r in runs):
         finals = {m: {r["seed"]: final_loss(r, last) for r in runs if r["model"] == name and r["method"] == m}
                   for m in METHODS}
+        noise = {r["seed"]: _standard_error(r, last) for r in runs if r["model"] == name and r["method"] == "exact"}
         for seed in sorted(finals["exact"]):
             exact, rad = finals["exact"][seed], finals["quantize"].get(seed)
             gap = None if rad is None else rad / exact - 1
-            rows.append({"model": name, "seed": seed, "exact": exact, "quantize": rad, "gap": gap})
+            rows.append({"model": name, "seed": seed, "exact": exact, "quantize": rad, "gap": gap,
+                         "exact_standard_error": noise[seed]})
         gaps = [r["gap"] for r in rows if r["model"] == name and r["gap"] is not None]
         table.append([name, " / ".join(f"{v:.4f}" for v in finals["exact"].values()),
                       " / ".join(f"{v:.4f}" for v in finals["quantize"].values()),
-                      " / ".join(f"{g:+.1%}" for g in gaps), f"{max(map(abs, gaps)):.1%}" if gaps else "n/a"])
+                      " / ".join(f"{g:+.1%}" for g in gaps), f"{max(map(abs, gaps)):.1%}" if gaps else "n/a",
+                      " / ".join(f"{noise[s] / finals['exact'][s]:.1%}" for s in sorted(noise))])
     md = report.markdown(["model", "exact (per seed)", "radgrad quantize (per seed)", "gap per seed",
-                          "largest gap"], table)
+                          "largest gap", "standard error of the exact final loss"], table)
     return md, rows
 
 
@@ -235,15 +247,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--final", type=int, default=30, help="final loss: mean over this many last steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path("docs/real_models"))
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="JSON",
+                        help="train nothing: merge the runs of these real_models.json files (one per seed, "
+                             "say, run in parallel) and write the outputs")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.steps < args.final:
         parser.error(f"--steps ({args.steps}) must be at least --final ({args.final})")
     torch.set_num_threads(args.threads)
-    runs = [train(name, method, seed, args.steps, args.lr, progress=True)
-            for name in args.models for seed in args.seeds for method in METHODS]
+    if args.combine:
+        runs = [run for path in args.combine for run in json.loads(path.read_text())["runs"]]
+        args.models = list(dict.fromkeys(r["model"] for r in runs))
+        args.seeds = sorted({r["seed"] for r in runs})
+        args.steps = min(len(r["losses"]) for r in runs)
+    else:
+        runs = [train(name, method, seed, args.steps, args.lr, progress=True)
+                for name in args.models for seed in args.seeds for method in METHODS]
     md, rows = summarize(runs, args.final)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    config = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "combine" and v else v)
+              for k, v in vars(args).items()}
     header = (f"Command: `python -m radgrad.experiments.real_models {' '.join(argv)}`\n\n"
               f"Config: {json.dumps(config)}\n\n")
     report.write_outputs(args.out, "real_models", header + md, rows)
