@@ -56,7 +56,7 @@ def _model_and_loss(name: str, method: str):
             radgrad.convert(model, method="quantize")
         return model, _mlp_loss()
     model, spec = real_models.build(name, method, 0)
-    batch = spec.batch(real_models._data(spec.data), torch.Generator().manual_seed(0))
+    batch = spec.batch(real_models.load_data(spec.data), torch.Generator().manual_seed(0))
     return model, lambda m: spec.loss(m, batch)
 
 

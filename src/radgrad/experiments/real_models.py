@@ -39,7 +39,7 @@ import radgrad
 from radgrad.experiments import plots, report
 from radgrad.experiments.data import byte_windows, load_cifar10, stdlib_bytes, to_tensors
 
-__all__ = ["MODELS", "EncoderLM", "Spec", "train", "main"]
+__all__ = ["MODELS", "EncoderLM", "Spec", "build", "load_data", "train", "main"]
 
 METHODS = ("exact", "quantize")
 
@@ -147,7 +147,8 @@ MODELS: dict[str, Spec] = {
 
 
 @cache
-def _data(kind: str) -> Any:
+def load_data(kind: str) -> Any:
+    """A model's training data, loaded once: ``"text"`` (standard-library bytes) or ``"cifar"`` (normalized)."""
     if kind == "text":
         return stdlib_bytes()
     train_x, train_y, _, _ = to_tensors(load_cifar10())
@@ -170,7 +171,7 @@ def train(name: str, method: str, seed: int, steps: int, lr: float = 1e-3, progr
     if method not in METHODS:
         raise ValueError(f"radgrad: method must be one of {METHODS}, got {method!r}")
     model, spec = build(name, method, seed)
-    data = _data(spec.data)
+    data = load_data(spec.data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     batches = torch.Generator().manual_seed(seed)
     losses, seconds = [], []

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from radgrad import bits
 from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from
+from radgrad.functional._linear import linear
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig
 
@@ -191,8 +192,6 @@ def multi_head_attention_forward(
     if (need_weights or bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None
             or static_v is not None or query.dim() not in (2, 3)):
         return F.multi_head_attention_forward(*args, **kwargs)
-    from radgrad.functional._linear import linear
-
     batched = query.dim() == 3
     if not batched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)

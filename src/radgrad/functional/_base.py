@@ -120,7 +120,6 @@ class _RADFunction(Function):
         return cls._classic.apply(*args)
 
 
-
 # NOTE [Unpacking in blocks]
 #   A backward pass rebuilds a sketch's dense estimate to multiply it with
 #   the output gradient. Rebuilt whole, the estimate of the largest layer's
