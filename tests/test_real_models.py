@@ -193,3 +193,20 @@ def test_real_model_runs_summarize_and_combine(tmp_path):
     saved = json.loads((out / "real_models.json").read_text())
     assert len(saved["runs"]) == 4 and saved["config"]["seeds"] == [0, 1]
     assert (out / "real_models.png").stat().st_size > 0 and "+1.0%" in (out / "real_models.md").read_text()
+
+
+def test_a_layer_set_exact_stays_exact_inside_a_routed_model():
+    # the model-wide route must not re-sketch what a layer's own exact setting computes
+    model = radgrad.convert(_gpt2(), **QUANTIZE)
+    x = torch.randint(32, (2, 8))
+    block = "transformer.h.0"
+    names = [f"{block}.mlp.c_fc", f"{block}.mlp.act", f"{block}.ln_1"]
+    before = radgrad.memory.measure(model, x).by_module
+    modules = dict(model.named_modules())
+    for name in names:
+        modules[name].sketch = radgrad.SketchConfig(1.0)
+    after = radgrad.memory.measure(model, x).by_module
+    plain = radgrad.memory.measure(_gpt2(), x).by_module
+    for name in names:
+        assert after[name] > 4 * before[name], name
+        assert after[name] == plain[name], name

@@ -46,7 +46,7 @@ def test_registries_reject_unknown_names() -> None:
 def test_paper_hyperparameters() -> None:
     assert set(TASKS) == {"mnist-mlp", "cifar-cnn", "smnist-irnn", "smnist-rows"}
     assert list(METHODS) == ["baseline", "reduced-batch", "project", "same-sample", "different-sample",
-                             "accumulate", "checkpoint", "quantize", "quantize-1", "norm"]
+                             "accumulate", "checkpoint", "quantize", "quantize-1", "allocate", "norm"]
     # methods beyond the paper borrow the tuned settings of the closest paper method
     assert get_task("mnist-mlp").lr_wd("quantize") == get_task("mnist-mlp").lr_wd("baseline")
     assert get_task("cifar-cnn").lr_wd("norm") == get_task("cifar-cnn").lr_wd("different-sample")
@@ -91,7 +91,7 @@ def _assert_same_run(a: dict, b: dict, out_a: Path, out_b: Path) -> None:
 
 
 @pytest.mark.parametrize(("task", "method"), [("mnist-mlp", "different-sample"), ("smnist-rows", "project"),
-                                              ("mnist-mlp", "reduced-batch")])
+                                              ("mnist-mlp", "reduced-batch"), ("mnist-mlp", "allocate")])
 def test_stop_and_resume_is_bitwise_identical(tmp_path: Path, task: str, method: str, tiny_tensors: Tensors) -> None:
     config = _config(task=task, method=method)
     tensors = tiny_tensors
@@ -120,6 +120,17 @@ def test_outputs_name_the_config(tmp_path: Path, tiny_tensors: Tensors) -> None:
     state = torch.load(tmp_path / CHECKPOINT, weights_only=True)
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.6**10)  # x0.6 every iters/10
     assert state["iteration"] == 10 and len(state["history"]["losses"]) == 10
+
+
+def test_allocate_fits_the_paper_estimators_bytes_and_records_its_choice(tiny_tensors: Tensors) -> None:
+    runs = {m: train(_config(method=m, iters=2), None, data=tiny_tensors, progress=False)
+            for m in ("different-sample", "quantize", "allocate")}
+    assert runs["allocate"]["saved_bytes"] <= runs["different-sample"]["saved_bytes"]
+    chosen = runs["allocate"]["allocation"]
+    assert list(chosen) == ["1", "3", "5", "7"]  # the four linear layers of the MLP
+    # the budget buys more than 2-bit quantization everywhere would
+    assert runs["allocate"]["saved_bytes"] > runs["quantize"]["saved_bytes"]
+    assert runs["quantize"]["allocation"] is None
 
 
 def test_existing_runs_are_protected(tmp_path: Path, tiny_tensors: Tensors) -> None:

@@ -20,8 +20,9 @@ with gradients on, which sends these calls to :mod:`radgrad.functional`:
     ``F.gelu``, ``F.silu``, ``F.mish``  sketch of the derivative
     ================================  ================================================
 
-Calls made inside radgrad's own ops run with gradients off and fall through
-to torch unchanged. In eval mode or under ``torch.no_grad`` nothing is
+Calls made inside radgrad's own ops run with gradients off, and those of
+their exact paths are marked, so both fall through to torch unchanged: a
+layer set exact (by hand or by :func:`radgrad.allocate`) stays exact. In eval mode or under ``torch.no_grad`` nothing is
 routed: the model computes exactly what torch computes.
 """
 
@@ -35,6 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from radgrad import functional as RF
+from radgrad.functional._base import routing_paused
 from radgrad.functional._elementwise import FUSED
 from radgrad.sketch import SketchConfig
 
@@ -103,7 +105,7 @@ class Route(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         twin = ROUTED.get(func)
-        if twin is None or not torch.is_grad_enabled():
+        if twin is None or not torch.is_grad_enabled() or routing_paused():
             return func(*args, **(kwargs or {}))
         return twin(self.config, *args, **(kwargs or {}))
 

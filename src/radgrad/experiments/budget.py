@@ -11,15 +11,17 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 import radgrad
+from radgrad.allocate import Allocation
 from radgrad.experiments import steps
 from radgrad.experiments.steps import Stepper
 from radgrad.experiments.tasks import EXACT_KEEP, Method, Task, get_method
 
 __all__ = ["example_inputs", "prepare", "saved_bytes", "peak_bytes", "param_bytes", "reduced_batch",
-           "checkpoint_segments", "BUDGET_METHOD"]
+           "checkpoint_segments", "allocate", "BUDGET_METHOD"]
 
 #: The RAD method whose memory sets the reduced batch (project and same-sample keep as many values).
 BUDGET_METHOD = "different-sample"
@@ -105,3 +107,19 @@ def reduced_batch(model: nn.Module, task: Task, keep: float, batch: int) -> int:
     while saved_bytes(exact, task, guess + 1) <= budget:
         guess += 1
     return int(guess)
+
+
+def allocate(model: nn.Module, task: Task, keep: float, x: Tensor, y: Tensor) -> Allocation:
+    """Give each layer of the converted ``model`` the setting :func:`radgrad.allocate` chooses
+    within the saved bytes of :data:`BUDGET_METHOD` at ``keep``, calibrated on ``(x, y)``.
+
+    The budget is that method's measured saved bytes as a fraction of the
+    exact model's, both on ``len(x)`` examples. Torch's random state is left as it was.
+    """
+    plain = copy.deepcopy(model)
+    target = saved_bytes(prepare(copy.deepcopy(plain), BUDGET_METHOD, keep), task, len(x))
+    exact = saved_bytes(prepare(plain, "baseline", keep), task, len(x))
+    with torch.random.fork_rng(devices=[]):
+        choice = radgrad.allocate(model, lambda: F.cross_entropy(model(x), y), min(1.0, target / exact))
+    choice.apply(model)
+    return choice

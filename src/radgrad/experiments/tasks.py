@@ -47,6 +47,8 @@ class Method:
         reduced: the batch is the largest whose measured memory fits RAD's.
         accumulate: the full batch, its gradient accumulated over micro-batches of the reduced size.
         checkpoint: the full batch through ``checkpoint_sequential``, segmented to fit RAD's peak memory.
+        allocate: each layer's setting chosen by :func:`radgrad.allocate` within the saved
+            bytes of the paper's estimator at ``keep``, on a calibration batch of the training data.
         bits: code width of the kept values (:class:`radgrad.SketchConfig`), or None.
         tuned_as: the method whose tuned learning rate and weight decay this one
             uses (the paper tuned its five methods only), or None for its own.
@@ -59,6 +61,7 @@ class Method:
     reduced: bool = False
     accumulate: bool = False
     checkpoint: bool = False
+    allocate: bool = False
     bits: int | None = None
     tuned_as: str | None = None
 
@@ -139,6 +142,9 @@ METHODS: dict[str, Method] = {
         Method("quantize", "RAD beyond the paper: every entry kept, stochastically rounded to 2 bits with "
                "a per-row scale (--keep does not apply)", "quantize", bits=2, tuned_as="baseline"),
         Method("quantize-1", "as quantize, 1 bit per entry", "quantize", bits=1, tuned_as="baseline"),
+        Method("allocate", "RAD beyond the paper: per layer, the quantization or sample that radgrad.allocate "
+               "finds least noisy within the saved bytes of different-sample at --keep", "quantize", bits=2,
+               allocate=True, tuned_as="baseline"),
         Method("norm", "RAD beyond the paper: --keep draws per row in proportion to |x|, positions "
                "stored, values in 1 bit", "norm", bits=1, tuned_as="different-sample"),
     )

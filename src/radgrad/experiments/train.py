@@ -156,6 +156,7 @@ class _Run:
     peak_bytes: int
     stepper: Stepper
     checkpoint_fits: bool | None = None
+    allocation: dict[str, str] | None = None  # layer -> its allocated sketch setting
     history: _History = field(default_factory=_History)
     saved_iteration: int | None = None  # iteration held by the checkpoint on disk, if any
 
@@ -191,7 +192,13 @@ def sampler_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, 1]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _build(config: RunConfig) -> _Run:
+def _calibration(data: Tensors, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of training examples for calibrating an allocation, drawn from ``seed`` (not the sampler's stream)."""
+    idx = torch.randint(len(data.train_y), (batch,), generator=torch.Generator().manual_seed(seed))
+    return data.train_x[idx], data.train_y[idx]
+
+
+def _build(config: RunConfig, data: Tensors) -> _Run:
     """A fresh run: seeded initial weights, batch, converted model, optimiser, scheduler."""
     task, method = get_task(config.task), get_method(config.method)
     torch.manual_seed(config.seed)
@@ -204,6 +211,10 @@ def _build(config: RunConfig) -> _Run:
         segments, fits = budget.checkpoint_segments(model, task, config.keep, config.batch)
         stepper = Stepper(segments=segments)
     budget.prepare(model, method, config.keep).train()
+    allocation = None
+    if method.allocate:
+        choice = budget.allocate(model, task, config.keep, *_calibration(data, batch, config.seed))
+        allocation = {name: repr(c) for name, c in choice.configs.items()}
     # what one pass saves for backward: a micro-batch's when accumulating; the ruler
     # cannot see through checkpointing's own saved-tensor hooks, so none is reported there
     saved = None if method.checkpoint else budget.saved_bytes(model, task, stepper.micro or batch)
@@ -215,7 +226,7 @@ def _build(config: RunConfig) -> _Run:
         step = max(1, config.iters // task.decays)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=task.decay)
     sampler = torch.Generator().manual_seed(sampler_seed(config.seed))
-    return _Run(config, task, model, optimizer, scheduler, sampler, batch, saved, peak, stepper, fits)
+    return _Run(config, task, model, optimizer, scheduler, sampler, batch, saved, peak, stepper, fits, allocation)
 
 
 @torch.no_grad()
@@ -375,7 +386,7 @@ def train(
     if isinstance(state, dict) and "final_train_loss" in state:
         return state
     data = load_data(get_task(config.task), config.data) if data is None else data
-    run = _build(config)
+    run = _build(config, data)
     if state is not None:
         try:
             run.restore(state)
@@ -399,7 +410,7 @@ def fit(config: RunConfig, data: Tensors, progress: bool = True) -> nn.Module:
     """
     config = config.resolved()
     torch.set_num_threads(config.threads)
-    run = _build(config)
+    run = _build(config, data)
     _loop(run, data, None, None, 0.0, progress)
     return run.model
 
@@ -506,6 +517,7 @@ def _result(run: _Run, eval_examples: int) -> dict[str, Any]:
         "micro_batch": run.stepper.micro,
         "checkpoint_segments": run.stepper.segments,
         "checkpoint_fits_rad_peak": run.checkpoint_fits,
+        "allocation": run.allocation,
         "saved_bytes": run.saved_bytes,
         "peak_bytes": run.peak_bytes,
         "param_bytes": budget.param_bytes(run.model),

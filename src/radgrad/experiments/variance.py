@@ -49,7 +49,7 @@ from radgrad.experiments.train import RunConfig, fit, sampler_seed
 
 __all__ = ["VarianceConfig", "study", "render", "write", "RAD_METHODS", "STEM", "ALL", "MIN_DRAWS"]
 
-RAD_METHODS: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.rad)
+RAD_METHODS: tuple[str, ...] = tuple(name for name, m in METHODS.items() if m.rad and not m.allocate)
 STEM = "variance"
 ALL = "all weights"
 MIN_DRAWS = 2  # the fewest draws that give a standard error

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from radgrad import bits
-from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from
+from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from, _torch
 from radgrad.functional._linear import linear
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig
@@ -154,8 +154,8 @@ def scaled_dot_product_attention(
              or (attn_mask is not None and attn_mask.requires_grad)
              or not query.shape[:-2] == key.shape[:-2] == value.shape[:-2])
     if plain:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal,
-                                              scale=scale, enable_gqa=enable_gqa)
+        return _torch(F.scaled_dot_product_attention, query, key, value, attn_mask, dropout_p, is_causal,
+                      scale=scale, enable_gqa=enable_gqa)
     if is_causal and attn_mask is not None:
         raise ValueError("radgrad.functional.scaled_dot_product_attention: pass attn_mask or is_causal, not both")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale

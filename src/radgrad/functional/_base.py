@@ -14,6 +14,30 @@ _DEFAULT = SketchConfig()
 _EXACT = SketchConfig(keep=1.0)
 
 
+# NOTE [Exact paths are final]
+#   While a converted model trains, radgrad.route.Route sends F.linear,
+#   F.layer_norm, F.gelu, ... to their RAD twins with the model's config. When
+#   a radgrad op takes its exact path (an exact config, or nothing it would
+#   sketch needs a gradient) the torch function it calls must stay torch's:
+#   routed, a layer made exact by hand or by radgrad.allocate would be
+#   sketched with the model's config after all. ``_torch`` marks such calls.
+_exact_calls = [0]
+
+
+def _torch(fn: Callable[..., Tensor], *args, **kwargs) -> Tensor:
+    """``fn(*args, **kwargs)``, never routed to a RAD twin (NOTE [Exact paths are final])."""
+    _exact_calls[0] += 1
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _exact_calls[0] -= 1
+
+
+def routing_paused() -> bool:
+    """True inside an exact path of a radgrad op (NOTE [Exact paths are final])."""
+    return _exact_calls[0] > 0
+
+
 def _randomized(config: SketchConfig, weight: Tensor) -> bool:
     return not config.exact and weight.requires_grad and torch.is_grad_enabled()
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from radgrad import bits
-from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from
+from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from, _torch
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig
 
@@ -101,7 +101,7 @@ def elementwise(fn: Callable[[Tensor], Tensor], input: Tensor, config: SketchCon
     """
     _check_input("functional.elementwise", input)
     if config.exact or not (input.requires_grad and torch.is_grad_enabled()):
-        return fn(input)
+        return _torch(fn, input)
     return _Elementwise.run(input, fn, derivative, config)[0]
 
 

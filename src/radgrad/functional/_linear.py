@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from radgrad.functional._base import (
-    _DEFAULT, _RADFunction, _apply, _blocks, _check_input, _packed, _randomized, _sketch_from,
+    _DEFAULT, _RADFunction, _apply, _blocks, _check_input, _packed, _randomized, _sketch_from, _torch,
 )
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig, unpack_rows
@@ -55,6 +55,6 @@ def linear(
     """
     _check_input("functional.linear", input)
     if not _randomized(config, weight):
-        return F.linear(input, weight, bias)
+        return _torch(F.linear, input, weight, bias)
     return _apply(_Linear.run, input, weight, bias, config)[0]
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from
+from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from, _torch
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig
 
@@ -99,7 +99,7 @@ def layer_norm(
     shape = list(normalized_shape) if not isinstance(normalized_shape, int) else [normalized_shape]
     needs = input.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
     if config.exact or not (needs and torch.is_grad_enabled()) or math.prod(shape) == 0:
-        return F.layer_norm(input, shape, weight, bias, eps)
+        return _torch(F.layer_norm, input, shape, weight, bias, eps)
     return _LayerNorm.run(input, shape, weight, bias, eps, config)[0]
 
 
@@ -155,5 +155,5 @@ def batch_norm(
     _check_input("functional.batch_norm", input)
     needs = input.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
     if config.exact or not (training and needs and torch.is_grad_enabled()) or input.numel() == 0:
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return _torch(F.batch_norm, input, running_mean, running_var, weight, bias, training, momentum, eps)
     return _BatchNorm.run(input, weight, bias, running_mean, running_var, momentum, eps, config)[0]
