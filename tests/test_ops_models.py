@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import radgrad
 import radgrad.functional as RF
 from problems import Z_BOUND, assert_same_up_to_rounding, assert_unbiased, z_scores
 from radgrad import SketchConfig
@@ -175,3 +176,69 @@ def test_batch_norm_exact_output_and_stats_unbiased_grads(config, shape):
     samples = _draws(lambda *t: RF.batch_norm(t[0], None, None, t[1], t[2], True, 0.1, 1e-5, config), [x, w, b])
     torch.testing.assert_close(samples[:, -c:], exact[-c:].expand(N, -1), rtol=1e-12, atol=1e-14)
     assert_unbiased(samples[:, :-c], exact[:-c])
+
+
+def _projected_attention(h, w, config, dropout_p=0.0, touch=None):
+    """q, k, v as views of RAD linear outputs of one hidden state h, as transformers make them."""
+    heads = lambda t: t.view(*t.shape[:-1], 2, 3).transpose(-3, -2)  # noqa: E731
+    q, k, v = (heads(RF.linear(h, w[i], None, config)) for i in range(3))
+    if touch is not None:
+        touch(q, k)
+    return RF.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, config=config)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["fused", "dropout"])
+def test_attention_rebuilds_projected_queries_and_keys_and_saves_their_input_once(dropout_p):
+    from radgrad.functional import _attention
+    config = SketchConfig(method="quantize", bits=2)
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        torch.manual_seed(1)
+        h.grad = w.grad = None
+        _projected_attention(h, w, config, dropout_p).pow(2).sum().backward()
+        return h.grad.clone(), w.grad.clone()
+
+    def saved():
+        torch.manual_seed(1)
+        with radgrad.memory.record() as rec:
+            _projected_attention(h, w, config, dropout_p)
+        return rec.total
+
+    rebuilt, rebuilt_saved = run(), saved()
+    original = _attention.source
+    _attention.source = lambda t: None
+    try:
+        stored, stored_saved = run(), saved()
+    finally:
+        _attention.source = original
+    # the same draws, and q, k recomputed bit for bit: the same gradients
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt, stored))
+    # q and k (each as large as h here) were saved; now h is, once
+    assert stored_saved - rebuilt_saved == h.numel() * h.element_size()
+
+
+def test_attention_saves_queries_modified_in_place_instead_of_rebuilding_them():
+    config = SketchConfig(method="quantize", bits=2)
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, 6, dtype=torch.float64, requires_grad=True)
+
+    def scale_queries(q, k):
+        q.mul_(2.0)  # after the projection: a rebuilt q would miss this
+
+    def grads(touch, fn):
+        torch.manual_seed(1)
+        h.grad = w.grad = None
+        fn(touch).pow(2).sum().backward()
+        return torch.cat([h.grad.reshape(-1), w.grad.reshape(-1)])
+
+    def by_hand(touch):
+        heads = lambda t: t.view(*t.shape[:-1], 2, 3).transpose(-3, -2)  # noqa: E731
+        q, k, v = (heads(RF.linear(h, w[i], None, config)) for i in range(3))
+        return RF.scaled_dot_product_attention(q * 2.0, k, v, config=config)
+
+    assert torch.equal(grads(scale_queries, lambda t: _projected_attention(h, w, config, touch=t)),
+                       grads(None, by_hand))

@@ -27,6 +27,7 @@ from torch import Tensor
 from radgrad import bits
 from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from, _torch
 from radgrad.functional._linear import linear
+from radgrad.functional._source import source
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig
 
@@ -66,7 +67,7 @@ def _compact(t: Tensor) -> Tensor:
 
 class _Attention(_RADFunction):
     @staticmethod
-    def forward(q, k, v, attn_mask, dropout_p, is_causal, scale, config):
+    def forward(q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipes):
         if dropout_p == 0.0:
             output = F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=scale)
             mask = None
@@ -79,22 +80,28 @@ class _Attention(_RADFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        q, k, v, attn_mask, dropout_p, is_causal, scale, config = inputs
+        q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipes = inputs
         *parts, mask = outputs[1:]
         ctx.options = (dropout_p, is_causal, scale)
         sketch = _sketch_from(ctx, parts, v, config, v.dim() - 1)
         if mask is not None:
             ctx.mark_non_differentiable(mask)
             mask = bits.pack(mask)
-        save_for_backward(ctx, _compact(q), _compact(k), sketch, attn_mask, mask)
+        # q and k themselves, or what rebuilds them (NOTE [Recomputing a projection])
+        ctx.recipes = recipes
+        exact = [_compact(t) if r is None else None for t, r in zip((q, k), recipes)]
+        operands = [t for r in recipes for t in (r.tensors() if r is not None else (None,) * 3)]
+        save_for_backward(ctx, *exact, sketch, attn_mask, mask, *operands)
 
     @staticmethod
     def backward(ctx, grad, *_):
-        q, k, v, attn_mask, mask = saved_tensors(ctx, unpack=False)
+        q, k, v, attn_mask, mask, *operands = saved_tensors(ctx, unpack=False)
+        q, k = (t if r is None else r.rebuild(*operands[3 * i:3 * i + 3])
+                for i, (t, r) in enumerate(zip((q, k), ctx.recipes)))
         dropout_p, is_causal, scale = ctx.options
         if mask is None:
             return (*_fused_backward(grad, q, k, v.unpack(), attn_mask, is_causal, scale, ctx.needs_input_grad),
-                    None, None, None, None, None)
+                    None, None, None, None, None, None)
         probs = _probabilities(q, k, _bias(attn_mask, is_causal, q, k), scale, is_causal)
         grad_probs = torch.matmul(grad, v.unpack().transpose(-2, -1))
         kept, keep = bits.unpack(mask), 1.0 / (1.0 - dropout_p)
@@ -104,7 +111,7 @@ class _Attention(_RADFunction):
         grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
         grad_q = torch.matmul(grad_scores, k).mul_(scale) if ctx.needs_input_grad[0] else None
         grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(scale) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_k, grad_v, None, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None, None
 
 
 def _fused_backward(grad, q, k, v_estimate, attn_mask, is_causal, scale, needs) -> tuple[Tensor | None, ...]:
@@ -159,7 +166,8 @@ def scaled_dot_product_attention(
     if is_causal and attn_mask is not None:
         raise ValueError("radgrad.functional.scaled_dot_product_attention: pass attn_mask or is_causal, not both")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    return _Attention.run(query, key, value, attn_mask, dropout_p, is_causal, scale, config)[0]
+    recipes = (source(query), source(key))
+    return _Attention.run(query, key, value, attn_mask, dropout_p, is_causal, scale, config, recipes)[0]
 
 
 def multi_head_attention_forward(

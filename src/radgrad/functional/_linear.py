@@ -8,6 +8,7 @@ from torch import Tensor
 from radgrad.functional._base import (
     _DEFAULT, _RADFunction, _apply, _blocks, _check_input, _packed, _randomized, _sketch_from, _torch,
 )
+from radgrad.functional._source import record
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig, unpack_rows
 
@@ -55,6 +56,9 @@ def linear(
     """
     _check_input("functional.linear", input)
     if not _randomized(config, weight):
-        return _torch(F.linear, input, weight, bias)
-    return _apply(_Linear.run, input, weight, bias, config)[0]
+        output = _torch(F.linear, input, weight, bias)
+    else:
+        output = _apply(_Linear.run, input, weight, bias, config)[0]
+    record(output, input, weight, bias)  # attention may rebuild its queries and keys from these
+    return output
 
