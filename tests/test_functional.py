@@ -199,22 +199,26 @@ def test_strided_same_padding_is_an_error():
 
 
 @pytest.mark.parametrize("config", ESTIMATORS, ids=config_id)
-@pytest.mark.parametrize("kind", ["linear", "conv"])
-def test_weight_gradient_from_blocks_of_rows_equals_one_block(kind, config, monkeypatch):
+@pytest.mark.parametrize("kind", ["linear", "conv", "conv-channels-last"])
+def test_gradients_from_blocks_of_rows_equal_one_block(kind, config, monkeypatch):
     # NOTE [Unpacking in blocks]: the same draw, rebuilt in blocks of 10 entries
-    # (several rows, or examples, each) or all at once, gives the same weight gradient.
+    # (several rows, or examples, each) or all at once, gives the same gradients.
     torch.manual_seed(0)
     if kind == "linear":
         x, weight = torch.randn(5, 3, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
-        op = lambda w: radgrad.functional.linear(x, w, None, config)  # noqa: E731
+        op = lambda x, w, b: radgrad.functional.linear(x, w, b, config)  # noqa: E731
     else:
         x, weight = torch.randn(5, 2, 6, 6, dtype=torch.float64), torch.randn(3, 2, 3, 3, dtype=torch.float64)
-        op = lambda w: radgrad.functional.conv(x, w, None, padding=1, config=config)  # noqa: E731
-    weight.requires_grad_()
+        if kind == "conv-channels-last":
+            x = x.to(memory_format=torch.channels_last)
+        op = lambda x, w, b: radgrad.functional.conv(x, w, b, padding=1, config=config)  # noqa: E731
+    leaves = [x.requires_grad_(), weight.requires_grad_(), torch.randn(weight.shape[0], dtype=torch.float64,
+                                                                       requires_grad=True)]
     grads = []
     for block in (2**18, 10):
         monkeypatch.setattr(radgrad.functional._base, "_BLOCK", block)
         torch.manual_seed(1)
-        out = op(weight)
-        grads.append(torch.autograd.grad(out, weight, torch.ones_like(out))[0])
-    assert_same_up_to_rounding(grads[1], grads[0])
+        out = op(*leaves)
+        grads.append(torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel()).view(out.shape)))
+    for blocked, whole in zip(grads[1], grads[0]):
+        assert_same_up_to_rounding(blocked, whole)

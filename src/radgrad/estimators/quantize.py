@@ -49,7 +49,7 @@ _WORD = {1: torch.int64, 2: torch.int32, 4: torch.int16}
 #: Rows shorter than this share one scale with their neighbours, up to this many entries per scale.
 GROUP_ENTRIES = 256
 # Entries rounded at once: a few float temporaries of this size live while a tensor is quantized.
-_BLOCK = 2**16
+_BLOCK = 2**18
 
 
 def packed_width(n: int, bits: int) -> int:

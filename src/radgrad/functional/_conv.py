@@ -44,19 +44,32 @@ class _Conv(_RADFunction):
             grads = torch.ops.aten.convolution_backward(
                 grad, sketch.unpack(), weight, bias_sizes, *options, [need_input, need_weight, need_bias])
             return (*grads, None, None, None, None, None)
-        # NOTE [Unpacking in blocks], by examples: convolution_backward reads the
-        # input only for the weight gradient, so a stride-0 placeholder serves the rest.
-        placeholder = grad.new_zeros(()).expand(shape)
-        grad_input, _, grad_bias = torch.ops.aten.convolution_backward(
-            grad, placeholder, weight, bias_sizes, *options, [need_input, False, need_bias])
-        grad_weight = None
+        # NOTE [Unpacking in blocks], by examples. Each block's call also gives the input
+        # gradient of its examples: one call for both is much faster than two (oneDNN).
+        grad_input = grad_weight = grad_bias = None
         for lo, hi in blocks:
             first, last = lo // shape[1], hi // shape[1]
             part = unpack_rows(sketch, lo, hi).view(last - first, *shape[1:])
-            part = torch.ops.aten.convolution_backward(
-                grad[first:last], part, weight, None, *options, [False, True, False])[1]
-            grad_weight = part if grad_weight is None else grad_weight.add_(part)
+            g_input, g_weight, g_bias = torch.ops.aten.convolution_backward(
+                grad[first:last], part, weight, bias_sizes, *options, [need_input, need_weight, need_bias])
+            if need_input:
+                if grad_input is None:
+                    grad_input = torch.empty(shape, dtype=g_input.dtype, device=g_input.device,
+                                             memory_format=_layout(g_input))
+                grad_input[first:last] = g_input
+            if need_weight:
+                grad_weight = g_weight if grad_weight is None else grad_weight.add_(g_weight)
+            if need_bias:
+                grad_bias = g_bias if grad_bias is None else grad_bias.add_(g_bias)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _layout(t: Tensor) -> torch.memory_format:
+    """The memory format ``t`` is laid out in (channels last, or contiguous)."""
+    last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if last is not None and not t.is_contiguous() and t.is_contiguous(memory_format=last):
+        return last
+    return torch.contiguous_format
 
 
 def conv(
