@@ -46,6 +46,37 @@ def test_exclude_by_name_and_type():
     assert type(model[1]) is nn.ReLU
 
 
+class _FunctionalLinear(nn.Module):
+    """A module of a model nobody converted by hand: its own F.linear call is routed."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight)
+
+
+def test_an_excluded_module_stays_exact_inside_a_routed_model():
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    plain = radgrad.memory.measure(nn.Sequential(nn.Linear(8, 8)), x).total
+    # (the wide last layer keeps the covered share of parameters above convert's warning)
+    model = radgrad.convert(nn.Sequential(_FunctionalLinear(), nn.Linear(8, 8), nn.Linear(8, 64)),
+                            method="quantize", exclude=["1"])
+    saved = radgrad.memory.measure(model, x).by_module
+    assert type(model[1]) is nn.Linear
+    assert saved["0"] < plain / 4 and saved["1"] == plain  # routed and compressed; excluded and exact
+    radgrad.convert(model, method="quantize")  # no longer excluded: converted
+    assert type(model[1]) is radgrad.nn.Linear and radgrad.memory.measure(model, x).by_module["1"] < plain / 4
+
+
+def test_a_model_of_radgrad_layers_only_is_not_routed():
+    # nothing to reroute: the route would only add a Python call per torch op
+    assert not hasattr(radgrad.convert(_model(), keep=0.2), "_radgrad_route")
+    assert hasattr(radgrad.convert(nn.Sequential(_FunctionalLinear(), nn.Linear(8, 64)), keep=0.2), "_radgrad_route")
+
+
 def test_converts_the_model_itself_and_skips_subclasses():
     assert type(radgrad.convert(nn.Linear(2, 2))) is radgrad.nn.Linear
     attention = nn.MultiheadAttention(4, 2)

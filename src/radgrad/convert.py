@@ -18,6 +18,10 @@ from radgrad.sketch import SketchConfig
 __all__ = ["convert"]
 
 _RAD_TYPES = {rad: torch_type for torch_type, rad in CONVERSIONS.items()}
+# Modules whose own forward makes no call radgrad.route would reroute: a model made of
+# these alone is not routed (the route costs a Python call per torch op it sees).
+_RAD_MODULES = (*CONVERSIONS.values(), Activation, TransposedLinear)
+_PLAIN = {nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Flatten, nn.Unflatten, nn.Identity}
 
 
 def convert(
@@ -46,9 +50,12 @@ def convert(
     materialized become RAD layers on their first forward.
 
     While the model trains with gradients on, its own calls to
-    ``F.scaled_dot_product_attention``, ``F.linear``, ``F.dropout``,
-    ``F.layer_norm`` and ``F.gelu/silu/mish`` go to their RAD twins
-    (:mod:`radgrad.route`).
+    ``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``,
+    ``F.linear``, ``F.batch_norm``, ``F.layer_norm``, ``F.dropout``,
+    ``F.relu`` and ``F.gelu/silu/mish`` go to their RAD twins
+    (:mod:`radgrad.route`); the calls of excluded modules, and of radgrad
+    layers given their own settings, stay as they are. A model made only
+    of radgrad layers and plain containers is not routed at all.
 
     What is exact and what is estimated: the forward pass is exact. Linear
     and convolution layers estimate their weight gradients only; activations,
@@ -89,10 +96,14 @@ def convert(
         if name in names or isinstance(module, types)
         for inner in module.modules()
     }
+    for name, module in model.named_modules(remove_duplicate=False):
+        route.leave_alone(module, name in names or isinstance(module, types))
     for module in model.modules():
         if id(module) not in skipped:
             _convert_one(module, config)
-    route.install(model, config)
+    if any(id(m) not in skipped and not (isinstance(m, _RAD_MODULES) or type(m) in _PLAIN)
+           for m in model.modules()):
+        route.install(model, config)
     report = coverage(model)
     if report.parameter_share < 0.5:
         left = ", ".join(f"{name or '(model)'} ({why.split(':')[0]})"

@@ -36,6 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from radgrad import functional as RF
+from radgrad.functional import _base
 from radgrad.functional._base import routing_paused
 from radgrad.functional._elementwise import FUSED
 from radgrad.sketch import SketchConfig
@@ -118,6 +119,26 @@ def install(model: nn.Module, config: SketchConfig) -> None:
     route = model._radgrad_route = _Installed(config)
     route.handles = [model.register_forward_pre_hook(route.enter),
                      model.register_forward_hook(route.exit, always_call=True)]
+
+
+def _pause(module: nn.Module, args) -> None:
+    _base._exact_calls[0] += 1
+
+
+def _resume(module: nn.Module, args, output):
+    _base._exact_calls[0] -= 1
+    return output
+
+
+def leave_alone(module: nn.Module, alone: bool = True) -> None:
+    """Let ``module``'s calls through to torch unrouted (a module excluded from conversion stays
+    torch's), or with ``alone=False`` route them again."""
+    handles = module.__dict__.pop("_radgrad_alone", None)
+    for handle in handles or ():
+        handle.remove()
+    if alone:
+        module._radgrad_alone = [module.register_forward_pre_hook(_pause),
+                                 module.register_forward_hook(_resume, always_call=True)]
 
 
 class _Installed:
