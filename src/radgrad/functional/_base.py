@@ -60,12 +60,20 @@ def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
     ]
 
 
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on ``device_type``, or None when it is off."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _apply(fn: Callable[..., Tensor], input: Tensor, weight: Tensor, bias: Tensor | None, *args) -> Tensor:
     """Run a RAD op as autocast would run its torch twin."""
     device_type = input.device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    dtype = _autocast_dtype(device_type)
+    if dtype is None:
         return fn(input, weight, bias, *args)
-    input, weight, bias = _cast(torch.get_autocast_dtype(device_type), input, weight, bias)
+    input, weight, bias = _cast(dtype, input, weight, bias)
     with torch.autocast(device_type, enabled=False):
         return fn(input, weight, bias, *args)
 

@@ -17,8 +17,9 @@ NOTE [Recomputing a projection]
     output nor the operands were modified in place since, and the operands
     are still alive. Anything else (a copy, a rotary embedding, a
     ``contiguous()``) has no recipe and the op saves the tensor itself.
-    Only weak references are held to anything but parameters (leaves), so
-    recording never keeps an activation alive;
+    The input is held by weak reference, and so are the weight and bias
+    unless they are leaves (parameters, or views of one such as
+    ``weight.t()``), so recording never keeps an activation alive;
     nothing is recorded while compiling (graphs save what their partitioner
     chooses).
 """
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from radgrad.functional._base import _cast
+from radgrad.functional._base import _autocast_dtype, _cast
 
 __all__ = ["Recipe", "record", "source"]
 
@@ -96,10 +97,9 @@ def record(output: Tensor, input: Tensor, weight: Tensor, bias: Tensor | None) -
     root = _root(output)
     if not root.is_contiguous():
         return
-    device = input.device.type
-    dtype = (torch.get_autocast_dtype(device)
-             if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device) else None)
-    held = tuple(_hold(t) for t in (input, weight, bias))
+    dtype = _autocast_dtype(input.device.type)
+    # the input weakly, always: a leaf activation (a data batch) is no parameter
+    held = ((weakref.ref(input), None), _hold(weight), _hold(bias))
     versions = tuple(None if t is None else t._version for t in (root, input, weight, bias))
     _OUTPUTS[root] = (held, versions, dtype)
 
