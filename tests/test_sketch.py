@@ -307,8 +307,11 @@ def test_codes_pack_and_unpack_exactly(bits, n):
     data = quantize._pack_codes(codes, bits)
     assert data.shape == (5, quantize.packed_width(n, bits)) and data.dtype == torch.uint8
     assert torch.equal(quantize._unpack_codes(data, bits, n), codes)
-    if bits < 8:  # the first code in the low bits (NOTE [Code packing])
-        assert int(data[0, 0]) & (2**bits - 1) == int(codes[0, 0])
+    if bits < 8:  # byte j holds code j of each plane, plane 0 in the low bits (NOTE [Code packing])
+        width = quantize.packed_width(n, bits)
+        for i, code in enumerate(codes[0].tolist()):
+            plane, j = divmod(i, width)
+            assert int(data[0, j]) >> (bits * plane) & (2**bits - 1) == code
 
 
 @pytest.mark.parametrize("bits", radgrad.BITS)

@@ -28,13 +28,16 @@ NOTE [Draws are saved, never redrawn]
 NOTE [Pairwise-independent uniforms]
     Stochastic rounding and norm-proportional sampling need a uniform number
     per entry of a ``rows x n`` grid. :func:`uniform` draws ``rows + n``
-    integers ``a[r]``, ``b[s]`` uniform on ``[0, 2**24)`` and uses
-    ``u[r, s] = ((a[r] + b[s]) mod 2**24) / 2**24``: as with the shared
+    integers ``a[r]``, ``b[s]`` uniform on ``[0, 2**23)`` and uses
+    ``u[r, s] = ((a[r] + b[s]) mod 2**23) / 2**23``: as with the shared
     offsets of sampling (NOTE [Sampling with shared offsets] in
     :mod:`radgrad.estimators.sample`), every ``u[r, s]`` is uniform and any
     two are independent, so an estimate linear in terms that each read one
     ``u`` has the mean and covariance it would have with independent
-    numbers, for the cost of ``rows + n`` draws.
+    numbers, for the cost of ``rows + n`` draws. The sum is formed in
+    floating point, ``frac(a[r] / 2**23 + b[s] / 2**23)``: two passes over
+    the grid instead of four integer ones, and exact, since a multiple of
+    ``2**-23`` below 2 fits float32's 24-bit significand.
 
 NOTE [Ranks draw independently]
     Under ``torch.distributed`` every rank is usually seeded alike, so the
@@ -109,18 +112,19 @@ def draw(low: int, high: int, shape: Sequence[int], dtype: torch.dtype, after: T
 def uniform(rows: int, n: int, dtype: torch.dtype, after: Tensor,
             generator: torch.Generator | None = None) -> Tensor:
     """A ``(rows, n)`` grid of pairwise-independent uniforms on ``[0, 1)`` (NOTE [Pairwise-independent uniforms])."""
-    return uniform_rows(draw_grid(rows, n, after, generator), rows, 0, rows, dtype)
+    return uniform_rows(draw_grid(rows, n, after, generator, dtype), rows, 0, rows)
 
 
-def draw_grid(rows: int, n: int, after: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """The ``rows + n`` integers that define a grid of :func:`uniform` numbers."""
-    return draw(0, 2**24, (rows + n,), torch.int32, after, generator)
+def draw_grid(rows: int, n: int, after: Tensor, generator: torch.Generator | None = None,
+              dtype: torch.dtype = torch.float32) -> Tensor:
+    """The ``rows + n`` numbers, multiples of ``2**-23`` in ``[0, 1)`` of ``dtype`` (float32 or
+    float64), that define a grid of :func:`uniform` numbers."""
+    return draw(0, 2**23, (rows + n,), torch.int32, after, generator).to(dtype).mul_(2**-23)
 
 
-def uniform_rows(grid: Tensor, rows: int, lo: int, hi: int, dtype: torch.dtype) -> Tensor:
+def uniform_rows(grid: Tensor, rows: int, lo: int, hi: int) -> Tensor:
     """Rows ``lo .. hi`` of the uniforms defined by ``grid`` (from :func:`draw_grid` for ``rows`` rows)."""
-    block = (grid[lo:hi, None] + grid[None, rows:]).bitwise_and_(2**24 - 1)
-    return block.to(dtype).mul_(2**-24)
+    return (grid[lo:hi, None] + grid[None, rows:]).frac_()
 
 
 def draw_seed(after: Tensor, generator: torch.Generator | None = None) -> Tensor:
