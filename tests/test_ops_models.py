@@ -242,3 +242,58 @@ def test_attention_saves_queries_modified_in_place_instead_of_rebuilding_them():
 
     assert torch.equal(grads(scale_queries, lambda t: _projected_attention(h, w, config, touch=t)),
                        grads(None, by_hand))
+
+
+def _two_heads(x, a, q, k, config):
+    """Two linear layers reading one activation h = x a^T (NOTE [One sketch per activation])."""
+    h = RF.linear(x, a, None, config)
+    return RF.linear(h, q, None, config) * RF.linear(h, k, None, config)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["quantize", "sample"])
+def test_layers_reading_one_activation_share_its_sketch_and_stay_unbiased(config):
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    a, q, k = (torch.randn(m, 5 if m == 4 else 4, dtype=torch.float64, requires_grad=True) for m in (4, 3, 3))
+    with radgrad.memory.record() as shared:
+        _two_heads(x, a, q, k, config)
+    from radgrad.functional import _base
+    original, _base._may_share = _base._may_share, lambda x, weight: False
+    try:
+        with radgrad.memory.record() as separate:
+            _two_heads(x, a, q, k, config)
+    finally:
+        _base._may_share = original
+    # the second head stored no sketch of its own
+    h = F.linear(x, a.detach())
+    assert separate.total - shared.total == radgrad.pack(h, config, batch_dims=1).nbytes
+    exact = _grads(lambda *t: F.linear(F.linear(x, t[0]), t[1]) * F.linear(F.linear(x, t[0]), t[2]), a, q, k)
+    assert_unbiased(_draws(lambda *t: _two_heads(x, *t, config), [a, q, k]), exact)
+
+
+def test_sketches_are_not_shared_across_leaves_configs_or_in_place_changes():
+    config = SketchConfig(method="quantize", bits=2)
+    torch.manual_seed(0)
+    w = torch.randn(3, 5, requires_grad=True)
+    leaf = torch.randn(40, 5)
+    with radgrad.memory.record() as rec:  # a data batch fed twice: two independent sketches
+        RF.linear(leaf, w, None, config), RF.linear(leaf, w, None, config)
+    with radgrad.memory.record() as once:
+        RF.linear(leaf, w, None, config)
+    assert rec.total == 2 * once.total
+    h = leaf * w.sum()  # an activation with a grad_fn
+    with radgrad.memory.record() as single:
+        RF.linear(h, w, None, config)
+    computed = w * 1  # a weight computed in the graph passes its gradient on: it does not share
+    cases = ((config, None, w), (SketchConfig(method="quantize", bits=4), None, w), (config, h.mul_, w),
+             (config, None, computed))
+    for other, change, weight in cases:
+        with radgrad.memory.record() as rec:
+            RF.linear(h, weight, None, config)
+            if change is not None:
+                change(1.0)
+            RF.linear(h, weight, None, other)
+        if weight is w and other == config and change is None:
+            assert rec.total == single.total  # shared
+        else:
+            assert rec.total > single.total + (computed.numel() * 4 if weight is computed else 0)
