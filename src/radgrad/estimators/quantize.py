@@ -94,23 +94,34 @@ def quantize(values: Tensor, bits: int, after: Tensor,
     group = group_rows(n)
     group_lo, group_hi = (t.to(dtype) for t in _group_extremes(values, group))
     group_step = (group_hi - group_lo).div_(levels)
-    lo, step = _per_row(group_lo, group, 0, rows), _per_row(group_step, group, 0, rows)
     # A constant row has step 0 and is stored as lo; a non-finite step makes the row NaN on unpacking.
-    inverse = torch.where(step > 0, step.reciprocal(), 0)
+    group_inverse = torch.where(group_step > 0, group_step.reciprocal(), 0)
+    scale = torch.stack([group_lo, group_step], dim=1)
     grid = rng.draw_grid(rows, n, after, generator, dtype)
     # a block of rows at a time: the float temporaries stay small (NOTE [Unpacking in blocks] in
     # radgrad.functional), whatever the tensor's size
     step_rows = max(1, _BLOCK // max(1, n))
-    blocks = []
-    for first in range(0, rows, step_rows):
-        last = min(rows, first + step_rows)
-        t = values[first:last].to(dtype) - lo[first:last]
-        t.mul_(inverse[first:last]).add_(rng.uniform_rows(grid, rows, first, last))
-        # t >= 0 (or NaN in a non-finite group, estimated NaN whatever its codes), so the
-        # conversion's truncation is the floor; float32's rounding can reach levels + 1
-        blocks.append(_pack_codes(t.clamp_(max=levels).to(torch.int32), bits))
-    codes = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
-    return codes, torch.stack([group_lo, group_step], dim=1)
+    if rows <= step_rows and rows % group == 0:
+        # one block of whole groups: each group a row of one (lo, step), no per-row copies of them
+        t = _levels(values.reshape(-1, group * n), group_lo.unsqueeze(1), group_inverse.unsqueeze(1),
+                    rng.uniform_rows(grid, rows, 0, rows), levels)
+        return _pack_codes(t.view(rows, n), bits), scale
+    lo, inverse = _per_row(group_lo, group, 0, rows), _per_row(group_inverse, group, 0, rows)
+    blocks = [_pack_codes(_levels(values[first:last], lo[first:last], inverse[first:last],
+                                  rng.uniform_rows(grid, rows, first, last), levels), bits)
+              for first, last in ((f, min(rows, f + step_rows)) for f in range(0, rows, step_rows))]
+    return torch.cat(blocks) if len(blocks) > 1 else blocks[0], scale
+
+
+def _levels(values: Tensor, lo: Tensor, inverse: Tensor, uniforms: Tensor, levels: int) -> Tensor:
+    """``floor((values - lo) * inverse + uniforms)`` as int16 codes of at most ``levels``; ``lo`` and
+    ``inverse`` are columns (one per row of ``values``), ``uniforms`` has the entries of ``values``."""
+    t = values.to(lo.dtype) - lo
+    t.mul_(inverse).add_(uniforms.view(t.shape))
+    # t >= 0 (or NaN in a non-finite group, estimated NaN whatever its codes), so the conversion's
+    # truncation is the floor; float32's rounding can reach levels + 1. (int16: half the bytes of
+    # int32 for the clamp and the packing.)
+    return t.to(torch.int16).clamp_(max=levels)
 
 
 def _per_row(per_group: Tensor, group: int, lo: int, hi: int) -> Tensor:
@@ -128,10 +139,14 @@ def dequantize(codes: Tensor, scale: Tensor, bits: int, n: int, dtype: torch.dty
     ``scale`` is the whole per-group scale :func:`quantize` returned.
     """
     group = group_rows(n)
-    hi = lo + codes.shape[0]
-    row_lo, row_step = _per_row(scale[:, 0], group, lo, hi), _per_row(scale[:, 1], group, lo, hi)
+    rows = codes.shape[0]
+    estimate = _unpack_codes(codes, bits, n).to(scale.dtype)
     # in place rather than addcmul, which is several times slower broadcasting a column
-    return _unpack_codes(codes, bits, n).to(scale.dtype).mul_(row_step).add_(row_lo).to(dtype)
+    if lo == 0 and rows == scale.shape[0] * group:  # whole groups: each a row of one (lo, step)
+        grouped = estimate.view(-1, group * n).mul_(scale[:, 1:]).add_(scale[:, :1])
+        return grouped.view(rows, n).to(dtype)
+    hi = lo + rows
+    return estimate.mul_(_per_row(scale[:, 1], group, lo, hi)).add_(_per_row(scale[:, 0], group, lo, hi)).to(dtype)
 
 
 def _pack_codes(codes: Tensor, bits: int) -> Tensor:
