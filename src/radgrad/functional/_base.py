@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import weakref
-
 import torch
 from torch import Tensor
 from torch.autograd import Function
-from torch.utils.weak import WeakIdKeyDictionary
 
 from radgrad.sketch import Sketch, SketchConfig, pack, tie
 
@@ -92,71 +89,16 @@ def _apply(fn: Callable[..., Tensor], input: Tensor, weight: Tensor, bias: Tenso
 #   compiled model draws in the order, hence the numbers, of the eager model.
 #   The public wrappers return the main output.
 def _packed(output: Tensor, x: Tensor, config: SketchConfig, batch_dims: int,
-            fresh: bool = False, weight: Tensor | None = None) -> tuple[Tensor | None, ...]:
+            fresh: bool = False) -> tuple[Tensor | None, ...]:
     """``output`` tied to ``pack(x)``, then the sketch's (values, state, scale).
 
     The values are None when the sketch is ``x`` itself and ``x`` is an input
     of the op (an op cannot return its input as a new output); ``fresh=True``
     says ``x`` was computed inside the op, and its values are always returned.
-    ``weight`` is given by ops whose sketch enters only the gradient of this
-    weight (linear, convolution): an input another such op has already
-    packed alike is then not packed again (NOTE [One sketch per activation]).
     """
-    shareable = weight is not None and not fresh and _may_share(x, weight)
-    if shareable:
-        parts = _shared_parts(x, config, batch_dims)
-        if parts is not None:
-            return output, *(None if t is None else t.view_as(t) for t in parts)
     sketch = pack(x, config, batch_dims=batch_dims)
     values = None if sketch.exact and not fresh else sketch.values
-    if shareable and not sketch.exact:
-        refs = tuple(None if t is None else weakref.ref(t) for t in (sketch.values, sketch.state, sketch.scale))
-        _SHARED[x] = (x._version, config, batch_dims, refs)
     return tie(output, sketch), values, sketch.state, sketch.scale
-
-
-# NOTE [One sketch per activation]
-#   Attention's query, key and value projections (BERT, ViT), or a ResNet
-#   block's first convolution and its shortcut, read one activation. In a
-#   linear layer or a convolution the sketch of the input enters only the
-#   weight gradient; when the weight is a parameter (or a view of one) that
-#   gradient ends there, never multiplied by another estimate, and needs an
-#   unbiased estimate of the input, not an independent one. So the first
-#   layer's sketch serves the others: one quantization and one stored copy
-#   instead of three. A weight computed from other activations passes its
-#   gradient on, and its layer does not share. Other ops do not share:
-#   attention's sketch of ``v`` enters the query and key gradients, which
-#   flow on to layers whose own sketches must be independent of it. A sketch
-#   is reused only for the same tensor at the same version, with the same
-#   config and rows, while the graph that
-#   saved it is alive, and only for activations computed with autograd
-#   recording (a tensor with a ``grad_fn``). A leaf, such as a data batch,
-#   may be fed to many forward passes whose estimates must be independent;
-#   an op packing one tensor twice for two independent estimates (layer and
-#   batch norm) computes it inside the op, and such tensors are never shared.
-#   Eager only: a compiled graph saves what its partitioner chooses.
-_SHARED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _may_share(x: Tensor, weight: Tensor) -> bool:
-    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-        return False
-    # an activation, and a parameter or a view of one (its gradient ends there)
-    return x.grad_fn is not None and (weight if weight._base is None else weight._base).is_leaf
-
-
-def _shared_parts(x: Tensor, config: SketchConfig, batch_dims: int) -> tuple[Tensor | None, ...] | None:
-    """The (values, state, scale) of a live sketch of ``x`` packed alike, or None."""
-    entry = _SHARED.get(x)
-    if entry is None:
-        return None
-    version, packed_config, packed_dims, refs = entry
-    if version != x._version or packed_config != config or packed_dims != batch_dims:
-        return None
-    parts = tuple(None if r is None else r() for r in refs)
-    if any(p is None for p, r in zip(parts, refs) if r is not None):
-        return None
-    return parts
 
 
 def _sketch_from(ctx, parts: Sequence[Tensor | None], x: Tensor | torch.Size, config: SketchConfig,

@@ -23,7 +23,7 @@ class _Conv(_RADFunction):
     def forward(input, weight, bias, stride, padding, dilation, groups, config):
         zeros = [0] * len(stride)
         output = torch.convolution(input, weight, bias, stride, padding, dilation, False, zeros, groups)
-        return _packed(output, input, config, 2, weight=weight)
+        return _packed(output, input, config, 2)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):

@@ -18,7 +18,7 @@ __all__ = ["linear"]
 class _Linear(_RADFunction):
     @staticmethod
     def forward(input, weight, bias, config):
-        return _packed(F.linear(input, weight, bias), input, config, input.dim() - 1, weight=weight)
+        return _packed(F.linear(input, weight, bias), input, config, input.dim() - 1)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
