@@ -17,9 +17,9 @@ NOTE [Stochastic rounding]
 
     The ``u`` are pairwise independent (NOTE [Pairwise-independent uniforms] in
     :mod:`radgrad.rng`), which gives the estimate the mean and covariance of
-    independent rounding. They are multiples of ``2**-24``, as are
-    ``torch.rand``'s float32 numbers: the rounding probability is exact up
-    to that grain, which is below float32's own rounding.
+    independent rounding. They are multiples of ``2**-23``: the rounding
+    probability is exact up to that grain, which is float32's own rounding
+    of ``f + u`` once ``f >= 1``.
 
 NOTE [Code packing]
     ``8 / bits`` codes share a byte, in planes: a row's ``n`` codes (padded
