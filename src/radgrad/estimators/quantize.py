@@ -151,6 +151,9 @@ def dequantize(codes: Tensor, scale: Tensor, bits: int, n: int, dtype: torch.dty
 
 def _pack_codes(codes: Tensor, bits: int) -> Tensor:
     """``(rows, n)`` integer codes -> ``(rows, packed_width(n, bits))`` bytes (NOTE [Code packing])."""
+    # row-major whatever the layout of the values was (a channels_last input's sketch is not):
+    # unpacking views the bytes as rows
+    codes = codes.contiguous()
     if bits == 8:
         return codes.to(torch.uint8)
     rows, n = codes.shape
