@@ -149,7 +149,14 @@ class _RADFunction(Function):
     def run(cls, *args):
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return cls.apply(*args)
-        return cls._classic.apply(*args)
+        # NOTE [No torch-function dispatch inside an op]
+        #   A converted model's forward runs under radgrad.route.Route, a
+        #   TorchFunctionMode, which would see every tensor op a RAD op makes
+        #   (a transformer step: thousands, about 1.4 us each). Those calls
+        #   are never routed (gradients are off inside forward), and every
+        #   tensor an op creates names its device, so they skip the dispatch.
+        with torch._C.DisableTorchFunction():
+            return cls._classic.apply(*args)
 
 
 # NOTE [Unpacking in blocks]
