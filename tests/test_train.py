@@ -46,11 +46,12 @@ def test_registries_reject_unknown_names() -> None:
 def test_paper_hyperparameters() -> None:
     assert set(TASKS) == {"mnist-mlp", "cifar-cnn", "smnist-irnn", "smnist-rows"}
     assert list(METHODS) == ["baseline", "reduced-batch", "project", "same-sample", "different-sample",
-                             "accumulate", "checkpoint", "quantize", "quantize-1", "allocate", "norm"]
+                             "accumulate", "checkpoint", "quantize", "quantize-1", "quantize-4", "allocate", "norm"]
     # methods beyond the paper borrow the tuned settings of the closest paper method
     assert get_task("mnist-mlp").lr_wd("quantize") == get_task("mnist-mlp").lr_wd("baseline")
     assert get_task("cifar-cnn").lr_wd("norm") == get_task("cifar-cnn").lr_wd("different-sample")
     assert get_method("quantize").config(0.1) == radgrad.SketchConfig(method="quantize", bits=2)
+    assert get_method("quantize-4").config(0.1) == radgrad.SketchConfig(method="quantize", bits=4)
     mnist = RunConfig("mnist-mlp", "different-sample").resolved()
     assert (mnist.iters, mnist.batch, mnist.lr, mnist.weight_decay) == (20_000, 150, 9.34e-4, 1.25e-6)
     assert get_task("cifar-cnn").lr_wd("same-sample") == (1.159e-3, 9.99e-4)

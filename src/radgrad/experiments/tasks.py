@@ -142,6 +142,7 @@ METHODS: dict[str, Method] = {
         Method("quantize", "RAD beyond the paper: every entry kept, stochastically rounded to 2 bits with "
                "a per-row scale (--keep does not apply)", "quantize", bits=2, tuned_as="baseline"),
         Method("quantize-1", "as quantize, 1 bit per entry", "quantize", bits=1, tuned_as="baseline"),
+        Method("quantize-4", "as quantize, 4 bits per entry", "quantize", bits=4, tuned_as="baseline"),
         Method("allocate", "RAD beyond the paper: per layer, the quantization or sample that radgrad.allocate "
                "finds least noisy within the saved bytes of different-sample at --keep", "quantize", bits=2,
                allocate=True, tuned_as="baseline"),
