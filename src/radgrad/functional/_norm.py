@@ -24,7 +24,7 @@ from torch import Tensor
 
 from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from, _torch
 from radgrad.saved import save_for_backward, saved_tensors
-from radgrad.sketch import SketchConfig
+from radgrad.sketch import Sketch, SketchConfig
 
 __all__ = ["layer_norm", "batch_norm"]
 
@@ -52,14 +52,14 @@ class _LayerNorm(_RADFunction):
 
     @staticmethod
     def backward(ctx, grad, *_):
-        a, b, rstd, weight = saved_tensors(ctx)
+        a, b, rstd, weight = saved_tensors(ctx, unpack=False)
         needs = ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]
         batch = tuple(range(grad.dim() - len(ctx.dims)))
         grad_input, grad_weight, grad_bias = _backward(grad, a, b, rstd, weight, ctx.dims, batch, needs)
         return grad_input, None, grad_weight, grad_bias, None, None
 
 
-def _backward(grad, a, b, rstd, weight, dims, param_dims, needs):
+def _backward(grad: Tensor, a: Sketch, b: Sketch, rstd: Tensor, weight: Tensor | None, dims, param_dims, needs):
     """(input, weight, bias) gradients of a normalization from sketches ``a``, ``b`` of its normalized input.
 
     ``dims``: the dimensions each mean and rstd runs over; ``param_dims``:
@@ -69,11 +69,16 @@ def _backward(grad, a, b, rstd, weight, dims, param_dims, needs):
     need_input, need_weight, need_bias = needs
     g = grad.to(rstd.dtype)
     grad_input = grad_weight = grad_bias = None
+    # The estimates are rebuilt one at a time, and updated in place where the tensor is ours: at
+    # most four input-sized tensors live at once, which on a convnet's first layer is the step's peak.
     if need_input:
         gw = g if weight is None else g * weight
         mean_gw = gw.mean(dims, keepdim=True)
-        mean_gwb = (gw * b).mean(dims, keepdim=True)
-        grad_input = (gw - mean_gw - a * mean_gwb).mul_(rstd).to(grad.dtype)
+        mean_gwb = (gw * b.unpack()).mean(dims, keepdim=True)
+        grad_input = gw - mean_gw if gw is g else gw.sub_(mean_gw)
+    a = a.unpack() if need_input or need_weight else None
+    if need_input:
+        grad_input = grad_input.sub_(a * mean_gwb).mul_(rstd).to(grad.dtype)
     if need_weight:
         grad_weight = (g * a).sum(param_dims).to(weight.dtype)
     if need_bias:
@@ -128,7 +133,7 @@ class _BatchNorm(_RADFunction):
 
     @staticmethod
     def backward(ctx, grad, *_):
-        a, b, invstd, weight = saved_tensors(ctx)
+        a, b, invstd, weight = saved_tensors(ctx, unpack=False)
         grads = _backward(grad, a, b, invstd, None if weight is None else weight.view(invstd.shape),
                           ctx.dims, ctx.dims, ctx.needs_input_grad[:3])
         return *grads, None, None, None, None, None
