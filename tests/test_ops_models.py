@@ -42,6 +42,23 @@ def test_elementwise_exact_output_unbiased_input_grad(act, config):
     assert_unbiased(_draws(lambda t: RF.elementwise(act, t, config), [x]), exact)
 
 
+@pytest.mark.parametrize("config", [*CONFIGS, SketchConfig(1.0, bits=8)], ids=["quantize", "sample", "bits8"])
+def test_normalization_and_elementwise_backward_can_run_twice(config):
+    # their backward passes overwrite the estimates they rebuild: the sketches themselves stay intact
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    for fn in (lambda t: RF.elementwise(F.gelu, t, config),
+               lambda t: RF.layer_norm(t, [8], weight, None, 1e-5, config),
+               lambda t: RF.batch_norm(t, None, None, weight[:6], None, True, 0.1, 1e-5, config)):
+        y = fn(x)
+        g = torch.randn_like(y)
+        first = torch.autograd.grad(y, [x, weight], g, retain_graph=True, allow_unused=True)
+        second = torch.autograd.grad(y, [x, weight], g, allow_unused=True)
+        assert first[0] is not None
+        assert all(a is b is None or torch.equal(a, b) for a, b in zip(first, second))
+
+
 def test_dropout_is_exact_and_stores_bits():
     x = torch.randn(64, 33, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(1)

@@ -82,8 +82,13 @@ class _Elementwise(_RADFunction):
 
     @staticmethod
     def backward(ctx, grad, *_):
-        (derivative,) = saved_tensors(ctx)
-        return grad * derivative, None, None, None
+        (sketch,) = saved_tensors(ctx, unpack=False)
+        derivative = sketch.unpack()
+        # a rebuilt estimate is ours to overwrite (one input-sized tensor less at once); an exact
+        # sketch's values are the saved tensor itself, which a second backward pass reads again
+        if sketch.exact or derivative.dtype != grad.dtype or derivative.shape != grad.shape:
+            return grad * derivative, None, None, None
+        return derivative.mul_(grad), None, None, None
 
 
 def elementwise(fn: Callable[[Tensor], Tensor], input: Tensor, config: SketchConfig = _DEFAULT,
