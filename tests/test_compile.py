@@ -74,6 +74,28 @@ def test_compiled_fullgraph_trains_the_paper_models_drawing_what_eager_draws(kin
         optimizer.step()
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_mask_ops_agree_with_their_fakes(memory_format):
+    t = torch.randn(2, 3, 4, 5).to(memory_format=memory_format)
+    t[0, 1] = 0
+    data = torch.ops.radgrad.pack_mask(t)
+    torch.library.opcheck(torch.ops.radgrad.pack_mask, (t,))
+    torch.library.opcheck(torch.ops.radgrad.masked_grad, (torch.randn_like(t), data))
+
+
+def test_compiled_channels_last_convnet_trains_like_torch_at_keep_one():
+    # its ReLU masks are packed from channels_last tensors by the opaque radgrad::pack_mask
+    torch.manual_seed(0)
+    model = radgrad.models.cifar_convnet().double().to(memory_format=torch.channels_last)
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64).to(memory_format=torch.channels_last)
+    y = torch.randint(10, (4,))
+    rad = radgrad.convert(__import__("copy").deepcopy(model), keep=1.0)
+    want = _grads(model, model, x, y, seed=0)
+    got = _grads(rad, torch.compile(rad, fullgraph=True), x, y, seed=0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("config", [radgrad.SketchConfig(0.1), radgrad.SketchConfig(method="quantize"),
                                     radgrad.SketchConfig(0.1, "norm", bits=1)], ids=config_id)
 def test_compiled_model_saves_what_the_eager_model_saves(config):

@@ -105,7 +105,13 @@ def draw(low: int, high: int, shape: Sequence[int], dtype: torch.dtype, after: T
     is ordered after it (NOTE [Draws are saved, never redrawn]).
     """
     if generator is None and torch.compiler.is_compiling():
-        return torch.ops.radgrad.draw(after.detach(), low, high, list(shape), dtype)
+        # One entry of ``after`` orders the draw as well as all of it: given the
+        # whole tensor, inductor would copy a strided (channels_last) one into
+        # the custom op's expected layout first.
+        anchor = after.detach()
+        if anchor.numel():
+            anchor = anchor[(0,) * anchor.dim()]
+        return torch.ops.radgrad.draw(anchor, low, high, list(shape), dtype)
     return _randint(low, high, shape, dtype, after.device, generator)
 
 
