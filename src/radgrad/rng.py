@@ -96,6 +96,22 @@ def _draw_fake(after: Tensor, low: int, high: int, shape: Sequence[int], dtype: 
 _LIBRARY.impl("draw", _draw_kernel, "CompositeExplicitAutograd")
 torch.library.register_fake("radgrad::draw", _draw_fake, lib=_LIBRARY)
 
+# NOTE [Two draws are never one]
+#   AOTAutograd's common-subexpression pass merges two calls of one op with the
+#   same arguments unless the op is on its own list of random ops; it does not
+#   read the ``nondeterministic_seeded`` tag (torch 2.13). Two draws for one
+#   tensor (a normalization's two sketches, or the query, key and value layers
+#   reading one hidden state) would become one: the sketches meant to be
+#   independent would share their numbers, and a normalization's gradient,
+#   which multiplies two of them, would be biased. radgrad::draw joins that list.
+try:
+    from torch._functorch import compile_utils as _compile_utils
+except ImportError:  # pragma: no cover - the list moved; tests/test_compile.py would show the bias
+    _compile_utils = None
+if _compile_utils is not None and isinstance(getattr(_compile_utils, "rand_ops", None), list) \
+        and torch.ops.radgrad.draw not in _compile_utils.rand_ops:
+    _compile_utils.rand_ops.append(torch.ops.radgrad.draw)
+
 
 def draw(low: int, high: int, shape: Sequence[int], dtype: torch.dtype, after: Tensor,
          generator: torch.Generator | None = None) -> Tensor:
