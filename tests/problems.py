@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 from torch import nn
 
+import radgrad
 from radgrad import SketchConfig
 
 #: One config of every estimator (keep 0.3 where a keep applies), quantization
@@ -25,6 +27,16 @@ def config_id(config: SketchConfig) -> str:
 def options(config: SketchConfig) -> dict:
     """``config`` as the keyword arguments of radgrad.convert and the radgrad.nn layers."""
     return dict(keep=config.keep, method=config.method, per_example=config.per_example, bits=config.bits)
+
+def channels_last_convnet() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """The paper's convnet in float64 and channels_last, a keep=1 converted copy, and a batch of 4
+    channels_last images with labels: ``(model, converted, x, y)``."""
+    torch.manual_seed(0)
+    model = radgrad.models.cifar_convnet().double().to(memory_format=torch.channels_last)
+    x = torch.rand(4, 3, 32, 32, dtype=torch.float64).to(memory_format=torch.channels_last)
+    y = torch.randint(10, (4,))
+    return model, radgrad.convert(copy.deepcopy(model), keep=1.0), x, y
+
 
 # A z-score bound for the largest of M per-entry z-scores. Under the null
 # (unbiased estimator, N large enough for the CLT) each |z| exceeds 5 with

@@ -6,7 +6,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import radgrad
-from problems import assert_unbiased, config_id, load_example, options, problem, weight_grads
+from problems import (assert_unbiased, channels_last_convnet, config_id, load_example, options, problem,
+                      weight_grads)
 
 # Ops whose result size or value the host must read: each is a device-to-host
 # sync on a GPU and breaks CUDA-graph capture.
@@ -128,11 +129,7 @@ def test_mask_ops_agree_with_their_fakes(memory_format):
 
 def test_compiled_channels_last_convnet_trains_like_torch_at_keep_one():
     # its ReLU masks are packed from channels_last tensors by the opaque radgrad::pack_mask
-    torch.manual_seed(0)
-    model = radgrad.models.cifar_convnet().double().to(memory_format=torch.channels_last)
-    x = torch.rand(4, 3, 32, 32, dtype=torch.float64).to(memory_format=torch.channels_last)
-    y = torch.randint(10, (4,))
-    rad = radgrad.convert(__import__("copy").deepcopy(model), keep=1.0)
+    model, rad, x, y = channels_last_convnet()
     want = _grads(model, model, x, y, seed=0)
     got = _grads(rad, torch.compile(rad, fullgraph=True), x, y, seed=0)
     for a, b in zip(got, want):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import radgrad
 from radgrad import functional as RF
 from radgrad.sketch import SketchConfig, pack, unpack
-from problems import ESTIMATORS
+from problems import ESTIMATORS, channels_last_convnet
 
 CONFIGS = st.sampled_from([SketchConfig(1.0), *ESTIMATORS])
 
@@ -157,11 +157,7 @@ def test_pack_reads_any_layout_like_its_contiguous_copy(shape, layout, batch_dim
 
 
 def test_channels_last_convnet_trains_like_torch_at_keep_one():
-    torch.manual_seed(0)
-    model = radgrad.models.cifar_convnet().double().to(memory_format=torch.channels_last)
-    x = torch.rand(4, 3, 32, 32, dtype=torch.float64).to(memory_format=torch.channels_last)
-    y = torch.randint(10, (4,))
-    rad = radgrad.convert(__import__("copy").deepcopy(model), keep=1.0)
+    model, rad, x, y = channels_last_convnet()
     for net in (model, rad):
         net.zero_grad(set_to_none=True)
         F.cross_entropy(net(x), y).backward()
