@@ -129,8 +129,6 @@ def sketched(x: torch.Tensor, config, *, batch_dims: int) -> torch.Tensor:
     sketches ``x`` reads in its backward pass: the ops pack with
     :func:`radgrad.pack` from that generator.
     """
-    import radgrad
-
     return radgrad.unpack(radgrad.pack(x, config, batch_dims=batch_dims))
 
 
