@@ -136,6 +136,29 @@ def test_compiled_channels_last_convnet_trains_like_torch_at_keep_one():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("bits", radgrad.estimators.quantize.BITS)
+@pytest.mark.parametrize("shape,memory_format", [((300, 37), None), ((4, 6, 5, 7), torch.channels_last)],
+                         ids=["rows", "channels_last"])
+def test_compiled_quantization_stores_the_eager_bytes(bits, shape, memory_format):
+    # compiled, codes are formed in int32 rather than int16 (NOTE [Code width under
+    # compilation]): the same draws must give the same stored bytes and estimate
+    config = radgrad.SketchConfig(method="quantize", bits=bits)
+    x = torch.randn(shape)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+
+    def round_trip(x):
+        sketch = radgrad.sketch.pack(x, config, batch_dims=1)
+        return sketch.values, radgrad.sketch.unpack(sketch)
+
+    torch.manual_seed(0)
+    eager = round_trip(x)
+    torch.manual_seed(0)
+    compiled = torch.compile(round_trip, fullgraph=True)(x)
+    assert compiled[0].dtype == torch.uint8 and torch.equal(compiled[0], eager[0])
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("config", [radgrad.SketchConfig(0.1), radgrad.SketchConfig(method="quantize"),
                                     radgrad.SketchConfig(0.1, "norm", bits=1)], ids=config_id)
 def test_compiled_model_saves_what_the_eager_model_saves(config):
