@@ -187,6 +187,18 @@ def test_large_max_pool_windows_use_wider_offsets():
     assert torch.equal(got, expected)
 
 
+def test_max_pool_offsets_are_exact_on_wide_planes():
+    # plane indices are divided in float64 (NOTE [Compact max-pool indices]): every
+    # position of a 3 x 40,001 plane, windows dilated and padded, ceil mode
+    x = torch.randn(2, 1, 3, 40_001, dtype=torch.float64, requires_grad=True)
+    options = dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1), dilation=(2, 3), ceil_mode=True)
+    out = nn.functional.max_pool2d(x, **options)
+    grad = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, x, grad)
+    (got,) = torch.autograd.grad(radgrad.functional.max_pool2d(x, **options), x, grad)
+    assert torch.equal(got, expected)
+
+
 def test_functional_linear_matches_torch_when_not_randomized():
     x, w = torch.randn(3, 4), torch.randn(2, 4)
     assert torch.equal(radgrad.functional.linear(x, w), nn.functional.linear(x, w))

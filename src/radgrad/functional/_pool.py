@@ -119,6 +119,12 @@ class _MaxPool2d(_RADFunction):
 #   The backward pass needs only which element of its window each output took:
 #   an offset below kernel_h * kernel_w, one byte for windows up to 256
 #   entries. The plane index is rebuilt from the output position.
+#   Both conversions divide by small integers in float64, not int64: a CPU has
+#   no vectorized integer division (the stem pool of a ResNet at 32 px, 65,536
+#   outputs: 0.8 and 0.65 ms in int64, 0.2 ms each in float64; compiled 0.6 ms
+#   against 0.06 and 0.1). ``floor((i + 0.5) * (1 / w))`` is ``i // w`` exactly
+#   for ``0 <= i < 2**51``: the product's relative error, at most 2**-52, stays
+#   below the distance ``0.5 / w`` from the quotient to an integer.
 def _window_origin(shape_out: torch.Size, options, device) -> tuple[Tensor, Tensor]:
     _, stride, padding, _ = options
     rows = torch.arange(shape_out[-2], device=device).mul_(stride[0]).sub_(padding[0])
@@ -126,23 +132,34 @@ def _window_origin(shape_out: torch.Size, options, device) -> tuple[Tensor, Tens
     return rows.unsqueeze(1), cols
 
 
+def _floor_div(t: Tensor, divisor: int) -> Tensor:
+    """``t // divisor`` for a float64 tensor of integers in ``[0, 2**51)`` (NOTE [Compact max-pool indices])."""
+    return (t + 0.5).mul_(1 / divisor).floor_()
+
+
 def _window_offsets(index: Tensor, width: int, options) -> Tensor:
     kernel, _, _, dilation = options
     top, left = _window_origin(index.shape, options, index.device)
-    dr = torch.div(index, width, rounding_mode="floor").sub_(top).div_(dilation[0], rounding_mode="floor")
-    dc = index.remainder(width).sub_(left).div_(dilation[1], rounding_mode="floor")
+    flat = index.to(torch.float64)
+    row = _floor_div(flat, width)
+    col = flat.sub_(row * width)
+    # the window's rows and columns are dilation apart: exact quotients
+    dr = row.sub_(top).div_(dilation[0])
+    dc = col.sub_(left).div_(dilation[1])
     size = kernel[0] * kernel[1]
     dtype = torch.uint8 if size <= 256 else torch.int16 if size <= 2**15 else torch.int32
-    return dr.mul_(kernel[1]).add_(dc).to(dtype)
+    # through int32: converting float64 to uint8 directly is several times slower on a CPU
+    return dr.mul_(kernel[1]).add_(dc).to(torch.int32).to(dtype)
 
 
 def _plane_index(offsets: Tensor, width: int, options) -> Tensor:
     kernel, _, _, dilation = options
     top, left = _window_origin(offsets.shape, options, offsets.device)
-    offsets = offsets.long()
-    row = torch.div(offsets, kernel[1], rounding_mode="floor").mul_(dilation[0]).add_(top)
-    col = offsets.remainder(kernel[1]).mul_(dilation[1]).add_(left)
-    return row.mul_(width).add_(col)
+    offset = offsets.to(torch.float64)
+    dr = _floor_div(offset, kernel[1])
+    dc = offset.sub_(dr * kernel[1])
+    row = dr.mul_(dilation[0]).add_(top)
+    return row.mul_(width).add_(dc.mul_(dilation[1]).add_(left)).to(torch.int64)
 
 
 def max_pool2d(
