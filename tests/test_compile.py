@@ -136,6 +136,34 @@ def test_compiled_channels_last_convnet_trains_like_torch_at_keep_one():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+class _Gated(nn.Module):
+    """Layers plus a functional call: converted by module surgery and by routing."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, h):
+        return self.a(h) * nn.functional.gelu(self.b(h))
+
+
+def test_compiled_routed_model_compiles_with_warnings_as_errors():
+    # pytest turns warnings into errors here: the routing hook once handed dynamo a
+    # named non-leaf output, whose .grad it read (a UserWarning) and failed to compile
+    torch.manual_seed(0)
+    model = radgrad.convert(_Gated(), keep=0.5).double()
+    x = torch.randn(16, 8, dtype=torch.float64)
+
+    def grads(fn):
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        fn(x).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(torch.compile(model, fullgraph=True)), grads(model)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("bits", radgrad.estimators.quantize.BITS)
 @pytest.mark.parametrize("shape,memory_format", [((300, 37), None), ((4, 6, 5, 7), torch.channels_last)],
                          ids=["rows", "channels_last"])

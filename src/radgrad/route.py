@@ -152,8 +152,10 @@ class _Installed:
             mode.__enter__()
         self.active.append(mode)
 
-    def exit(self, module: nn.Module, args, output):
+    def exit(self, module: nn.Module, *_) -> None:
+        # (args, output) unnamed: dynamo compiles this hook as a frame of its own and,
+        # given a named non-leaf output, reads its .grad while inspecting the locals,
+        # whose UserWarning fails the compilation where warnings are errors
         mode = self.active.pop()
         if mode is not None:
             mode.__exit__(None, None, None)
-        return output
