@@ -187,10 +187,12 @@ def test_large_max_pool_windows_use_wider_offsets():
     assert torch.equal(got, expected)
 
 
-def test_max_pool_offsets_are_exact_on_wide_planes():
-    # plane indices are divided in float64 (NOTE [Compact max-pool indices]): every
-    # position of a 3 x 40,001 plane, windows dilated and padded, ceil mode
-    x = torch.randn(2, 1, 3, 40_001, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("width", [699_049, 699_051])  # planes of 3 x width: below and above 2**21
+def test_max_pool_offsets_are_exact_on_wide_planes(width):
+    # plane indices are divided in float32, or float64 for planes of 2**21 entries and
+    # more (NOTE [Compact max-pool indices]): every position, windows dilated and
+    # padded, ceil mode, up to the largest index float32 is used for
+    x = torch.randn(1, 1, 3, width, dtype=torch.float64, requires_grad=True)
     options = dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1), dilation=(2, 3), ceil_mode=True)
     out = nn.functional.max_pool2d(x, **options)
     grad = torch.randn_like(out)

@@ -102,12 +102,12 @@ class _MaxPool2d(_RADFunction):
         input, kernel, stride, padding, dilation, _ = inputs
         ctx.shape, ctx.options = input.shape, (kernel, stride, padding, dilation)
         ctx.mark_non_differentiable(outputs[1])
-        ctx.save_for_backward(_window_offsets(outputs[1], input.shape[-1], ctx.options))
+        ctx.save_for_backward(_window_offsets(outputs[1], input.shape, ctx.options))
 
     @staticmethod
     def backward(ctx, grad, _):
         (offsets,) = ctx.saved_tensors
-        index = _plane_index(offsets, ctx.shape[-1], ctx.options)
+        index = _plane_index(offsets, ctx.shape, ctx.options)
         planes, positions = math.prod(grad.shape[:-2]), grad.shape[-2] * grad.shape[-1]
         grad_input = grad.new_zeros(planes, ctx.shape[-2] * ctx.shape[-1])
         grad_input.scatter_add_(1, index.reshape(planes, positions), grad.reshape(planes, positions))
@@ -119,12 +119,14 @@ class _MaxPool2d(_RADFunction):
 #   The backward pass needs only which element of its window each output took:
 #   an offset below kernel_h * kernel_w, one byte for windows up to 256
 #   entries. The plane index is rebuilt from the output position.
-#   Both conversions divide by small integers in float64, not int64: a CPU has
-#   no vectorized integer division (the stem pool of a ResNet at 32 px, 65,536
-#   outputs: 0.8 and 0.65 ms in int64, 0.2 ms each in float64; compiled 0.6 ms
-#   against 0.06 and 0.1). ``floor((i + 0.5) * (1 / w))`` is ``i // w`` exactly
-#   for ``0 <= i < 2**51``: the product's relative error, at most 2**-52, stays
-#   below the distance ``0.5 / w`` from the quotient to an integer.
+#   Both conversions divide by small integers in floating point, not int64: a
+#   CPU has no vectorized integer division (the stem pool of a ResNet at 32 px,
+#   65,536 outputs: 0.8 and 0.65 ms in int64, 0.2 ms each in float32;
+#   compiled 0.6 and 0.5 ms against 0.03 each). ``floor((i + 0.5) * (1 / w))`` is
+#   ``i // w`` exactly while the product's relative error (two roundings) stays
+#   below the distance ``0.5 / (i + 0.5)`` from the quotient to an integer: for
+#   ``i < 2**21`` in float32, ``i < 2**50`` in float64. Planes below 2**21
+#   entries use float32 (half the bytes, and the type every device has).
 def _window_origin(shape_out: torch.Size, options, device) -> tuple[Tensor, Tensor]:
     _, stride, padding, _ = options
     rows = torch.arange(shape_out[-2], device=device).mul_(stride[0]).sub_(padding[0])
@@ -132,15 +134,21 @@ def _window_origin(shape_out: torch.Size, options, device) -> tuple[Tensor, Tens
     return rows.unsqueeze(1), cols
 
 
+def _index_dtype(plane: torch.Size) -> torch.dtype:
+    """The float type that divides indices into a ``plane`` exactly (NOTE [Compact max-pool indices])."""
+    return torch.float32 if plane[-2] * plane[-1] < 2**21 else torch.float64
+
+
 def _floor_div(t: Tensor, divisor: int) -> Tensor:
-    """``t // divisor`` for a float64 tensor of integers in ``[0, 2**51)`` (NOTE [Compact max-pool indices])."""
+    """``t // divisor`` for a float tensor of plane indices (NOTE [Compact max-pool indices])."""
     return (t + 0.5).mul_(1 / divisor).floor_()
 
 
-def _window_offsets(index: Tensor, width: int, options) -> Tensor:
+def _window_offsets(index: Tensor, plane: torch.Size, options) -> Tensor:
     kernel, _, _, dilation = options
     top, left = _window_origin(index.shape, options, index.device)
-    flat = index.to(torch.float64)
+    width = plane[-1]
+    flat = index.to(_index_dtype(plane))
     row = _floor_div(flat, width)
     col = flat.sub_(row * width)
     # the window's rows and columns are dilation apart: exact quotients
@@ -148,14 +156,15 @@ def _window_offsets(index: Tensor, width: int, options) -> Tensor:
     dc = col.sub_(left).div_(dilation[1])
     size = kernel[0] * kernel[1]
     dtype = torch.uint8 if size <= 256 else torch.int16 if size <= 2**15 else torch.int32
-    # through int32: converting float64 to uint8 directly is several times slower on a CPU
+    # through int32: converting a float to uint8 directly is several times slower on a CPU
     return dr.mul_(kernel[1]).add_(dc).to(torch.int32).to(dtype)
 
 
-def _plane_index(offsets: Tensor, width: int, options) -> Tensor:
+def _plane_index(offsets: Tensor, plane: torch.Size, options) -> Tensor:
     kernel, _, _, dilation = options
     top, left = _window_origin(offsets.shape, options, offsets.device)
-    offset = offsets.to(torch.float64)
+    width = plane[-1]
+    offset = offsets.to(_index_dtype(plane))
     dr = _floor_div(offset, kernel[1])
     dc = offset.sub_(dr * kernel[1])
     row = dr.mul_(dilation[0]).add_(top)
