@@ -28,6 +28,7 @@ def options(config: SketchConfig) -> dict:
     """``config`` as the keyword arguments of radgrad.convert and the radgrad.nn layers."""
     return dict(keep=config.keep, method=config.method, per_example=config.per_example, bits=config.bits)
 
+
 def channels_last_convnet() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
     """The paper's convnet in float64 and channels_last, a keep=1 converted copy, and a batch of 4
     channels_last images with labels: ``(model, converted, x, y)``."""

@@ -75,6 +75,19 @@ def test_compiled_fullgraph_trains_the_paper_models_drawing_what_eager_draws(kin
         optimizer.step()
 
 
+def _assert_compiled_grads_equal_eager(model, x):
+    """Compiled (fullgraph) and eager float64 gradients after the same seed: the same draws."""
+
+    def grads(fn):
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        fn(x).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(torch.compile(model, fullgraph=True)), grads(model)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 class _ThreeReaders(nn.Module):
     """Three RAD layers reading one input, as attention's query, key and value projections."""
 
@@ -107,15 +120,7 @@ def test_compiled_draws_stay_apart(kind, config):
         radgrad.convert(model, **options(config))
     model.double()
     x = x.double()
-
-    def grads(fn):
-        torch.manual_seed(1)
-        model.zero_grad(set_to_none=True)
-        fn(x).square().mean().backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    for a, b in zip(grads(torch.compile(model, fullgraph=True)), grads(model)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    _assert_compiled_grads_equal_eager(model, x)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
@@ -153,15 +158,7 @@ def test_compiled_routed_model_compiles_with_warnings_as_errors():
     torch.manual_seed(0)
     model = radgrad.convert(_Gated(), keep=0.5).double()
     x = torch.randn(16, 8, dtype=torch.float64)
-
-    def grads(fn):
-        torch.manual_seed(1)
-        model.zero_grad(set_to_none=True)
-        fn(x).square().mean().backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    for a, b in zip(grads(torch.compile(model, fullgraph=True)), grads(model)):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    _assert_compiled_grads_equal_eager(model, x)
 
 
 @pytest.mark.parametrize("bits", radgrad.estimators.quantize.BITS)
