@@ -125,8 +125,9 @@ class _MaxPool2d(_RADFunction):
 #   compiled 0.6 and 0.5 ms against 0.03 each). ``floor((i + 0.5) * (1 / w))`` is
 #   ``i // w`` exactly while the product's relative error (two roundings) stays
 #   below the distance ``0.5 / (i + 0.5)`` from the quotient to an integer: for
-#   ``i < 2**21`` in float32, ``i < 2**50`` in float64. Planes below 2**21
-#   entries use float32 (half the bytes, and the type every device has).
+#   ``i < 2**21`` in float32, ``i < 2**50`` in float64. Planes and windows below
+#   2**21 entries (every index and offset is below one of the two) use float32:
+#   half the bytes, and the type every device has.
 def _window_origin(shape_out: torch.Size, options, device) -> tuple[Tensor, Tensor]:
     _, stride, padding, _ = options
     rows = torch.arange(shape_out[-2], device=device).mul_(stride[0]).sub_(padding[0])
@@ -134,9 +135,9 @@ def _window_origin(shape_out: torch.Size, options, device) -> tuple[Tensor, Tens
     return rows.unsqueeze(1), cols
 
 
-def _index_dtype(plane: torch.Size) -> torch.dtype:
-    """The float type that divides indices into a ``plane`` exactly (NOTE [Compact max-pool indices])."""
-    return torch.float32 if plane[-2] * plane[-1] < 2**21 else torch.float64
+def _index_dtype(plane: torch.Size, kernel: tuple[int, int]) -> torch.dtype:
+    """The float type that divides plane indices and window offsets exactly (NOTE [Compact max-pool indices])."""
+    return torch.float32 if max(plane[-2] * plane[-1], kernel[0] * kernel[1]) < 2**21 else torch.float64
 
 
 def _floor_div(t: Tensor, divisor: int) -> Tensor:
@@ -148,7 +149,7 @@ def _window_offsets(index: Tensor, plane: torch.Size, options) -> Tensor:
     kernel, _, _, dilation = options
     top, left = _window_origin(index.shape, options, index.device)
     width = plane[-1]
-    flat = index.to(_index_dtype(plane))
+    flat = index.to(_index_dtype(plane, kernel))
     row = _floor_div(flat, width)
     col = flat.sub_(row * width)
     # the window's rows and columns are dilation apart: exact quotients
@@ -164,7 +165,7 @@ def _plane_index(offsets: Tensor, plane: torch.Size, options) -> Tensor:
     kernel, _, _, dilation = options
     top, left = _window_origin(offsets.shape, options, offsets.device)
     width = plane[-1]
-    offset = offsets.to(_index_dtype(plane))
+    offset = offsets.to(_index_dtype(plane, kernel))
     dr = _floor_div(offset, kernel[1])
     dc = offset.sub_(dr * kernel[1])
     row = dr.mul_(dilation[0]).add_(top)
