@@ -195,6 +195,48 @@ def test_batch_norm_exact_output_and_stats_unbiased_grads(config, shape):
     assert_unbiased(samples[:, :-c], exact[:-c])
 
 
+def test_layer_norm_over_every_dimension_is_unbiased():
+    # no batch dimension: the weight gradient sums over none (Tensor.sum(()) would sum over all)
+    torch.manual_seed(0)
+    config = SketchConfig(method="quantize", bits=2)
+    x = (torch.randn(3, 5, dtype=torch.float64) * 2 + 1).requires_grad_()
+    w, b = (torch.randn(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    exact = _grads(lambda *t: F.layer_norm(t[0], (3, 5), t[1], t[2]), x, w, b)
+    samples = _draws(lambda *t: RF.layer_norm(t[0], (3, 5), t[1], t[2], 1e-5, config), [x, w, b])
+    torch.testing.assert_close(samples[:, -b.numel():], exact[-b.numel():].expand(N, -1), rtol=1e-12, atol=1e-14)
+    assert_unbiased(samples[:, :-b.numel()], exact[:-b.numel()])
+
+
+@pytest.mark.parametrize("shape, normalized", [
+    ((3, 2, 16, 8), None), ((4, 3, 128), None), ((6, 128), None),
+    ((3, 2, 128), (128,)), ((2, 3, 8, 16), (8, 16)), ((4, 32), (4, 32)),
+], ids=["bn2d", "bn1d-seq", "bn1d", "ln", "ln-two-dims", "ln-every-dim"])
+def test_normalization_read_by_code_planes_gives_the_input_shaped_gradient(shape, normalized, monkeypatch):
+    # Rows of 128 entries fill four 2-bit code planes 32 wide and are read in a planes shape
+    # (NOTE [Reading codes by plane]); after the same seed the gradients must be those of the
+    # input-shaped formulas, whose unbiasedness the tests above measure.
+    from radgrad.functional import _norm
+
+    config = SketchConfig(method="quantize", bits=2)
+    x = (torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 + 1)
+    w, b = (torch.randn(normalized or shape[1], dtype=torch.float64) for _ in range(2))
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    if normalized is None:
+        fn = lambda *t: RF.batch_norm(t[0], None, None, t[1], t[2], True, 0.1, 1e-5, config)  # noqa: E731
+    else:
+        fn = lambda *t: RF.layer_norm(t[0], normalized, t[1], t[2], 1e-5, config)  # noqa: E731
+    used = []
+    planes = _norm._planes
+    monkeypatch.setattr(_norm, "_planes", lambda *a: used.append(planes(*a)) or used[-1])
+    torch.manual_seed(1)
+    by_plane = _grads(fn, x, w, b)
+    assert used and used[0] is not None
+    monkeypatch.setattr(_norm, "_planes", lambda *a: None)
+    torch.manual_seed(1)
+    by_shape = _grads(fn, x, w, b)
+    assert torch.equal(by_plane, by_shape)
+
+
 def _projected_attention(h, w, config, dropout_p=0.0, touch=None):
     """q, k, v as views of RAD linear outputs of one hidden state h, as transformers make them."""
     heads = lambda t: t.view(*t.shape[:-1], 2, 3).transpose(-3, -2)  # noqa: E731

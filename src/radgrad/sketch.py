@@ -305,6 +305,23 @@ def unpack_rows(sketch: Sketch, lo: int, hi: int) -> Tensor:
     return project.back_project(values, state, lo, d, config.per_example)
 
 
+def plane_shape(sketch: Sketch) -> list[int] | None:
+    """The sketch's shape with each row split into its code planes: ``(*batch, planes, width)``.
+
+    None unless every entry of a row is quantized and the codes fill their
+    planes exactly (NOTE [Code packing] in :mod:`radgrad.estimators.quantize`).
+    An estimate viewed in this shape reads code ``j`` of plane ``i`` from
+    byte ``j`` at shift ``bits * i``: no division by the plane width.
+    """
+    if sketch.state is not None or sketch.scale is None:
+        return None
+    d = _rows_and_width(sketch.shape, sketch.batch_dims)[1]
+    width = quantize.plane_width(d, sketch.config.bits)
+    if width is None:
+        return None
+    return [*sketch.shape[:sketch.batch_dims], d // width, width]
+
+
 def tie(output: Tensor, *items: Tensor | Sketch | None) -> Tensor:
     """``output``, made to depend on the random draws of ``items`` under ``torch.compile``.
 

@@ -54,7 +54,7 @@ from torch import Tensor
 
 from radgrad import rng
 
-__all__ = ["BITS", "GROUP_ENTRIES", "quantize", "dequantize", "packed_width", "group_rows"]
+__all__ = ["BITS", "GROUP_ENTRIES", "quantize", "dequantize", "packed_width", "plane_width", "group_rows"]
 
 #: The supported code widths.
 BITS = (1, 2, 4, 8)
@@ -68,6 +68,13 @@ _BLOCK = 2**18
 def packed_width(n: int, bits: int) -> int:
     """Bytes per row of ``n`` codes of ``bits`` bits."""
     return -(-n * bits // 8)
+
+
+def plane_width(n: int, bits: int) -> int | None:
+    """Codes per plane when a row of ``n`` codes fills its ``8 / bits`` planes exactly
+    (NOTE [Code packing]), else None (and None for 8 bits: one plane)."""
+    per = 8 // bits
+    return n // per if per > 1 and n % per == 0 else None
 
 
 def group_rows(n: int) -> int:
@@ -158,8 +165,10 @@ def dequantize(codes: Tensor, scale: Tensor, bits: int, n: int, dtype: torch.dty
     rows = codes.shape[0]
     estimate = _unpack_codes(codes, bits, n).to(scale.dtype)
     # in place rather than addcmul, which is several times slower broadcasting a column
-    if lo == 0 and rows == scale.shape[0] * group:  # whole groups: each a row of one (lo, step)
-        grouped = estimate.view(-1, group * n).mul_(scale[:, 1:]).add_(scale[:, :1])
+    if lo == 0 and rows == scale.shape[0] * group:  # whole groups, each (group, n) of one (lo, step)
+        # not viewed as (groups, group * n): compiled, an entry's row and position would then be
+        # divided out of its place in that view, in scalar code (a 4096 x 192 tensor: 2.2 ms, not 0.2)
+        grouped = estimate.view(-1, group, n).mul_(scale[:, 1:, None]).add_(scale[:, :1, None])
         return grouped.view(rows, n).to(dtype)
     hi = lo + rows
     return estimate.mul_(_per_row(scale[:, 1], group, lo, hi)).add_(_per_row(scale[:, 0], group, lo, hi)).to(dtype)
