@@ -109,11 +109,11 @@ def test_compiled_draws_stay_apart(kind, config):
     # gradient biased (max z 44 over 1000 draws, against 2.5 eager). Eager draws are
     # tested unbiased elsewhere; compiled must draw the very same numbers.
     torch.manual_seed(0)
-    # the first normalization's rows fill whole 1-bit code planes 32 wide, the second's do not:
-    # both ways of reading the codes (NOTE [Reading codes by plane]) are compiled
+    # the first normalization's rows (two dimensions) fill whole 1-bit code planes 32 wide, the
+    # second's do not: both ways of reading the codes (NOTE [Reading codes by plane]) are compiled
     if kind == "layer_norm":
-        model = nn.Sequential(nn.Linear(8, 256), nn.LayerNorm(256), nn.Linear(256, 8), nn.LayerNorm(8),
-                              nn.Linear(8, 4))
+        model = nn.Sequential(nn.Linear(8, 256), nn.Unflatten(1, (16, 16)), nn.LayerNorm([16, 16]),
+                              nn.Flatten(), nn.Linear(256, 8), nn.LayerNorm(8), nn.Linear(8, 4))
         x = torch.randn(16, 8)
     elif kind == "batch_norm":
         model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3),

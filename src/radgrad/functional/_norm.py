@@ -99,28 +99,32 @@ def _backward(grad: Tensor, a: Sketch, b: Sketch, rstd: Tensor, weight: Tensor |
 
 # NOTE [Reading codes by plane]
 #   Under torch.compile, inductor fuses the dequantization of a sketch into the
-#   reductions of the backward pass above. Read in the input's shape, an
-#   estimate's entry at row position p sits in byte p mod w at shift
-#   bits * (p div w) (NOTE [Code packing]); inductor's CPU code generator
-#   (torch 2.13) does not vectorize a reduction indexed so and runs it scalar.
-#   Viewed as (*batch, planes, w), every tensor of the backward reads byte j of
-#   a plane at index j: the same batch norm backward over a 32 x 64 x 16 x 16
-#   input took 245 us instead of 1150 (one thread). Eagerly the views change
-#   nothing but the shapes the same kernels see.
+#   reductions of the backward pass above. A batch norm's row spans the
+#   spatial dimensions: its loops run over (h, w), and the entry at position
+#   p = h * W + w sits in byte p mod w' at shift bits * (p div w') for planes
+#   w' codes wide (NOTE [Code packing]), index arithmetic that inductor's CPU
+#   code generator (torch 2.13) leaves scalar. Viewed as (*batch, planes, w'),
+#   every tensor of the backward reads byte j of a plane at index j. Rows of
+#   one dimension (a layer norm over features) are indexed by p itself, which
+#   inductor vectorizes; viewed by plane they ran some 3-10% slower, so they
+#   are not. Nor are planes narrower than 32 codes (no gain measured at 16).
+#   benchmarks/bench_norm_backward.py times both ways. Eagerly the views
+#   change nothing but the shapes the same kernels see.
 _MIN_PLANE_WIDTH = 32
 
 
 def _planes(sketch: Sketch, ndim: int, dims, param_dims):
     """``(view, dims, param_dims)`` to run the backward with every row split into its code planes
-    (NOTE [Reading codes by plane]), or None when the codes do not fill planes wide enough.
+    (NOTE [Reading codes by plane]), or None: a row of one dimension, or codes that do not fill
+    planes wide enough.
 
     ``view`` takes a tensor that broadcasts against the input, constant along rows or not; each
     of ``dims`` and ``param_dims`` holds all the row dimensions or none (true of both callers).
     """
-    planes = plane_shape(sketch)
-    if planes is None or planes[-1] < _MIN_PLANE_WIDTH:
-        return None
     batch = sketch.batch_dims
+    planes = plane_shape(sketch)
+    if planes is None or planes[-1] < _MIN_PLANE_WIDTH or ndim - batch < 2:
+        return None
 
     def view(t: Tensor) -> Tensor:
         t = t.view([1] * (ndim - t.dim()) + list(t.shape))
