@@ -67,8 +67,12 @@ def _backward(grad: Tensor, a: Sketch, b: Sketch, rstd: Tensor, weight: Tensor |
 
     ``dims``: the dimensions each mean and rstd runs over; ``param_dims``:
     the dimensions the weight and bias gradients sum over (NOTE [Layer norm
-    from two sketches]). ``rstd`` and ``weight`` broadcast against ``grad``;
-    ``contiguous``: whether the input was (its gradient usually is then).
+    from two sketches]). ``rstd`` and ``weight`` broadcast against ``grad``.
+    ``contiguous``: whether the input was; only then is the gradient read by
+    plane (NOTE [Reading codes by plane]), since viewing a strided gradient so
+    would copy it. The input decides because its gradient usually shares its
+    layout, and torch.compile cannot read the gradient's layout while it
+    traces this function ahead of the backward pass.
     """
     shape = grad.shape
     param_shape = [s for i, s in enumerate(shape) if i not in param_dims]
