@@ -306,7 +306,9 @@ def test_codes_pack_and_unpack_exactly(bits, n):
     codes = torch.randint(0, 2**bits, (5, n), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
     data = quantize._pack_codes(codes, bits)
     assert data.shape == (5, quantize.packed_width(n, bits)) and data.dtype == torch.uint8
-    assert torch.equal(quantize._unpack_codes(data, bits, n), codes)
+    planes = quantize._unpack_planes(data, bits)
+    assert planes.shape == (5, 8 // bits, quantize.packed_width(n, bits))
+    assert torch.equal(planes.reshape(5, -1)[:, :n], codes)
     if bits < 8:  # byte j holds code j of each plane, plane 0 in the low bits (NOTE [Code packing])
         width = quantize.packed_width(n, bits)
         for i, code in enumerate(codes[0].tolist()):
