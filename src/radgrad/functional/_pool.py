@@ -140,18 +140,17 @@ def _index_dtype(plane: torch.Size, kernel: tuple[int, int]) -> torch.dtype:
     return torch.float32 if max(plane[-2] * plane[-1], kernel[0] * kernel[1]) < 2**21 else torch.float64
 
 
-def _floor_div(t: Tensor, divisor: int) -> Tensor:
-    """``t // divisor`` for a float tensor of plane indices (NOTE [Compact max-pool indices])."""
-    return (t + 0.5).mul_(1 / divisor).floor_()
+def _divmod(t: Tensor, divisor: int) -> tuple[Tensor, Tensor]:
+    """``(t // divisor, t % divisor)`` for a float tensor of plane indices, the remainder formed in
+    ``t`` itself (NOTE [Compact max-pool indices])."""
+    quotient = (t + 0.5).mul_(1 / divisor).floor_()
+    return quotient, t.sub_(quotient * divisor)
 
 
 def _window_offsets(index: Tensor, plane: torch.Size, options) -> Tensor:
     kernel, _, _, dilation = options
     top, left = _window_origin(index.shape, options, index.device)
-    width = plane[-1]
-    flat = index.to(_index_dtype(plane, kernel))
-    row = _floor_div(flat, width)
-    col = flat.sub_(row * width)
+    row, col = _divmod(index.to(_index_dtype(plane, kernel)), plane[-1])
     # the window's rows and columns are dilation apart: exact quotients
     dr = row.sub_(top).div_(dilation[0])
     dc = col.sub_(left).div_(dilation[1])
@@ -164,12 +163,9 @@ def _window_offsets(index: Tensor, plane: torch.Size, options) -> Tensor:
 def _plane_index(offsets: Tensor, plane: torch.Size, options) -> Tensor:
     kernel, _, _, dilation = options
     top, left = _window_origin(offsets.shape, options, offsets.device)
-    width = plane[-1]
-    offset = offsets.to(_index_dtype(plane, kernel))
-    dr = _floor_div(offset, kernel[1])
-    dc = offset.sub_(dr * kernel[1])
+    dr, dc = _divmod(offsets.to(_index_dtype(plane, kernel)), kernel[1])
     row = dr.mul_(dilation[0]).add_(top)
-    return row.mul_(width).add_(dc.mul_(dilation[1]).add_(left)).to(torch.int64)
+    return row.mul_(plane[-1]).add_(dc.mul_(dilation[1]).add_(left)).to(torch.int64)
 
 
 def max_pool2d(
