@@ -196,3 +196,24 @@ def test_compiled_relu_backward_matches_eager(memory_format):
     got = grad_of(torch.compile(RF.relu, fullgraph=True, backend="aot_eager"))
     assert torch.equal(got, want)
     assert torch.equal(grad_of(RF.relu), want)
+
+
+@pytest.mark.parametrize("shape,transpose", [((), False), ((13,), False), ((4, 6), False), ((5, 7), True),
+                                             ((3, 5, 8), False), ((0, 3), False)])
+def test_compiled_bit_planes_match_torch(shape, transpose):
+    # tensors of up to 3 dimensions are packed in bit planes inside inductor's
+    # kernels (NOTE [Masks under torch.compile]), entry counts padded or not
+    torch.manual_seed(0)
+    base = torch.randn(shape[::-1] if transpose else shape)
+    if base.numel() >= 2:
+        base.view(-1)[:2] = torch.tensor([float("nan"), -0.0])
+    x = base.t() if transpose else base
+    g = torch.randn(x.shape)
+
+    def grad_of(fn):
+        leaf = x.detach().requires_grad_()
+        return torch.autograd.grad(fn(leaf), leaf, g)[0]
+
+    assert torch.equal(grad_of(torch.compile(RF.relu, fullgraph=True)), grad_of(torch.relu))
+    mask = torch.compile(lambda t: radgrad.bits.unpack(radgrad.bits.pack(t)), fullgraph=True)(x)
+    assert torch.equal(mask.bool(), x != 0)
