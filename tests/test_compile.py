@@ -202,7 +202,7 @@ def test_compiled_model_saves_what_the_eager_model_saves(config):
         model(x)
     with radgrad.memory.record(model) as got:
         compiled(x)
-    wider = 0  # sampled positions are int32 under torch.compile, int16 eagerly (sample.index_dtype)
+    wider = 0  # sampled positions are int32 under torch.compile, int16 eagerly (sample.draw)
     if config.method == "sample":
         wider = sum(2 * sample.state_shape(x.shape[0], config.kept(layer.in_features), config.per_example)[0]
                     for layer in model.modules() if isinstance(layer, nn.Linear))

@@ -31,8 +31,10 @@ NOTE [Masks under torch.compile]
       ReLU's output and consume its gradient, as vectorized int32 shifts
       (indexed by the tensor's own shape instead, each byte's index would
       need a remainder by ``m``, which inductor compiles to scalar code; so
-      would uint8 shifts). The compiled MNIST MLP step fell from 1.16x to
-      1.07x plain torch's (one thread; 1.26x to 1.15x at two).
+      would uint8 shifts). With int32 sampled positions (see
+      :func:`radgrad.estimators.sample.draw`), the compiled MNIST MLP step
+      fell from 1.16x to 1.07x plain torch's (one thread; 1.27x to 1.13x at
+      two).
     * feature maps (4 dimensions and more) by the opaque ops
       ``radgrad::pack_mask`` and ``radgrad::masked_grad``, which run the
       eager functions above. Inductor may store a feature map channels_last,
