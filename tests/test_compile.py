@@ -348,3 +348,17 @@ def test_recompiles_for_another_keep():
         torch.testing.assert_close(layer.weight.grad, want, rtol=1e-12, atol=0)
         # k = round(keep * 40) kept entries per row: the estimate is zero elsewhere
         assert int((layer.weight.grad[0] != 0).sum()) <= 6 * round(keep * 40)
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (3, 5, 37)], ids=["rows", "padded"])
+def test_compiled_dropout_gradient_is_its_own_mask(shape):
+    # compiled, the mask is packed in bit planes (NOTE [Masks under torch.compile])
+    # from inductor's own draw: the gradient must pass exactly where the output kept
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(shape, dtype=torch.float64)
+    y = torch.compile(lambda t: radgrad.functional.dropout(t, 0.3), fullgraph=True)(x)
+    (got,) = torch.autograd.grad(y, x, g)
+    kept = y != 0
+    assert 0 < kept.sum() < kept.numel()
+    assert torch.equal(got, torch.where(kept, g, 0) * (1 / 0.7))
