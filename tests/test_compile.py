@@ -362,3 +362,20 @@ def test_compiled_dropout_gradient_is_its_own_mask(shape):
     kept = y != 0
     assert 0 < kept.sum() < kept.numel()
     assert torch.equal(got, torch.where(kept, g, 0) * (1 / 0.7))
+
+
+def test_compiled_relu_recurrence_matches_eager():
+    # its ReLU masks (chunks of states, 3 dimensions) are packed in bit planes when compiled
+    torch.manual_seed(0)
+    v = torch.randn(6, 3, 7, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    weight = (0.3 * torch.randn(7, 7, dtype=torch.float64)).requires_grad_()
+    config = radgrad.SketchConfig(0.5)
+
+    def grads(fn):
+        torch.manual_seed(1)
+        return torch.autograd.grad(fn(v, h0, weight, "relu", config)[0].square().mean(), (v, h0, weight))
+
+    for a, b in zip(grads(torch.compile(radgrad.functional.recurrence, fullgraph=True)),
+                    grads(radgrad.functional.recurrence)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
