@@ -40,9 +40,11 @@ NOTE [Masks under torch.compile]
       eager functions above. Inductor may store a feature map channels_last,
       and reading it in logical order then costs a transposing pass (the HF
       ResNet's compiled step: 1.42x plain with planes, 1.25x with the opaque
-      ops); bit planes split along a dimension of the map avoid that, but made
-      inductor's index simplification run for more than 15 minutes on the
-      HF ResNet (torch 2.13).
+      ops); bit planes split along a dimension of the map avoid that, but
+      compiling the HF ResNet's forward with them did not finish (stopped
+      after 15 minutes with the batch dimension split, after 6 with the
+      channels or the last dimension; inductor was simplifying index
+      expressions while choosing a kernel's tiling, torch 2.13).
 """
 
 from __future__ import annotations
