@@ -79,12 +79,15 @@ def _memory_order(t: Tensor) -> tuple[int, ...] | None:
     return order if t.permute(order).is_contiguous() else None
 
 
+def _pad_to_bytes(flat: Tensor) -> Tensor:
+    """A flat tensor padded with zeros to a multiple of 8 entries: whole bytes of bits."""
+    pad = -flat.numel() % 8
+    return F.pad(flat, (0, pad)) if pad else flat
+
+
 def _pack_bytes(flat: Tensor) -> Tensor:
     """Flat 0/1 bytes -> packed bytes, padded to whole bytes (NOTE [Bit packing by multiplication])."""
-    pad = -flat.numel() % 8
-    if pad:
-        flat = F.pad(flat, (0, pad))
-    return ((flat.view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
+    return ((_pad_to_bytes(flat).view(torch.int64) * _GATHER) >> 56).to(torch.uint8)
 
 
 def _unpack_bytes(data: Tensor) -> Tensor:
@@ -94,10 +97,7 @@ def _unpack_bytes(data: Tensor) -> Tensor:
 
 def _as_planes(t: Tensor) -> Tensor:
     """The entries of ``t`` in logical order, padded with zeros to ``(8, m)``: its bit planes' view."""
-    flat = t.reshape(-1)
-    if -flat.numel() % 8:
-        flat = F.pad(flat, (0, -flat.numel() % 8))
-    return flat.view(8, -1)
+    return _pad_to_bytes(t.reshape(-1)).view(8, -1)
 
 
 def _from_planes(planes: Tensor, shape: torch.Size) -> Tensor:
