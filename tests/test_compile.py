@@ -168,11 +168,13 @@ def test_compiled_routed_model_compiles_with_warnings_as_errors():
 
 
 @pytest.mark.parametrize("bits", radgrad.estimators.quantize.BITS)
-@pytest.mark.parametrize("shape,memory_format", [((300, 37), None), ((4, 6, 5, 7), torch.channels_last)],
-                         ids=["rows", "channels_last"])
+@pytest.mark.parametrize("shape,memory_format", [
+    ((300, 37), None), ((70, 40), None), ((96, 256), None), ((4, 6, 5, 7), torch.channels_last)],
+    ids=["short-last-group", "groups", "rows", "channels_last"])
 def test_compiled_quantization_stores_the_eager_bytes(bits, shape, memory_format):
-    # compiled, codes are formed in int32 rather than int16 (NOTE [Code width under
-    # compilation]): the same draws must give the same stored bytes and estimate
+    # compiled, codes are formed in int32 rather than int16 and packed plane by plane
+    # (NOTE [Code width under compilation], NOTE [Packing under compilation]): the same
+    # draws must give the same stored bytes and estimate
     config = radgrad.SketchConfig(method="quantize", bits=bits)
     x = torch.randn(shape)
     if memory_format is not None:

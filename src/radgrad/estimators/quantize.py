@@ -33,6 +33,18 @@ NOTE [Code packing]
     operation with an innermost dimension of ``8 / bits`` that torch's CPU
     kernels do not vectorize (about ten times slower, measured).
 
+NOTE [Packing under compilation]
+    Under ``torch.compile`` the codes of each plane are rounded from the
+    entries they stand for and shifted into the bytes in one elementwise
+    expression over the packed ``(rows, w)`` bytes: inductor fuses rounding
+    and packing into one loop. Rounded whole and then cut into planes, the
+    codes went through an int32 buffer that inductor laid out in the input's
+    order, and the packing loop read it across that order in scalar code
+    (compiled step over plain, in one process: ResNet 1.34 -> 1.29, ViT
+    1.29 -> 1.23, BERT 1.14 -> 1.07, MLP with LayerNorm 1.16 -> 1.05). Eagerly
+    the per-plane form would cost more calls for the same passes, so the
+    eager path rounds once and packs. Both store the same bytes.
+
 NOTE [Code width under compilation]
     Eagerly, codes are formed as int16 and unpacked as uint8: torch's kernels
     then move half or a quarter of the bytes int32 would. Inductor's CPU code
@@ -117,6 +129,8 @@ def quantize(values: Tensor, bits: int, after: Tensor,
     group_inverse = torch.where(group_step > 0, group_step.reciprocal(), 0)
     scale = torch.stack([group_lo, group_step], dim=1)
     grid = rng.draw_grid(rows, n, after, generator, dtype)
+    if torch.compiler.is_compiling() and rows % group == 0:
+        return _plane_codes(values, group, group_lo, group_inverse, grid, bits), scale
     # a block of rows at a time: the float temporaries stay small (NOTE [Unpacking in blocks] in
     # radgrad.functional), whatever the tensor's size
     step_rows = max(1, _BLOCK // max(1, n))
@@ -130,6 +144,29 @@ def quantize(values: Tensor, bits: int, after: Tensor,
                                   rng.uniform_rows(grid, rows, first, last), levels), bits)
               for first, last in ((f, min(rows, f + step_rows)) for f in range(0, rows, step_rows))]
     return torch.cat(blocks) if len(blocks) > 1 else blocks[0], scale
+
+
+def _plane_codes(values: Tensor, group: int, lo: Tensor, inverse: Tensor, grid: Tensor, bits: int) -> Tensor:
+    """The packed codes of :func:`quantize` for whole groups of rows, formed plane by plane (compiled).
+
+    The bytes are those of :func:`_pack_codes` on the codes of :func:`_levels`
+    (NOTE [Packing under compilation]).
+    """
+    rows, n = values.shape
+    levels, per, width = 2**bits - 1, 8 // bits, packed_width(n, bits)
+    v = values.view(-1, group, n)
+    lo, inverse = lo.view(-1, 1, 1), inverse.view(-1, 1, 1)
+    a, b = grid[:rows].view(-1, group, 1), grid[rows:].view(1, 1, n)
+    packed = None
+    for i in range(per):
+        first, last = i * width, min(n, (i + 1) * width)
+        if first >= last:
+            break
+        codes = _levels(v[..., first:last], lo, inverse, (a + b[..., first:last]).frac(), levels)
+        if last - first < width:
+            codes = F.pad(codes, (0, width - (last - first)))
+        packed = codes if packed is None else packed.bitwise_or(codes << (bits * i))
+    return packed.reshape(rows, width).to(torch.uint8)
 
 
 def _code_dtype() -> torch.dtype:
