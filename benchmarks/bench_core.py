@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 import radgrad
 from radgrad.experiments import data as datasets
+from radgrad.experiments import report
 
 BATCH = 150
 KEEP = 0.1
@@ -118,9 +118,7 @@ def main() -> None:
               f"| {r['median_step_ms_rad']:.1f} | {r['final_loss_exact']:.3f} | {r['final_loss_rad']:.3f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"config": vars(args) | {"out": str(args.out)}, "radgrad": radgrad.__version__,
-                "torch": torch.__version__, "threads": torch.get_num_threads(),
-                "machine": f"{platform.machine()} {platform.processor()}".strip()}
+        meta = {"config": vars(args) | {"out": str(args.out)}, **report.environment()}
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
 

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
 from torch import nn
 
-import radgrad
-from radgrad.experiments import plan
+from radgrad.experiments import plan, report
 
 TARGETS = ("mnist-mlp", "cifar-cnn", "bench_methods:deep_mlp")
 
@@ -51,8 +49,7 @@ def main() -> None:
         results.append(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"config": vars(args) | {"out": str(args.out)}, "radgrad": radgrad.__version__,
-                "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor()}".strip()}
+        meta = {"config": vars(args) | {"out": str(args.out)}, **report.environment()}
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
 

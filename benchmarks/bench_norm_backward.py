@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 import radgrad
 import radgrad.functional as RF
+from radgrad.experiments import report
 from radgrad.functional import _norm
 
 CONFIG = radgrad.SketchConfig(method="quantize", bits=2)
@@ -87,8 +87,7 @@ def main() -> None:
               f"| {us['input_shape']:.0f} |")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"config": {k: str(v) for k, v in vars(args).items()}, "radgrad": radgrad.__version__,
-                "torch": torch.__version__, "machine": platform.machine()}
+        meta = {"config": {k: str(v) for k, v in vars(args).items()}, **report.environment()}
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 
 

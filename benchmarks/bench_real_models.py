@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ import transformers
 from torch import nn
 
 import radgrad
-from radgrad.experiments import real_models
+from radgrad.experiments import real_models, report
 
 
 def _mlp_loss():
@@ -139,9 +138,8 @@ def main() -> None:
         results.append(r)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"config": vars(args) | {"out": str(args.out)}, "radgrad": radgrad.__version__,
-                "torch": torch.__version__, "transformers": transformers.__version__,
-                "machine": f"{platform.machine()} {platform.processor()}".strip()}
+        meta = {"config": vars(args) | {"out": str(args.out)}, **report.environment(),
+                "transformers": transformers.__version__}
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 
 

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import csv
 import io
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import radgrad
 from radgrad.experiments.options import make_folder
 
-__all__ = ["markdown", "csv_text", "write_outputs", "megabytes"]
+__all__ = ["markdown", "csv_text", "write_outputs", "megabytes", "environment"]
+
+
+def environment() -> dict[str, Any]:
+    """What a timing depends on besides the code: versions, the CPU and its vector
+    instructions (torch's and inductor's kernels differ between AVX2 and AVX-512), threads."""
+    return {"radgrad": radgrad.__version__, "torch": torch.__version__,
+            "machine": f"{platform.machine()} {platform.processor()}".strip(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
 
 
 def megabytes(nbytes: int | None, digits: int = 3) -> str:
