@@ -144,9 +144,11 @@ def draw_grid(rows: int, n: int, after: Tensor, generator: torch.Generator | Non
     return draw(0, 2**23, (rows + n,), torch.int32, after, generator).to(dtype).mul_(2**-23)
 
 
-def uniform_rows(grid: Tensor, rows: int, lo: int, hi: int) -> Tensor:
-    """Rows ``lo .. hi`` of the uniforms defined by ``grid`` (from :func:`draw_grid` for ``rows`` rows)."""
-    return (grid[lo:hi, None] + grid[None, rows:]).frac_()
+def uniform_rows(grid: Tensor, rows: int, lo: int, hi: int, first: int = 0, last: int | None = None) -> Tensor:
+    """Rows ``lo .. hi``, columns ``first .. last`` (all by default), of the uniforms defined by ``grid``
+    (from :func:`draw_grid` for ``rows`` rows)."""
+    columns = grid[rows + first:] if last is None else grid[rows + first:rows + last]
+    return (grid[lo:hi, None] + columns[None]).frac_()
 
 
 def draw_seed(after: Tensor, generator: torch.Generator | None = None) -> Tensor:
