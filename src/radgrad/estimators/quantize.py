@@ -60,6 +60,8 @@ NOTE [Code width under compilation]
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -153,20 +155,16 @@ def _plane_codes(values: Tensor, group: int, lo: Tensor, inverse: Tensor, grid: 
     (NOTE [Packing under compilation]).
     """
     rows, n = values.shape
-    levels, per, width = 2**bits - 1, 8 // bits, packed_width(n, bits)
+    levels, width = 2**bits - 1, packed_width(n, bits)
     v = values.view(-1, group, n)
     lo, inverse = lo.view(-1, 1, 1), inverse.view(-1, 1, 1)
-    packed = None
-    for i in range(per):
-        first, last = i * width, min(n, (i + 1) * width)
-        if first >= last:
-            break
+    planes = []
+    for first in range(0, n, width):  # the last planes may be padding only: zero codes, not formed
+        last = min(n, first + width)
         uniforms = rng.uniform_rows(grid, rows, 0, rows, first, last).view(-1, group, last - first)
         codes = _levels(v[..., first:last], lo, inverse, uniforms, levels)
-        if last - first < width:
-            codes = F.pad(codes, (0, width - (last - first)))
-        packed = codes if packed is None else packed.bitwise_or(codes << (bits * i))
-    return packed.reshape(rows, width).to(torch.uint8)
+        planes.append(F.pad(codes, (0, width - (last - first))) if last - first < width else codes)
+    return _or_planes(planes, bits).reshape(rows, width).to(torch.uint8)
 
 
 def _code_dtype() -> torch.dtype:
@@ -228,10 +226,15 @@ def _pack_codes(codes: Tensor, bits: int) -> Tensor:
     if width * per > n:
         codes = F.pad(codes, (0, width * per - n))
     planes = codes.reshape(rows, per, width)
-    packed = planes[:, 0].clone()
-    for i in range(1, per):
-        packed.bitwise_or_(planes[:, i] << (bits * i))
-    return packed.to(torch.uint8)
+    return _or_planes((planes[:, i] for i in range(per)), bits).to(torch.uint8)
+
+
+def _or_planes(planes: Iterable[Tensor], bits: int) -> Tensor:
+    """Plane ``i`` shifted left by ``bits * i``, the planes ORed together (NOTE [Code packing])."""
+    packed = None
+    for i, plane in enumerate(planes):
+        packed = plane.clone() if packed is None else packed.bitwise_or_(plane << (bits * i))
+    return packed
 
 
 def _unpack_planes(data: Tensor, bits: int) -> Tensor:
