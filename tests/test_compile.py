@@ -89,6 +89,28 @@ def _assert_compiled_grads_equal_eager(model, x):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
+def test_compiled_attention_without_dropout_is_one_graph(is_causal):
+    # eagerly its backward runs torch's fused kernels through torch.autograd.grad, which
+    # dynamo cannot trace: compiled, that broke the graph of every attention layer (HF ViT)
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    config = radgrad.SketchConfig(method="quantize", bits=2)
+
+    def attention(q, k, v):
+        return radgrad.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, config=config)
+
+    def grads(fn):
+        torch.manual_seed(1)
+        out = fn(q, k, v)
+        return out, torch.autograd.grad(out.square().sum(), (q, k, v))
+
+    out, got = grads(torch.compile(attention, fullgraph=True, backend="aot_eager"))
+    want_out, want = grads(attention)
+    torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):  # the same sketch of v: the same estimate
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 class _ThreeReaders(nn.Module):
     """Three RAD layers reading one input, as attention's query, key and value projections."""
 

@@ -11,9 +11,11 @@ NOTE [Attention from a sketch of V]
     does) instead of being stored: no ``L x S`` tensor is saved. ``v``
     enters only ``dPd``, linearly, so a sketch of it (one row per key
     position) gives unbiased ``dq`` and ``dk``; ``dv`` is exact. The dropout
-    mask is kept as one bit per entry. Without dropout, the backward pass
-    runs torch's own fused kernels (forward, then backward) on the estimate
-    of ``v``: the same formulas, with ``rowsum(P * dP)`` computed from it.
+    mask is kept as one bit per entry. Without dropout, the eager backward
+    pass runs torch's own fused kernels (forward, then backward) on the
+    estimate of ``v``: the same formulas, with ``rowsum(P * dP)`` computed
+    from it. Compiled, it runs the formulas above: the fused path goes
+    through ``torch.autograd.grad``, which dynamo cannot trace.
 """
 
 from __future__ import annotations
@@ -99,14 +101,16 @@ class _Attention(_RADFunction):
         q, k = (t if r is None else r.rebuild(*operands[3 * i:3 * i + 3])
                 for i, (t, r) in enumerate(zip((q, k), ctx.recipes)))
         dropout_p, is_causal, scale = ctx.options
-        if mask is None:
+        if mask is None and not torch.compiler.is_compiling():
             return (*_fused_backward(grad, q, k, v.unpack(), attn_mask, is_causal, scale, ctx.needs_input_grad),
                     None, None, None, None, None, None)
         probs = _probabilities(q, k, _bias(attn_mask, is_causal, q, k), scale, is_causal)
         grad_probs = torch.matmul(grad, v.unpack().transpose(-2, -1))
-        kept, keep = bits.unpack(mask), 1.0 / (1.0 - dropout_p)
-        grad_probs = torch.ops.aten.threshold_backward(grad_probs, kept, 0).mul_(keep)
-        dropped = torch.ops.aten.threshold_backward(probs, kept, 0).mul_(keep)
+        dropped = probs
+        if mask is not None:
+            kept, keep = bits.unpack(mask), 1.0 / (1.0 - dropout_p)
+            grad_probs = torch.ops.aten.threshold_backward(grad_probs, kept, 0).mul_(keep)
+            dropped = torch.ops.aten.threshold_backward(probs, kept, 0).mul_(keep)
         grad_v = torch.matmul(dropped.transpose(-2, -1), grad) if ctx.needs_input_grad[2] else None
         grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
         grad_q = torch.matmul(grad_scores, k).mul_(scale) if ctx.needs_input_grad[0] else None
