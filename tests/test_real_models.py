@@ -149,6 +149,25 @@ def test_resnet_batch_norm_is_routed_running_stats_exact():
     assert torch.equal(model.eval()(x).logits, rad.eval()(x).logits)
 
 
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=32, num_labels=3)
+    return transformers.ViTForImageClassification(config)
+
+
+@pytest.mark.parametrize("make", [_gpt2, _vit], ids=["gpt2-dropout", "vit"])
+def test_converted_hf_models_trace_without_graph_breaks(make):
+    # dynamo also traces each RAD op's backward: one it cannot trace (torch.autograd.grad in
+    # attention's backward without dropout, as in ViT) broke the graph at every layer
+    model = make(0.1) if make is _gpt2 else make()
+    x = torch.randint(32, (2, 8)) if make is _gpt2 else torch.randn(2, 3, 8, 8)
+    rad = radgrad.convert(model.train(), **QUANTIZE)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(rad)(x)
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+
+
 @pytest.mark.parametrize("masks", ["none", "causal", "padding"])
 def test_multihead_attention_is_routed_with_torch_outputs(masks):
     model = _encoder().double()
