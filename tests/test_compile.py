@@ -111,6 +111,20 @@ def test_compiled_attention_without_dropout_is_one_graph(is_causal):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+class _QuickGELU(nn.Module):  # no fused derivative: radgrad differentiates the model's own formula
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+def test_compiled_activation_without_a_fused_derivative_is_one_graph():
+    # eagerly its derivative comes from torch.autograd.grad, which dynamo cannot trace
+    # (six graph breaks for one activation); compiled, from torch.func.vjp
+    torch.manual_seed(0)
+    model = radgrad.convert(nn.Sequential(nn.Linear(8, 16), _QuickGELU(), nn.Linear(16, 4)), method="quantize")
+    assert isinstance(model[1], radgrad.nn.Activation) and model[1].fused is None
+    _assert_compiled_grads_equal_eager(model.double(), torch.randn(6, 8, dtype=torch.float64))
+
+
 class _ThreeReaders(nn.Module):
     """Three RAD layers reading one input, as attention's query, key and value projections."""
 

@@ -59,6 +59,10 @@ def fused_derivative(fn: Callable[[Tensor], Tensor]) -> str | None:
 
 
 def _derivative_by_autograd(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    # torch.autograd.grad takes any function eagerly, but dynamo cannot trace it
+    if torch.compiler.is_compiling():
+        y, pull = torch.func.vjp(fn, x)
+        return pull(_ones_like(y))[0]
     with torch.enable_grad():
         leaf = x.detach().requires_grad_()
         y = fn(leaf)
