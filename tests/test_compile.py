@@ -7,8 +7,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import radgrad
 from radgrad.estimators import sample
-from problems import (assert_unbiased, channels_last_convnet, config_id, load_example, options, problem,
-                      weight_grads)
+from problems import (QuickGELU, assert_unbiased, channels_last_convnet, config_id, load_example, options,
+                      problem, weight_grads)
 
 # Ops whose result size or value the host must read: each is a device-to-host
 # sync on a GPU and breaks CUDA-graph capture.
@@ -111,16 +111,11 @@ def test_compiled_attention_without_dropout_is_one_graph(is_causal):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-class _QuickGELU(nn.Module):  # no fused derivative: radgrad differentiates the model's own formula
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
 def test_compiled_activation_without_a_fused_derivative_is_one_graph():
     # eagerly its derivative comes from torch.autograd.grad, which dynamo cannot trace
     # (six graph breaks for one activation); compiled, from torch.func.vjp
     torch.manual_seed(0)
-    model = radgrad.convert(nn.Sequential(nn.Linear(8, 16), _QuickGELU(), nn.Linear(16, 4)), method="quantize")
+    model = radgrad.convert(nn.Sequential(nn.Linear(8, 16), QuickGELU(), nn.Linear(16, 4)), method="quantize")
     assert isinstance(model[1], radgrad.nn.Activation) and model[1].fused is None
     _assert_compiled_grads_equal_eager(model.double(), torch.randn(6, 8, dtype=torch.float64))
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import radgrad
-from problems import assert_unbiased
+from problems import QuickGELU, assert_unbiased
 
 transformers = pytest.importorskip("transformers")
 from transformers.activations import NewGELUActivation  # noqa: E402
@@ -81,18 +81,13 @@ def test_training_gradients_unbiased_and_outputs_exact(make):
     assert_unbiased(samples, exact[entries])
 
 
-class _QuickGELU(nn.Module):  # a model's own activation, written with torch ops
-    def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
-
-
 class _Noisy(nn.Module):
     def forward(self, x):
         return x + torch.rand_like(x)
 
 
 def test_elementwise_probe_converts_activations_and_leaves_the_rest():
-    model = nn.Sequential(nn.GELU(), nn.SiLU(), _QuickGELU(), nn.Softmax(-1), _Noisy(), nn.Identity(), nn.Tanh())
+    model = nn.Sequential(nn.GELU(), nn.SiLU(), QuickGELU(), nn.Softmax(-1), _Noisy(), nn.Identity(), nn.Tanh())
     radgrad.convert(model, **QUANTIZE)
     converted = [isinstance(m, radgrad.nn.Activation) for m in model]
     assert converted == [True, True, True, False, False, False, True]
@@ -101,7 +96,7 @@ def test_elementwise_probe_converts_activations_and_leaves_the_rest():
     torch.manual_seed(0)
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     head = nn.Sequential(*model[:3], model[6]).double()
-    exact_model = nn.Sequential(nn.GELU(), nn.SiLU(), _QuickGELU(), nn.Tanh())
+    exact_model = nn.Sequential(nn.GELU(), nn.SiLU(), QuickGELU(), nn.Tanh())
     weights = torch.linspace(-1, 1, x.numel(), dtype=x.dtype).view(x.shape)
     (exact,) = torch.autograd.grad((exact_model(x) * weights).sum(), x)
     assert torch.equal(head(x), exact_model(x))
