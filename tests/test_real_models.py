@@ -151,13 +151,11 @@ def _vit() -> nn.Module:
     return transformers.ViTForImageClassification(config)
 
 
-@pytest.mark.parametrize("make", [_gpt2, _vit], ids=["gpt2-dropout", "vit"])
-def test_converted_hf_models_trace_without_graph_breaks(make):
+def test_converted_vit_traces_without_graph_breaks():
     # dynamo also traces each RAD op's backward: one it cannot trace (torch.autograd.grad in
     # attention's backward without dropout, as in ViT) broke the graph at every layer
-    model = make(0.1) if make is _gpt2 else make()
-    x = torch.randint(32, (2, 8)) if make is _gpt2 else torch.randn(2, 3, 8, 8)
-    rad = radgrad.convert(model.train(), **QUANTIZE)
+    rad = radgrad.convert(_vit().train(), **QUANTIZE)
+    x = torch.randn(2, 3, 8, 8)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(rad)(x)
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
