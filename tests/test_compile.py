@@ -139,11 +139,15 @@ def test_compiled_draws_stay_apart(kind, config):
     # input: AOTAutograd merged such identical draws into one (NOTE [Two draws are
     # never one]), so a normalization's two sketches were equal and its compiled
     # gradient biased (max z 44 over 1000 draws, against 2.5 eager). Eager draws are
-    # tested unbiased elsewhere; compiled must draw the very same numbers.
+    # tested unbiased elsewhere; compiled must draw the very same numbers. The merge
+    # is AOTAutograd's, which aot_eager runs (it showed the bias in every case here).
     torch.manual_seed(0)
     # the first normalization's rows (two dimensions) fill whole 1-bit code planes 32 wide, the
-    # second's do not: both ways of reading the codes (NOTE [Reading codes by plane]) are compiled
+    # second's do not: both ways of reading the codes (NOTE [Reading codes by plane]) go through
+    # inductor once, in the quantized case
+    backend = "aot_eager"
     if kind == "layer_norm":
+        backend = "inductor" if config.method == "quantize" else backend
         model = nn.Sequential(nn.Linear(8, 256), nn.Unflatten(1, (16, 16)), nn.LayerNorm([16, 16]),
                               nn.Flatten(), nn.Linear(256, 8), nn.LayerNorm(8), nn.Linear(8, 4))
         x = torch.randn(16, 8)
@@ -157,7 +161,7 @@ def test_compiled_draws_stay_apart(kind, config):
         radgrad.convert(model, **options(config))
     model.double()
     x = x.double()
-    _assert_compiled_grads_equal_eager(model, x)
+    _assert_compiled_grads_equal_eager(model, x, backend)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
@@ -246,13 +250,16 @@ def test_compiled_model_saves_what_the_eager_model_saves(config):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,config", [
-    ("aot_eager", radgrad.SketchConfig(0.5)), ("inductor", radgrad.SketchConfig(0.5)),
-    ("inductor", radgrad.SketchConfig(method="quantize", bits=1)), ("inductor", radgrad.SketchConfig(0.5, "norm"))],
+    ("aot_eager", radgrad.SketchConfig(0.5)), ("inductor", radgrad.SketchConfig(0.5, "norm"))],
     ids=lambda v: v if isinstance(v, str) else config_id(v))
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_compiled_weight_gradients_are_unbiased(kind, backend, config):
     # AOTAutograd used to redraw a draw in the backward (NOTE [Draws are saved, never
     # redrawn]): max z 40-89 over 2000 such gradients (keep 0.3) before the fix.
+    # Uniform sampling and quantization under inductor are held to more than this:
+    # the very gradients eager draws (test_compiled_fullgraph_trains_the_paper_models...),
+    # whose unbiasedness the eager tests show. Norm sampling is not (inductor may round
+    # its cumulative sums otherwise), so it is tested here.
     model, x, y = problem(kind)
     exact = weight_grads(model, x, y)
     radgrad.convert(model, **options(config))
