@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import radgrad
@@ -76,8 +77,9 @@ def test_compiled_fullgraph_trains_the_paper_models_drawing_what_eager_draws(kin
         optimizer.step()
 
 
-def _assert_compiled_grads_equal_eager(model, x, backend="inductor"):
-    """Compiled (fullgraph) and eager float64 gradients after the same seed: the same draws."""
+def _assert_compiled_grads_equal_eager(model, x, backend="inductor", compiled=None):
+    """Compiled (fullgraph, or ``compiled`` if given) and eager float64 gradients after the same
+    seed: the same draws."""
 
     def grads(fn):
         torch.manual_seed(1)
@@ -85,7 +87,9 @@ def _assert_compiled_grads_equal_eager(model, x, backend="inductor"):
         fn(x).square().mean().backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    for a, b in zip(grads(torch.compile(model, fullgraph=True, backend=backend)), grads(model)):
+    if compiled is None:
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+    for a, b in zip(grads(compiled), grads(model)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -277,6 +281,20 @@ def test_compiled_weight_gradients_are_unbiased(kind, backend, config):
     assert varying.sum() > 0.5 * varying.numel()
     assert_unbiased(samples[:, varying], exact[varying])
     torch.testing.assert_close(samples[0, ~varying], exact[~varying], rtol=1e-12, atol=1e-15)
+
+
+def test_compiled_model_with_a_changing_length_compiles_twice():
+    # a size that changes between calls becomes symbolic; the estimates rebuilt a block
+    # of rows at a time fixed it again, and each new length compiled anew until dynamo
+    # gave up at its recompile limit (NOTE [Blocks under dynamic shapes])
+    torch.manual_seed(0)
+    model = radgrad.convert(nn.Linear(64, 4), method="quantize").double()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    for length in (2100, 2300, 2500, 2700):  # 4200 rows and more: over a block of 64-wide rows
+        x = torch.randn(2, length, 64, dtype=torch.float64)
+        _assert_compiled_grads_equal_eager(model, x, compiled=compiled)
+    assert counter.frame_count == 2  # the first length, then any length
 
 
 def test_compiled_custom_op_keeps_its_draw():

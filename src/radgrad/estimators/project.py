@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from radgrad import rng
+from radgrad.blocks import row_blocks
 
 __all__ = ["project", "back_project"]
 
@@ -21,9 +22,7 @@ _CHUNK = 2**22
 
 def _sign_chunks(seed: Tensor, first: int, rows: int, d: int, k: int, dtype: torch.dtype):
     """Yield (lo, hi, signs): the ``(hi-lo, d, k)`` sign matrices of rows ``first + lo .. first + hi``."""
-    step = max(1, _CHUNK // (d * k))
-    for lo in range(0, rows, step):
-        hi = min(rows, lo + step)
+    for lo, hi in row_blocks(rows, max(1, _CHUNK // (d * k))):
         yield lo, hi, rng.signs(seed, (first + lo) * d * k, (hi - lo, d, k), dtype)
 
 

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from radgrad import rng
+from radgrad.blocks import row_blocks
 
 __all__ = ["BITS", "GROUP_ENTRIES", "quantize", "dequantize", "packed_width", "plane_width", "group_rows"]
 
@@ -135,8 +136,8 @@ def quantize(values: Tensor, bits: int, after: Tensor,
         return _plane_codes(values, group, group_lo, group_inverse, grid, bits), scale
     # a block of rows at a time: the float temporaries stay small (NOTE [Unpacking in blocks] in
     # radgrad.functional), whatever the tensor's size
-    step_rows = max(1, _BLOCK // max(1, n))
-    if rows <= step_rows and rows % group == 0:
+    blocks = row_blocks(rows, max(1, _BLOCK // max(1, n)))
+    if len(blocks) == 1 and rows % group == 0:
         # one block of whole groups: each group a row of one (lo, step), no per-row copies of them
         t = _levels(values.reshape(-1, group * n), group_lo.unsqueeze(1), group_inverse.unsqueeze(1),
                     rng.uniform_rows(grid, rows, 0, rows), levels)
@@ -144,7 +145,7 @@ def quantize(values: Tensor, bits: int, after: Tensor,
     lo, inverse = _per_row(group_lo, group, 0, rows), _per_row(group_inverse, group, 0, rows)
     blocks = [_pack_codes(_levels(values[first:last], lo[first:last], inverse[first:last],
                                   rng.uniform_rows(grid, rows, first, last), levels), bits)
-              for first, last in ((f, min(rows, f + step_rows)) for f in range(0, rows, step_rows))]
+              for first, last in blocks]
     return torch.cat(blocks) if len(blocks) > 1 else blocks[0], scale
 
 

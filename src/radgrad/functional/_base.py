@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
+from radgrad.blocks import more_than, row_blocks
 from radgrad.sketch import Sketch, SketchConfig, pack, tie
 
 _DEFAULT = SketchConfig()
@@ -165,16 +166,17 @@ class _RADFunction(Function):
 #   input, plus its indices, would sit in memory at once and could lift the
 #   step's peak above the exact model's (the MNIST MLP at batch 1000: +10%).
 #   So estimates of more than _BLOCK entries are rebuilt and multiplied a
-#   block of rows (or examples) at a time, summing the weight gradient.
+#   block of rows (or examples) at a time, summing the weight gradient
+#   (one block for sizes torch.compile keeps symbolic: NOTE [Blocks under
+#   dynamic shapes] in radgrad.blocks).
 _BLOCK = 2**18
 
 
 def _blocks(sketch: Sketch, rows: int, width: int, unit: int = 1) -> list[tuple[int, int]]:
     """Row ranges, whole multiples of ``unit`` rows, of at most about ``_BLOCK`` entries each."""
-    if sketch.exact or rows * width <= _BLOCK:
+    if sketch.exact or not more_than(rows * width, _BLOCK):
         return [(0, rows)]
-    step = max(1, _BLOCK // (width * unit)) * unit
-    return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
+    return row_blocks(rows, max(1, _BLOCK // (width * unit)) * unit)
 
 
 def _tuple(value: Sequence[int] | int, n: int) -> list[int]:
