@@ -143,10 +143,10 @@ def quantize(values: Tensor, bits: int, after: Tensor,
                     rng.uniform_rows(grid, rows, 0, rows), levels)
         return _pack_codes(t.view(rows, n), bits), scale
     lo, inverse = _per_row(group_lo, group, 0, rows), _per_row(group_inverse, group, 0, rows)
-    blocks = [_pack_codes(_levels(values[first:last], lo[first:last], inverse[first:last],
-                                  rng.uniform_rows(grid, rows, first, last), levels), bits)
-              for first, last in blocks]
-    return torch.cat(blocks) if len(blocks) > 1 else blocks[0], scale
+    codes = [_pack_codes(_levels(values[first:last], lo[first:last], inverse[first:last],
+                                 rng.uniform_rows(grid, rows, first, last), levels), bits)
+             for first, last in blocks]
+    return torch.cat(codes) if len(codes) > 1 else codes[0], scale
 
 
 def _plane_codes(values: Tensor, group: int, lo: Tensor, inverse: Tensor, grid: Tensor, bits: int) -> Tensor:
