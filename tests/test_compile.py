@@ -282,18 +282,25 @@ def test_compiled_weight_gradients_are_unbiased(kind, backend, config):
     torch.testing.assert_close(samples[0, ~varying], exact[~varying], rtol=1e-12, atol=1e-15)
 
 
-def test_compiled_model_with_a_changing_length_compiles_twice():
-    # a size that changes between calls becomes symbolic; the estimates rebuilt a block
-    # of rows at a time fixed it again, and each new length compiled anew until dynamo
-    # gave up at its recompile limit (NOTE [Blocks under dynamic shapes])
+@pytest.mark.parametrize("case", ["blocks", "groups"])
+def test_compiled_model_with_a_changing_size_compiles_twice(case):
+    # a size that changes between calls becomes symbolic (NOTE [Sizes under dynamic shapes]):
+    # the estimates rebuilt a block of rows at a time fixed it again, so each new length
+    # compiled anew until dynamo gave up at its recompile limit; rows shorter than 256
+    # entries, which share scales in groups, compiled again for each way a batch fills them
     torch.manual_seed(0)
-    model = radgrad.convert(nn.Linear(64, 4), method="quantize").double()
+    if case == "blocks":  # 4200 rows and more: over a block of 64-wide rows
+        model = nn.Linear(64, 4)
+        inputs = [torch.randn(2, length, 64) for length in (2100, 2300, 2500, 2700)]
+    else:  # groups of 13 and 9 rows, filled or not, and the ReLU's mask padded to bytes or not
+        model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 4))
+        inputs = [torch.randn(n, 20) for n in (16, 17, 26, 27, 36, 44)]
+    model = radgrad.convert(model, method="quantize").double()
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, fullgraph=True, backend=counter)
-    for length in (2100, 2300, 2500, 2700):  # 4200 rows and more: over a block of 64-wide rows
-        x = torch.randn(2, length, 64, dtype=torch.float64)
-        _assert_compiled_grads_equal_eager(model, x, compiled=compiled)
-    assert counter.frame_count == 2  # the first length, then any length
+    for x in inputs:
+        _assert_compiled_grads_equal_eager(model, x.double(), compiled=compiled)
+    assert counter.frame_count == 2  # the first size, then any size
 
 
 def test_compiled_custom_op_keeps_its_draw():

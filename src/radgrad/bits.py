@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from radgrad.sizes import known
+
 __all__ = ["Bits", "pack", "unpack", "masked_grad"]
 
 _GATHER = 0x0102040810204080
@@ -82,7 +84,8 @@ def _memory_order(t: Tensor) -> tuple[int, ...] | None:
 def _pad_to_bytes(flat: Tensor) -> Tensor:
     """A flat tensor padded with zeros to a multiple of 8 entries: whole bytes of bits."""
     pad = -flat.numel() % 8
-    return F.pad(flat, (0, pad)) if pad else flat
+    # padded by a symbolic pad even when it is 0: one way for every size (NOTE [Sizes under dynamic shapes])
+    return flat if known(pad == 0) else F.pad(flat, (0, pad))
 
 
 def _pack_bytes(flat: Tensor) -> Tensor:
@@ -103,7 +106,7 @@ def _as_planes(t: Tensor) -> Tensor:
 def _from_planes(planes: Tensor, shape: torch.Size) -> Tensor:
     """The inverse of :func:`_as_planes`."""
     flat = planes.view(-1)
-    return (flat[: shape.numel()] if flat.numel() != shape.numel() else flat).view(shape)
+    return (flat if known(flat.numel() == shape.numel()) else flat[: shape.numel()]).view(shape)
 
 
 def _pack_planes(t: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from radgrad import rng
-from radgrad.blocks import row_blocks
+from radgrad.sizes import row_blocks
 
 __all__ = ["project", "back_project"]
 

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from radgrad import rng
-from radgrad.blocks import row_blocks
+from radgrad.sizes import known, row_blocks
 
 __all__ = ["BITS", "GROUP_ENTRIES", "quantize", "dequantize", "packed_width", "plane_width", "group_rows"]
 
@@ -102,9 +102,16 @@ def _group_extremes(values: Tensor, group: int) -> tuple[Tensor, Tensor]:
     # amin and amax: torch.aminmax over rows is some twenty times slower on a CPU
     rows, n = values.shape
     full = rows // group * group
-    grouped = values[:full].reshape(-1, group * n)
-    if full == rows:
+    if known(full == rows):
+        grouped = values.reshape(-1, group * n)
         return grouped.amin(-1), grouped.amax(-1)
+    if not known(full != rows):
+        # a symbolic number of rows (NOTE [Sizes under dynamic shapes]): each row's extremes, the
+        # last row's repeated to fill the last group, so every row count takes this one way
+        rows_filled = -(-rows // group) * group
+        index = torch.arange(rows_filled, device=values.device).clamp_(max=rows - 1)
+        return values.amin(-1)[index].view(-1, group).amin(-1), values.amax(-1)[index].view(-1, group).amax(-1)
+    grouped = values[:full].reshape(-1, group * n)
     tail = values[full:]
     if not full:
         return tail.amin().view(1), tail.amax().view(1)
@@ -132,12 +139,12 @@ def quantize(values: Tensor, bits: int, after: Tensor,
     group_inverse = torch.where(group_step > 0, group_step.reciprocal(), 0)
     scale = torch.stack([group_lo, group_step], dim=1)
     grid = rng.draw_grid(rows, n, after, generator, dtype)
-    if torch.compiler.is_compiling() and rows % group == 0:
+    if torch.compiler.is_compiling() and known(rows % group == 0):
         return _plane_codes(values, group, group_lo, group_inverse, grid, bits), scale
     # a block of rows at a time: the float temporaries stay small (NOTE [Unpacking in blocks] in
     # radgrad.functional), whatever the tensor's size
     blocks = row_blocks(rows, max(1, _BLOCK // max(1, n)))
-    if len(blocks) == 1 and rows % group == 0:
+    if len(blocks) == 1 and known(rows % group == 0):
         # one block of whole groups: each group a row of one (lo, step), no per-row copies of them
         t = _levels(values.reshape(-1, group * n), group_lo.unsqueeze(1), group_inverse.unsqueeze(1),
                     rng.uniform_rows(grid, rows, 0, rows), levels)
@@ -203,7 +210,7 @@ def dequantize(codes: Tensor, scale: Tensor, bits: int, n: int, dtype: torch.dty
     # scaled by plane, not as (rows, n) nor, for rows sharing a scale, as (groups, group * n): compiled,
     # each entry would then find its byte by dividing its position by the plane width (and the group
     # width), in scalar code (4096 x 200 2-bit codes: 1.0 ms, not 0.1; 4096 x 192: 2.2 ms, not 0.08)
-    if lo == 0 and rows == scale.shape[0] * group:  # whole groups, each one (lo, step)
+    if lo == 0 and known(rows == scale.shape[0] * group):  # whole groups, each one (lo, step)
         # in place rather than addcmul, which is several times slower broadcasting a column
         planes.view(-1, group, *planes.shape[1:]).mul_(scale[:, 1, None, None, None]).add_(
             scale[:, 0, None, None, None])

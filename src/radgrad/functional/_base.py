@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from radgrad.blocks import more_than, row_blocks
+from radgrad.sizes import known, row_blocks
 from radgrad.sketch import Sketch, SketchConfig, pack, tie
 
 _DEFAULT = SketchConfig()
@@ -167,14 +167,14 @@ class _RADFunction(Function):
 #   step's peak above the exact model's (the MNIST MLP at batch 1000: +10%).
 #   So estimates of more than _BLOCK entries are rebuilt and multiplied a
 #   block of rows (or examples) at a time, summing the weight gradient
-#   (one block for sizes torch.compile keeps symbolic: NOTE [Blocks under
-#   dynamic shapes] in radgrad.blocks).
+#   (one block for sizes torch.compile keeps symbolic: NOTE [Sizes under
+#   dynamic shapes] in radgrad.sizes).
 _BLOCK = 2**18
 
 
 def _blocks(sketch: Sketch, rows: int, width: int, unit: int = 1) -> list[tuple[int, int]]:
     """Row ranges, whole multiples of ``unit`` rows, of at most about ``_BLOCK`` entries each."""
-    if sketch.exact or not more_than(rows * width, _BLOCK):
+    if sketch.exact or not known(rows * width > _BLOCK):
         return [(0, rows)]
     return row_blocks(rows, max(1, _BLOCK // (width * unit)) * unit)
 
