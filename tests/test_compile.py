@@ -230,6 +230,21 @@ def test_compiled_quantization_stores_the_eager_bytes(bits, shape, memory_format
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", radgrad.estimators.quantize.BITS)
+@pytest.mark.parametrize("n", [37, 64, 300], ids=["short-rows", "groups", "rows"])
+def test_compiled_rebuild_of_a_row_range_is_the_eager_one(bits, n):
+    # compiled, each plane is rebuilt on its own and placed by a cat (NOTE [Unpacking under
+    # compilation]); backward passes rebuild a block of rows at a time, from any row
+    quantize = radgrad.estimators.quantize
+    x = torch.randn(120, n)
+    codes, scale = quantize.quantize(x, bits, x, torch.Generator().manual_seed(0))
+    for lo, hi in [(0, 120), (10, 70), (64, 120)]:
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda c: quantize.dequantize(c, scale, bits, n, torch.float32, lo),
+                                 fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(codes[lo:hi]), quantize.dequantize(codes[lo:hi], scale, bits, n, torch.float32, lo))
+
+
 @pytest.mark.parametrize("config", [radgrad.SketchConfig(0.1), radgrad.SketchConfig(method="quantize"),
                                     radgrad.SketchConfig(0.1, "norm", bits=1)], ids=config_id)
 def test_compiled_model_saves_what_the_eager_model_saves(config):

@@ -141,7 +141,7 @@ def draw_grid(rows: int, n: int, after: Tensor, generator: torch.Generator | Non
               dtype: torch.dtype = torch.float32) -> Tensor:
     """The ``rows + n`` numbers, multiples of ``2**-23`` in ``[0, 1)`` of ``dtype`` (float32 or
     float64), that define a grid of :func:`uniform` numbers."""
-    return draw(0, 2**23, (rows + n,), torch.int32, after, generator).to(dtype).mul_(2**-23)
+    return draw(0, 2**23, (rows + n,), dtype, after, generator).mul_(2**-23)
 
 
 def uniform_rows(grid: Tensor, rows: int, lo: int, hi: int, first: int = 0, last: int | None = None) -> Tensor:

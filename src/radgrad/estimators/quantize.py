@@ -206,6 +206,9 @@ def dequantize(codes: Tensor, scale: Tensor, bits: int, n: int, dtype: torch.dty
     """
     group = group_rows(n)
     rows = codes.shape[0]
+    if torch.compiler.is_compiling():
+        estimate = _scaled_planes(codes, scale, bits, group, lo)
+        return (estimate if estimate.shape[1] == n else estimate[:, :n]).to(dtype)
     planes = _unpack_planes(codes, bits).to(scale.dtype)  # (rows, planes, width): n codes and the padding
     # scaled by plane, not as (rows, n) nor, for rows sharing a scale, as (groups, group * n): compiled,
     # each entry would then find its byte by dividing its position by the plane width (and the group
@@ -220,6 +223,31 @@ def dequantize(codes: Tensor, scale: Tensor, bits: int, n: int, dtype: torch.dty
             _per_row(scale[:, 0], group, lo, hi).unsqueeze(2))
     estimate = planes.view(rows, -1)
     return (estimate if estimate.shape[1] == n else estimate[:, :n].contiguous()).to(dtype)
+
+
+def _scaled_planes(codes: Tensor, scale: Tensor, bits: int, group: int, lo: int) -> Tensor:
+    """:func:`dequantize` under compilation, before the padding is cut: ``(rows, planes * width)``.
+
+    NOTE [Unpacking under compilation]
+        Each plane is shifted by a constant, scaled and placed by a ``cat``:
+        inductor's CPU code generator (torch 2.13) vectorizes that, but
+        emits scalar code for a shift by a tensor of per-plane amounts
+        broadcast over the planes (the eager form, one op for all planes),
+        and for scaling the planes stacked in one tensor: rebuilding a
+        2080 x 256 tensor from 2-bit codes took 0.88 ms that way and
+        0.33 ms this way, against 0.31 ms eagerly (one thread, medians of
+        200 calls).
+    """
+    rows, width = codes.shape
+    data, mask = codes.to(_code_dtype()), 2**bits - 1
+    if lo == 0 and known(rows == scale.shape[0] * group):  # whole groups, each one (lo, step)
+        shape, step, offset = (-1, group, width), scale[:, 1, None, None], scale[:, 0, None, None]
+    else:
+        shape = (rows, width)
+        step, offset = _per_row(scale[:, 1], group, lo, lo + rows), _per_row(scale[:, 0], group, lo, lo + rows)
+    planes = [(((data >> (bits * i)) & mask).to(scale.dtype).view(shape) * step + offset).view(rows, width)
+              for i in range(8 // bits)]
+    return torch.cat(planes, 1) if len(planes) > 1 else planes[0]
 
 
 def _pack_codes(codes: Tensor, bits: int) -> Tensor:
