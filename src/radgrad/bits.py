@@ -118,10 +118,12 @@ def _pack_planes(t: Tensor) -> Tensor:
     return data.to(torch.uint8)
 
 
-def _unpack_planes(data: Tensor) -> Tensor:
-    """Bit planes -> ``(8, m)`` bools, True where the bit is set."""
-    shifts = torch.arange(8, dtype=torch.int32, device=data.device)[:, None]
-    return ((data.to(torch.int32)[None, :] >> shifts) & 1) != 0
+def _unpack_planes(data: Tensor) -> list[Tensor]:
+    """Bit planes -> the 8 planes as ``(m,)`` bools, True where the bit is set."""
+    # a constant shift per plane: shifted by a tensor of the 8 amounts, inductor's CPU code was
+    # scalar (torch 2.13; NOTE [Unpacking under compilation] in radgrad.estimators.quantize)
+    data = data.to(torch.int32)
+    return [((data >> k) & 1) != 0 for k in range(8)]
 
 
 def _pack_mask(t: Tensor) -> Tensor:
@@ -176,7 +178,8 @@ def unpack(bits: Bits) -> Tensor:
     ``unpack(pack(t)).bool()`` equals ``t != 0``.
     """
     if bits.order is None:
-        return _from_planes(_unpack_planes(bits.data).to(torch.uint8), bits.shape)
+        return _from_planes(torch.cat([kept.to(torch.uint8) for kept in _unpack_planes(bits.data)]).view(8, -1),
+                            bits.shape)
     flat = _unpack_bytes(bits.data)[: bits.shape.numel()]
     inverse = sorted(range(len(bits.order)), key=lambda i: bits.order[i])
     return flat.view([bits.shape[i] for i in bits.order]).permute(inverse)
@@ -185,8 +188,10 @@ def unpack(bits: Bits) -> Tensor:
 def masked_grad(grad: Tensor, bits: Bits) -> Tensor:
     """``grad`` where the packed mask is set, 0 elsewhere (NaN included): ReLU's backward."""
     if bits.order is None:
-        # masked in the planes' view, then viewed in grad's shape (NOTE [Masks under torch.compile])
-        return _from_planes(torch.where(_unpack_planes(bits.data), _as_planes(grad), 0), grad.shape)
+        # masked plane by plane in the planes' view, then viewed in grad's shape (NOTE [Masks under
+        # torch.compile]); placed by a cat: see _unpack_planes
+        masked = [torch.where(kept, plane, 0) for kept, plane in zip(_unpack_planes(bits.data), _as_planes(grad))]
+        return _from_planes(torch.cat(masked).view(8, -1), grad.shape)
     if torch.compiler.is_compiling() and bits.order == tuple(range(grad.dim())):
         return torch.ops.radgrad.masked_grad(grad, bits.data)
     return torch.ops.aten.threshold_backward(grad, unpack(bits), 0)
