@@ -185,6 +185,28 @@ def test_compiled_channels_last_convnet_trains_like_torch_at_keep_one():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_compiled_convolution_rebuilt_in_blocks_is_one_graph(memory_format):
+    # a batch whose sketch the backward rebuilds a block of examples at a time (NOTE [Unpacking
+    # in blocks]): asking a block of the input gradient for its layout broke the graph there
+    conv = radgrad.convert(nn.Conv2d(4, 3, 3, padding=1).double(), keep=0.1)
+    x = torch.randn(140, 4, 32, 32, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
+    assert x.numel() > 2 * radgrad.functional._base._BLOCK
+
+    def grads(fn):
+        torch.manual_seed(1)
+        conv.zero_grad(set_to_none=True)
+        x.grad = None
+        fn(x).square().mean().backward()
+        return [x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()]
+
+    counter = CompileCounterWithBackend("aot_eager")
+    got = grads(torch.compile(conv, fullgraph=True, backend=counter))
+    assert counter.frame_count == 1
+    for a, b in zip(got, grads(conv)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 class _Gated(nn.Module):
     """Layers plus a functional call: converted by module surgery and by routing."""
 

@@ -47,12 +47,21 @@ class _Conv(_RADFunction):
         # NOTE [Unpacking in blocks], by examples. Each block's call also gives the input
         # gradient of its examples: one call for both is much faster than two (oneDNN).
         grad_input = grad_weight = grad_bias = None
+        # Traced, the input gradient's blocks are joined by a cat. Asking a gradient for its
+        # layout while dynamo traces a backward makes it retry with every incoming gradient
+        # made contiguous, which fails on the None gradients of the sketch's outputs (torch
+        # 2.13): the graph broke at every blocked convolution. Eagerly the blocks are copied
+        # into one tensor laid out as the first block, never holding the blocks and the whole.
+        compiling = torch.compiler.is_compiling()
+        input_blocks = []
         for lo, hi in blocks:
             first, last = lo // shape[1], hi // shape[1]
             part = unpack_rows(sketch, lo, hi).view(last - first, *shape[1:])
             g_input, g_weight, g_bias = torch.ops.aten.convolution_backward(
                 grad[first:last], part, weight, bias_sizes, *options, [need_input, need_weight, need_bias])
-            if need_input:
+            if need_input and compiling:
+                input_blocks.append(g_input)
+            elif need_input:
                 if grad_input is None:
                     grad_input = torch.empty(shape, dtype=g_input.dtype, device=g_input.device,
                                              memory_format=_layout(g_input))
@@ -61,6 +70,8 @@ class _Conv(_RADFunction):
                 grad_weight = g_weight if grad_weight is None else grad_weight.add_(g_weight)
             if need_bias:
                 grad_bias = g_bias if grad_bias is None else grad_bias.add_(g_bias)
+        if input_blocks:
+            grad_input = torch.cat(input_blocks)
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
