@@ -19,32 +19,33 @@ NOTE [Bit packing by multiplication]
     any byte order. That is eager code: a few large torch ops.
 
 NOTE [Masks under torch.compile]
-    Traced by ``torch.compile``, masks are packed in the logical (row-major)
-    order of their tensor, since the compiler chooses layouts itself, in one
-    of two ways:
+    Traced by ``torch.compile``, masks are packed in *bit planes*: the
+    tensor, padded with zeros, is viewed as ``(8, m, ...)`` and plane ``k``
+    goes to bit ``k`` of the bytes ``(m, ...)``. Packing and masking the
+    gradient are then elementwise over that view, every index affine, so
+    inductor fuses them into the loops that compute the activation and
+    consume its gradient, as vectorized int32 shifts (uint8 shifts, or an
+    index with a remainder, compile to scalar code). Two views:
 
-    * tensors of up to 3 dimensions (a linear layer's activations, a
-      transformer's) in *bit planes*: the ``n`` entries, padded to ``8 m``,
-      are viewed as ``(8, m)`` and byte ``j`` holds entry ``k m + j`` in bit
-      ``k``. Packing and masking the gradient are elementwise over that view,
-      every index affine, so inductor fuses them into the loops that compute
-      ReLU's output and consume its gradient, as vectorized int32 shifts
-      (indexed by the tensor's own shape instead, each byte's index would
-      need a remainder by ``m``, which inductor compiles to scalar code; so
-      would uint8 shifts). With int32 sampled positions (see
+    * ``PLANES``, for tensors of up to 3 dimensions (a linear layer's
+      activations, a transformer's): the entries in logical order, padded to
+      ``8 m``. With int32 sampled positions (see
       :func:`radgrad.estimators.sample.draw`), the compiled MNIST MLP step
       fell from 1.16x to 1.07x plain torch's (one thread; 1.27x to 1.13x at
       two).
-    * feature maps (4 dimensions and more) by the opaque ops
-      ``radgrad::pack_mask`` and ``radgrad::masked_grad``, which run the
-      eager functions above. Inductor may store a feature map channels_last,
-      and reading it in logical order then costs a transposing pass (the HF
-      ResNet's compiled step: 1.42x plain with planes, 1.25x with the opaque
-      ops); bit planes split along a dimension of the map avoid that, but
-      compiling the HF ResNet's forward with them did not finish (stopped
-      after 15 minutes with the batch dimension split, after 6 with the
-      channels or the last dimension; inductor was simplifying index
-      expressions while choosing a kernel's tiling, torch 2.13).
+    * ``BATCH_PLANES``, for feature maps (4 dimensions and more): split along
+      the batch dimension, padded to ``8 m`` examples. Inductor may store a
+      feature map channels_last, which it decides after tracing; the batch is
+      the outermost dimension in either layout, so the planes read the map
+      in its own order whatever the choice (the logical-order planes above
+      cost a transposing pass: the HF ResNet's compiled step took 1.42x
+      plain's with them). The padding is at most one byte in nine: a batch
+      that would waste more (fewer than 8 examples, say), or a symbolic one,
+      is packed by the opaque ops ``radgrad::pack_mask`` and
+      ``radgrad::masked_grad`` instead, which run the eager functions in
+      logical order and so pay for the transposes. Compiled, the paper's
+      convnet took 1.23x plain's step with the opaque ops and 1.04x with
+      batch planes (batch 150, one thread).
 """
 
 from __future__ import annotations
@@ -55,23 +56,28 @@ from torch import Tensor
 
 from radgrad.sizes import known
 
-__all__ = ["Bits", "pack", "unpack", "masked_grad"]
+__all__ = ["Bits", "PLANES", "BATCH_PLANES", "pack", "unpack", "masked_grad"]
 
 _GATHER = 0x0102040810204080
 _COPY = 0x0101010101010101
 _SPREAD = 0x8040201008040201 - 2**64
 
 
-class Bits:
-    """A packed mask: ``data`` (uint8) plus the shape and memory order to rebuild it.
+PLANES = "planes"
+BATCH_PLANES = "batch planes"
 
-    ``order`` lists the dimensions from outermost to innermost in memory; it is
-    ``None`` for a mask packed in bit planes (NOTE [Masks under torch.compile]).
+
+class Bits:
+    """A packed mask: ``data`` (uint8) plus the shape and the packing to rebuild it.
+
+    ``order`` is the dimensions from outermost to innermost in memory, for a
+    mask packed in that order, or :data:`PLANES` / :data:`BATCH_PLANES` for
+    one packed in bit planes (NOTE [Masks under torch.compile]).
     """
 
     __slots__ = ("data", "shape", "order")
 
-    def __init__(self, data: Tensor, shape: torch.Size, order: tuple[int, ...] | None) -> None:
+    def __init__(self, data: Tensor, shape: torch.Size, order: tuple[int, ...] | str) -> None:
         self.data, self.shape, self.order = data, shape, order
 
 
@@ -98,20 +104,32 @@ def _unpack_bytes(data: Tensor) -> Tensor:
     return (data.long() * _COPY).bitwise_and_(_SPREAD).view(torch.uint8)
 
 
-def _as_planes(t: Tensor) -> Tensor:
-    """The entries of ``t`` in logical order, padded with zeros to ``(8, m)``: its bit planes' view."""
-    return _pad_to_bytes(t.reshape(-1)).view(8, -1)
+def _as_planes(t: Tensor, kind: str) -> Tensor:
+    """``t`` padded with zeros and viewed as ``(8, m, ...)``: its bit planes (NOTE [Masks under torch.compile])."""
+    if kind == PLANES:
+        return _pad_to_bytes(t.reshape(-1)).view(8, -1)
+    pad = -t.shape[0] % 8
+    if not known(pad == 0):
+        t = F.pad(t, (0, 0) * (t.dim() - 1) + (0, pad))
+    return t.reshape(8, -1, *t.shape[1:])
 
 
-def _from_planes(planes: Tensor, shape: torch.Size) -> Tensor:
-    """The inverse of :func:`_as_planes`."""
-    flat = planes.view(-1)
-    return (flat if known(flat.numel() == shape.numel()) else flat[: shape.numel()]).view(shape)
+def _from_planes(planes: list[Tensor], kind: str, shape: torch.Size) -> Tensor:
+    """The inverse of :func:`_as_planes`, from its 8 planes."""
+    joined = torch.cat(planes)
+    if kind == PLANES:
+        return (joined if known(joined.numel() == shape.numel()) else joined[: shape.numel()]).view(shape)
+    return joined if known(joined.shape[0] == shape[0]) else joined[: shape[0]]
 
 
-def _pack_planes(t: Tensor) -> Tensor:
+def _batch_planes_fit(t: Tensor) -> bool:
+    """Whether padding ``t``'s batch to whole bit planes wastes at most one byte in nine."""
+    return t.dim() >= 4 and known(-t.shape[0] % 8 <= t.shape[0] // 8)
+
+
+def _pack_planes(t: Tensor, kind: str) -> Tensor:
     """Where ``t`` is nonzero, packed in bit planes (NOTE [Masks under torch.compile])."""
-    planes = _as_planes((t != 0).to(torch.int32))
+    planes = _as_planes((t != 0).to(torch.int32), kind)
     data = planes[0]
     for k in range(1, 8):
         data = data | (planes[k] << k)
@@ -119,7 +137,7 @@ def _pack_planes(t: Tensor) -> Tensor:
 
 
 def _unpack_planes(data: Tensor) -> list[Tensor]:
-    """Bit planes -> the 8 planes as ``(m,)`` bools, True where the bit is set."""
+    """Bit planes -> the 8 planes as bools of ``data``'s shape, True where the bit is set."""
     # a constant shift per plane: shifted by a tensor of the 8 amounts, inductor's CPU code was
     # scalar (torch 2.13; NOTE [Unpacking under compilation] in radgrad.estimators.quantize)
     data = data.to(torch.int32)
@@ -158,8 +176,9 @@ def pack(t: Tensor) -> Bits:
     ``t`` may have any shape, strides and dtype.
     """
     if torch.compiler.is_compiling():
-        if t.dim() <= 3:
-            return Bits(_pack_planes(t), t.shape, None)
+        kind = PLANES if t.dim() <= 3 else BATCH_PLANES if _batch_planes_fit(t) else None
+        if kind is not None:
+            return Bits(_pack_planes(t, kind), t.shape, kind)
         return Bits(torch.ops.radgrad.pack_mask(t), t.shape, tuple(range(t.dim())))
     mask = t.bool()  # != 0, the fast way
     if mask.is_contiguous():
@@ -177,9 +196,8 @@ def unpack(bits: Bits) -> Tensor:
 
     ``unpack(pack(t)).bool()`` equals ``t != 0``.
     """
-    if bits.order is None:
-        return _from_planes(torch.cat([kept.to(torch.uint8) for kept in _unpack_planes(bits.data)]).view(8, -1),
-                            bits.shape)
+    if isinstance(bits.order, str):
+        return _from_planes([kept.to(torch.uint8) for kept in _unpack_planes(bits.data)], bits.order, bits.shape)
     flat = _unpack_bytes(bits.data)[: bits.shape.numel()]
     inverse = sorted(range(len(bits.order)), key=lambda i: bits.order[i])
     return flat.view([bits.shape[i] for i in bits.order]).permute(inverse)
@@ -187,11 +205,11 @@ def unpack(bits: Bits) -> Tensor:
 
 def masked_grad(grad: Tensor, bits: Bits) -> Tensor:
     """``grad`` where the packed mask is set, 0 elsewhere (NaN included): ReLU's backward."""
-    if bits.order is None:
-        # masked plane by plane in the planes' view, then viewed in grad's shape (NOTE [Masks under
-        # torch.compile]); placed by a cat: see _unpack_planes
-        masked = [torch.where(kept, plane, 0) for kept, plane in zip(_unpack_planes(bits.data), _as_planes(grad))]
-        return _from_planes(torch.cat(masked).view(8, -1), grad.shape)
+    if isinstance(bits.order, str):
+        # masked plane by plane in the planes' view (NOTE [Masks under torch.compile])
+        planes = _as_planes(grad, bits.order)
+        masked = [torch.where(kept, plane, 0) for kept, plane in zip(_unpack_planes(bits.data), planes)]
+        return _from_planes(masked, bits.order, grad.shape)
     if torch.compiler.is_compiling() and bits.order == tuple(range(grad.dim())):
         return torch.ops.radgrad.masked_grad(grad, bits.data)
     return torch.ops.aten.threshold_backward(grad, unpack(bits), 0)
