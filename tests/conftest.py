@@ -1,4 +1,5 @@
-"""Fixtures shared by the experiment tests: tiny datasets on disk and in memory, and a private data cache.
+"""Fixtures shared by the experiment tests: tiny datasets on disk and in memory, and a private data cache;
+and one torch thread per pytest-xdist worker.
 
 Nothing here is autouse: a test module opts in (``pytestmark = pytest.mark.usefixtures(...)``)
 or names the fixtures it needs. radgrad's modules are imported inside the fixtures, so that
@@ -8,6 +9,7 @@ collecting the other test files does not depend on them.
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,14 @@ import torch
 
 if TYPE_CHECKING:
     from radgrad.experiments.data import Tensors
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist (`make test` runs two workers on a two-core machine) each worker gets one
+    # torch thread: two workers of two threads each spin-wait on each other, and the suite took
+    # about as long as on one process. A test that wants more threads still sets them itself.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 def _write_tiny_mnist(path: Path, n_train: int = 48, n_test: int = 16, seed: int = 0) -> Path:
