@@ -3,8 +3,8 @@
 Between two convolutions inductor may lay a feature map out channels_last,
 which it decides after tracing. radgrad packs the ReLU's mask of such a map in
 bit planes split along the batch, elementwise in either layout (NOTE [Masks
-under torch.compile] in radgrad.bits); batches that would pad too much keep
-the opaque ops ``radgrad::pack_mask`` / ``radgrad::masked_grad``, which read
+under torch.compile] in radgrad.bits); batches whose planes would overlap too
+much keep the opaque ops ``radgrad::pack_mask`` / ``radgrad::masked_grad``, which read
 the map in logical order. For each shape this times the compiled forward and
 backward pass of conv -> ReLU -> conv with plain torch's ReLU, radgrad's with
 batch planes, and radgrad's with the opaque ops (selected by replacing

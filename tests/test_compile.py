@@ -179,9 +179,10 @@ def test_mask_ops_agree_with_their_fakes(memory_format):
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("n,planes", [(0, True), (3, False), (15, True), (16, True), (22, True)])
-def test_compiled_feature_map_mask_is_exact_and_at_most_a_ninth_padding(n, planes, memory_format):
-    # bit planes along the batch, padded to 8 m examples (15 -> 16, 22 -> 24); 3 examples would
-    # pad to 8, so the opaque ops take them (NOTE [Masks under torch.compile])
+def test_compiled_feature_map_mask_is_exact_and_at_most_a_ninth_larger(n, planes, memory_format):
+    # bit planes along the batch, 8 of m = ceil(n / 8) examples, the last ones overlapping their
+    # neighbours (15 and 22 store 16 and 24 examples); 3 examples would store 8, so the opaque ops
+    # take them (NOTE [Masks under torch.compile])
     torch.manual_seed(0)
     t = torch.randn(n, 5, 3, 7).relu().to(memory_format=memory_format)
     if n:

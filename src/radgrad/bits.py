@@ -20,8 +20,8 @@ NOTE [Bit packing by multiplication]
 
 NOTE [Masks under torch.compile]
     Traced by ``torch.compile``, masks are packed in *bit planes*: the
-    tensor, padded with zeros, is viewed as ``(8, m, ...)`` and plane ``k``
-    goes to bit ``k`` of the bytes ``(m, ...)``. Packing and masking the
+    tensor is split into 8 planes of shape ``(m, ...)`` and plane ``k`` goes
+    to bit ``k`` of the bytes ``(m, ...)``. Packing and masking the
     gradient are then elementwise over that view, every index affine, so
     inductor fuses them into the loops that compute the activation and
     consume its gradient, as vectorized int32 shifts (uint8 shifts, or an
@@ -34,23 +34,23 @@ NOTE [Masks under torch.compile]
       fell from 1.16x to 1.07x plain torch's (one thread; 1.27x to 1.13x at
       two).
     * ``BATCH_PLANES``, for feature maps (4 dimensions and more): split along
-      the batch dimension, 8 planes of ``m = ceil(n / 8)`` examples. Inductor may store a
-      feature map channels_last, which it decides after tracing; the batch is
-      the outermost dimension in either layout, so the planes read the map
-      in its own order whatever the choice (the logical-order planes above
-      cost a transposing pass: the HF ResNet's compiled step took 1.42x
-      plain's with them). When ``8 m > n`` the last planes are moved back to
-      end at example ``n``, so a few examples are stored twice: padded with
-      zero examples instead, every load of inductor's loops checked its
-      bounds (a compiled conv-ReLU-conv pass, 16 x 32 x 32 maps: 1.38x
-      plain's at batch 150, 1.06x at 152, one thread). The examples stored
-      twice are at most one byte in nine: a batch with more (fewer than 8
-      examples, say), or a symbolic one,
-      is packed by the opaque ops ``radgrad::pack_mask`` and
+      the batch dimension, 8 planes of ``m = ceil(n / 8)`` examples.
+      Inductor may store a feature map channels_last, which it decides after
+      tracing; the batch is the outermost dimension in either layout, so the
+      planes read the map in its own order whatever the choice (the
+      logical-order planes above cost a transposing pass: the HF ResNet's
+      compiled step took 1.42x plain's with them). When ``8 m > n`` the last
+      planes are moved back to end at example ``n``, so a few examples are
+      stored twice: padded with zero examples instead, every load of
+      inductor's loops checked its bounds (a compiled conv-ReLU-conv pass,
+      16 x 32 x 32 maps: 1.38x plain's at batch 150, 1.06x at 152, one
+      thread). The examples stored twice are at most one byte in nine; a
+      batch with more (fewer than 8 examples, say) or a symbolic one is
+      packed by the opaque ops ``radgrad::pack_mask`` and
       ``radgrad::masked_grad`` instead, which run the eager functions in
       logical order and so pay for the transposes. Compiled, the paper's
       convnet took 1.23x plain's step with the opaque ops for every map and
-      1.08x with batch planes (batch 150, one and two threads).
+      1.06x (one thread) and 1.07x (two) with batch planes, at batch 150.
 """
 
 from __future__ import annotations
