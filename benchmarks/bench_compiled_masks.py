@@ -17,14 +17,12 @@ process.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import interleave
 import radgrad.functional as RF
 from radgrad import bits
 from radgrad.experiments import report
@@ -48,21 +46,15 @@ def measure(shape: tuple[int, ...], rounds: int) -> dict:
     w1, w2 = (torch.randn(c, c, 3, 3, generator=g).div_(3 * c ** 0.5).requires_grad_() for _ in range(2))
     grad = torch.randn(shape, generator=g)
     torch._dynamo.reset()  # each way of each case is its own graph: stay below the recompile limit
+
+    def run(rad: bool):
+        forward = _forward(rad)  # a compiled function of its own for each way
+        return lambda: forward(x, w1, w2).backward(grad)
+
     fits = bits._batch_planes_fit
-    ways = {"plain": (_forward(False), fits), "batch_planes": (_forward(True), fits),
-            "opaque_ops": (_forward(True), lambda t: False)}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    try:
-        for r in range(rounds + 2):  # two warm-up rounds compile every way
-            for name, (forward, fit) in ways.items():
-                bits._batch_planes_fit = fit
-                start = time.perf_counter()
-                forward(x, w1, w2).backward(grad)
-                if r >= 2:
-                    times[name].append(time.perf_counter() - start)
-    finally:
-        bits._batch_planes_fit = fits
-    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    ways = {"plain": (run(False), fits), "batch_planes": (run(True), fits), "opaque_ops": (run(True), lambda t: False)}
+    seconds = interleave.median_seconds(ways, bits, "_batch_planes_fit", rounds)
+    ms = {name: s * 1e3 for name, s in seconds.items()}
     return {"shape": list(shape), "milliseconds": ms}
 
 
@@ -84,9 +76,7 @@ def main() -> None:
               f"| {ms['batch_planes']:.2f} ({ms['batch_planes'] / ms['plain']:.2f}) "
               f"| {ms['opaque_ops']:.2f} ({ms['opaque_ops'] / ms['plain']:.2f}) |")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"config": {k: str(v) for k, v in vars(args).items()}, **report.environment()}
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        report.write_json(args.out, vars(args), {"results": results})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
@@ -117,9 +116,7 @@ def main() -> None:
               f"| {r['median_step_ratio_last_tenth']:.3f} | {r['median_step_ms_exact']:.1f} "
               f"| {r['median_step_ms_rad']:.1f} | {r['final_loss_exact']:.3f} | {r['final_loss_rad']:.3f} |")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"config": vars(args) | {"out": str(args.out)}, **report.environment()}
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        report.write_json(args.out, vars(args), {"results": results})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ deviation.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -48,9 +47,7 @@ def main() -> None:
         print(plan.render(result))
         results.append(result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"config": vars(args) | {"out": str(args.out)}, **report.environment()}
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        report.write_json(args.out, vars(args), {"results": results})
 
 
 if __name__ == "__main__":

@@ -15,14 +15,12 @@ radgrad's default is selected by replacing ``radgrad.functional._norm._planes``.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import interleave
 import radgrad
 import radgrad.functional as RF
 from radgrad.experiments import report
@@ -51,21 +49,16 @@ def measure(kind: str, shape: tuple[int, ...], rounds: int) -> dict:
     w, b = (torch.randn(params, generator=g).requires_grad_() for _ in range(2))
     grad = torch.randn(shape, generator=g)
     torch._dynamo.reset()  # each way of each case is its own graph: stay below the recompile limit
+
+    def run(rad: bool):
+        forward = _forward(kind, rad)  # a compiled function of its own for each way
+        return lambda: forward(x, w, b).backward(grad)
+
     by_plane = _norm._planes
-    ways = {"plain": (_forward(kind, False), by_plane), "by_plane": (_forward(kind, True), by_plane),
-            "input_shape": (_forward(kind, True), lambda *args: None)}
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    try:
-        for r in range(rounds + 2):  # two warm-up rounds compile every way
-            for name, (forward, planes) in ways.items():
-                _norm._planes = planes
-                start = time.perf_counter()
-                forward(x, w, b).backward(grad)
-                if r >= 2:
-                    times[name].append(time.perf_counter() - start)
-    finally:
-        _norm._planes = by_plane
-    us = {name: statistics.median(t) * 1e6 for name, t in times.items()}
+    ways = {"plain": (run(False), by_plane), "by_plane": (run(True), by_plane),
+            "input_shape": (run(True), lambda *args: None)}
+    seconds = interleave.median_seconds(ways, _norm, "_planes", rounds)
+    us = {name: s * 1e6 for name, s in seconds.items()}
     return {"kind": kind, "shape": list(shape), "microseconds": us}
 
 
@@ -86,9 +79,7 @@ def main() -> None:
         print(f"| {r['kind']} | {' x '.join(map(str, r['shape']))} | {us['plain']:.0f} | {us['by_plane']:.0f} "
               f"| {us['input_shape']:.0f} |")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"config": {k: str(v) for k, v in vars(args).items()}, **report.environment()}
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+        report.write_json(args.out, vars(args), {"results": results})
 
 
 if __name__ == "__main__":

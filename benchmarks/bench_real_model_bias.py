@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 from pathlib import Path
 
@@ -106,9 +105,7 @@ def main() -> None:
           f"left out: {len(result['exact_in_estimate'])} estimated exactly, "
           f"{len(result['zero_gradient'])} with a zero gradient")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"config": {k: str(v) for k, v in vars(args).items()}, **report.environment()}
-        args.out.write_text(json.dumps({"meta": meta, **result}, indent=1))
+        report.write_json(args.out, vars(args), result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ one process); and the modules holding most of the remaining saved bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections import Counter
@@ -137,10 +136,7 @@ def main() -> None:
               f"| {holders} |", flush=True)
         results.append(r)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"config": vars(args) | {"out": str(args.out)}, **report.environment(),
-                "transformers": transformers.__version__}
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        report.write_json(args.out, vars(args), {"results": results}, transformers=transformers.__version__)
 
 
 if __name__ == "__main__":

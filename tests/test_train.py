@@ -344,3 +344,17 @@ def test_checkpointing_needs_a_sequential_model() -> None:
     with pytest.raises(ValueError, match="radgrad: checkpointing cuts an nn.Sequential model into segments; "
                                          "got SequenceClassifier"):
         Stepper(segments=2).backward(radgrad.models.smnist_irnn(28), torch.rand(2, 1, 28, 28), torch.zeros(2).long())
+
+
+def test_write_json_records_its_config_and_environment(tmp_path):
+    from radgrad.experiments import report
+
+    path = tmp_path / "new" / "result.json"
+    report.write_json(path, {"rounds": 3, "models": ["gpt2"], "out": path, "threads": None},
+                      {"results": [1.5]}, transformers="5.23.0")
+    written = json.loads(path.read_text())
+    assert written["results"] == [1.5]
+    # JSON's own values kept as they are, a path as its text
+    assert written["meta"]["config"] == {"rounds": 3, "models": ["gpt2"], "out": str(path), "threads": None}
+    assert written["meta"]["transformers"] == "5.23.0"
+    assert written["meta"]["torch"] == torch.__version__ and "cpu_capability" in written["meta"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import radgrad
 from radgrad.experiments.options import make_folder
 
-__all__ = ["markdown", "csv_text", "write_outputs", "megabytes", "environment"]
+__all__ = ["markdown", "csv_text", "write_outputs", "write_json", "megabytes", "environment"]
 
 
 def environment() -> dict[str, Any]:
@@ -54,3 +55,16 @@ def write_outputs(out: Path, stem: str, md: str, rows: Sequence[dict[str, Any]])
     paths[0].write_text(md)
     paths[1].write_text(csv_text(rows))
     return paths
+
+
+def write_json(path: Path, config: dict[str, Any], body: dict[str, Any], **meta: Any) -> None:
+    """Write ``{"meta": ..., **body}`` to ``path`` as JSON, creating its folder.
+
+    ``meta`` holds the ``config`` that made the results (a value JSON cannot
+    hold, such as a path, as its text), :func:`environment`, and any entries
+    given as keywords.
+    """
+    json_safe = (bool, int, float, str, list, type(None))
+    config = {k: v if isinstance(v, json_safe) else str(v) for k, v in config.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": {"config": config, **environment(), **meta}, **body}, indent=2))
