@@ -41,6 +41,13 @@ def _without_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
+def _double(batch):
+    """A batch (a tensor or a tuple of them) with its floating-point tensors in float64."""
+    if isinstance(batch, torch.Tensor):
+        return batch.double() if batch.is_floating_point() else batch
+    return tuple(_double(t) for t in batch)
+
+
 def _gradient(model: nn.Module, loss) -> list[torch.Tensor]:
     params = list(model.parameters())
     grads = torch.autograd.grad(loss(model), params, allow_unused=True)
@@ -75,7 +82,7 @@ def measure(name: str, draws: int, seed: int, dropout: bool = False) -> dict:
         _without_dropout(exact_model)
     model = radgrad.convert(copy.deepcopy(exact_model), method="quantize")
     batch = spec.batch(real_models.load_data(spec.data), torch.Generator().manual_seed(seed))
-    batch = tuple(t.double() if t.is_floating_point() else t for t in batch)
+    batch = _double(batch)
 
     def loss(m: nn.Module) -> torch.Tensor:
         return spec.loss(m, batch)
