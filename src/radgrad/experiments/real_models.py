@@ -184,7 +184,7 @@ def train(name: str, method: str, seed: int, steps: int, lr: float = 1e-3, progr
         optimizer.step()
         seconds.append(time.perf_counter() - start)
         losses.append(loss.item())
-    return {"model": name, "method": method, "seed": seed, "losses": losses, "step_seconds": seconds}
+    return {"model": name, "method": method, "seed": seed, "lr": lr, "losses": losses, "step_seconds": seconds}
 
 
 def final_loss(run: dict, last: int) -> float:
@@ -261,6 +261,11 @@ def main(argv: list[str] | None = None) -> None:
         args.models = list(dict.fromkeys(r["model"] for r in runs))
         args.seeds = sorted({r["seed"] for r in runs})
         args.steps = min(len(r["losses"]) for r in runs)
+        rates = {r["lr"] for r in runs if "lr" in r}  # runs written before runs kept their rate have none
+        if len(rates) > 1:
+            parser.error(f"--combine: the runs were trained at different learning rates {sorted(rates)}")
+        if rates:
+            args.lr = rates.pop()
     else:
         runs = [train(name, method, seed, args.steps, args.lr, progress=True)
                 for name in args.models for seed in args.seeds for method in METHODS]
@@ -271,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
               f"Config: {json.dumps(config)}\n\n")
     report.write_outputs(args.out, "real_models", header + md, rows)
     (args.out / "real_models.json").write_text(json.dumps({"config": config, "runs": runs}))
-    figure(runs, f"radgrad convert(method='quantize') vs exact, {args.steps} steps, seeds {args.seeds}").savefig(
+    figure(runs, f"radgrad convert(method='quantize') vs exact, {args.steps} steps, lr {args.lr:g}, seeds {args.seeds}").savefig(
         args.out / "real_models.png", dpi=110)
     print(md)
 
