@@ -3,9 +3,9 @@
 The tests check every op's estimate on small problems; this checks the
 composition on a model of radgrad.experiments.real_models at its full size, at
 the recommended setting (``method="quantize"``). In float64 with dropout off
-(so the exact gradient is one fixed tensor; ``--dropout`` keeps it on and draws
-the exact gradient as often, for a two-sample z-score), it draws the converted model's
-gradient ``--draws`` times on one training batch and, for each parameter
+(so the exact gradient is one fixed tensor; ``--dropout`` keeps it on and
+draws the exact gradient as often, for a two-sample z-score), it draws the
+converted model's gradient ``--draws`` times on one training batch and, for each parameter
 tensor, projects the draws and the exact gradient on a fixed random direction:
 unbiased, each tensor's z-score (mean of the projections minus the exact one,
 over its standard error) is about standard normal, so the mean of the squared
@@ -13,6 +13,7 @@ z-scores is about 1 and few exceed 3. Tensors whose gradient radgrad computes
 exactly, or whose gradient is zero but for rounding, are listed, not tested.
 
     python benchmarks/bench_real_model_bias.py --model gpt2 --draws 200 --out results/bench_real_model_bias_gpt2.json
+    python benchmarks/bench_real_model_bias.py --model bert --draws 300 --dropout --out results/bench_real_model_bias_bert_dropout.json
 """
 
 from __future__ import annotations

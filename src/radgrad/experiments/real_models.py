@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
               f"Config: {json.dumps(config)}\n\n")
     report.write_outputs(args.out, "real_models", header + md, rows)
     (args.out / "real_models.json").write_text(json.dumps({"config": config, "runs": runs}))
-    figure(runs, f"radgrad convert(method='quantize') vs exact, {args.steps} steps, lr {args.lr:g}, seeds {args.seeds}").savefig(
-        args.out / "real_models.png", dpi=110)
+    title = f"radgrad convert(method='quantize') vs exact, {args.steps} steps, lr {args.lr:g}, seeds {args.seeds}"
+    figure(runs, title).savefig(args.out / "real_models.png", dpi=110)
     print(md)
 
 
