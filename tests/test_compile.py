@@ -140,10 +140,11 @@ class _ThreeReaders(nn.Module):
                          ids=config_id)
 @pytest.mark.parametrize("kind", ["layer_norm", "batch_norm", "shared_input"])
 def test_compiled_draws_stay_apart(kind, config):
-    # a normalization packs its input twice, and q/k/v-like layers each pack one
-    # input: AOTAutograd merged such identical draws into one (NOTE [Two draws are
-    # never one]), so a normalization's two sketches were equal and its compiled
-    # gradient biased (max z 44 over 1000 draws, against 2.5 eager). Eager draws are
+    # a normalization packs its input twice (sampled: two draws; quantized: one draw of
+    # two grids), and q/k/v-like layers each pack one input: AOTAutograd merged such
+    # identical draws into one (NOTE [Two draws are never one]), so a normalization's
+    # two sketches were equal and its compiled gradient biased (max z 44 over 1000
+    # draws, against 2.5 eager). Eager draws are
     # tested unbiased elsewhere; compiled must draw the very same numbers. The merge
     # is AOTAutograd's, which aot_eager runs (it showed the bias in every case here).
     torch.manual_seed(0)

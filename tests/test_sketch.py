@@ -391,3 +391,31 @@ def test_rounding_a_block_of_rows_at_a_time_changes_nothing(bits, monkeypatch):
     monkeypatch.setattr(quantize, "_BLOCK", 25)  # two rows of 10 per block
     blocks = pack(x, config, batch_dims=2, generator=torch.Generator().manual_seed(2))
     assert torch.equal(blocks.values, whole.values) and torch.equal(blocks.scale, whole.scale)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_id)
+@pytest.mark.parametrize("block", [None, 25], ids=["whole", "blocks"])
+def test_copies_are_separate_packs_of_one_range(config, block, monkeypatch):
+    # pack_copies computes a quantized range and scale once and draws every copy's rounding in one
+    # call: the bytes are those of as many separate packs from the same generator state
+    if block is not None:
+        monkeypatch.setattr(quantize, "_BLOCK", block)  # rounded two rows at a time
+    x = torch.randn(7, 3, 10)
+    copies = radgrad.sketch.pack_copies(x, config, batch_dims=2, copies=3,
+                                        generator=torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    separate = [pack(x, config, batch_dims=2, generator=generator) for _ in range(3)]
+    assert len(copies) == 3
+    for got, want in zip(copies, separate):
+        for part in ("values", "state", "scale"):
+            a, b = getattr(got, part), getattr(want, part)
+            assert (a is None and b is None) or torch.equal(a, b), part
+    assert not torch.equal(copies[0].values, copies[1].values)
+    if config.bits is not None:  # each copy its own scale tensor, to be returned as an output of its own
+        assert copies[0].scale is not copies[1].scale
+
+
+@pytest.mark.parametrize("copies", [0, -1, 1.0, True, "2"])
+def test_bad_copies(copies):
+    with pytest.raises(ValueError, match="copies must be a positive int, got"):
+        radgrad.sketch.pack_copies(torch.randn(2, 3), SketchConfig(method="quantize"), batch_dims=1, copies=copies)

@@ -100,10 +100,10 @@ torch.library.register_fake("radgrad::draw", _draw_fake, lib=_LIBRARY)
 #   AOTAutograd's common-subexpression pass merges two calls of one op with the
 #   same arguments unless the op is on its own list of random ops; it does not
 #   read the ``nondeterministic_seeded`` tag (torch 2.13). Two draws for one
-#   tensor (a normalization's two sketches, or the query, key and value layers
-#   reading one hidden state) would become one: the sketches meant to be
-#   independent would share their numbers, and a normalization's gradient,
-#   which multiplies two of them, would be biased. radgrad::draw joins that list.
+#   tensor (the query, key and value layers reading one hidden state, or a
+#   user's op packing one tensor twice) would become one: the sketches meant
+#   to be independent would share their numbers, and a gradient that
+#   multiplies two of them would be biased. radgrad::draw joins that list.
 try:
     from torch._functorch import compile_utils as _compile_utils
 except ImportError:  # pragma: no cover - the list moved; tests/test_compile.py would show the bias
@@ -134,14 +134,17 @@ def draw(low: int, high: int, shape: Sequence[int], dtype: torch.dtype, after: T
 def uniform(rows: int, n: int, dtype: torch.dtype, after: Tensor,
             generator: torch.Generator | None = None) -> Tensor:
     """A ``(rows, n)`` grid of pairwise-independent uniforms on ``[0, 1)`` (NOTE [Pairwise-independent uniforms])."""
-    return uniform_rows(draw_grid(rows, n, after, generator, dtype), rows, 0, rows)
+    return uniform_rows(draw_grid(rows, n, after, generator, dtype)[0], rows, 0, rows)
 
 
 def draw_grid(rows: int, n: int, after: Tensor, generator: torch.Generator | None = None,
-              dtype: torch.dtype = torch.float32) -> Tensor:
-    """The ``rows + n`` numbers, multiples of ``2**-23`` in ``[0, 1)`` of ``dtype`` (float32 or
-    float64), that define a grid of :func:`uniform` numbers."""
-    return draw(0, 2**23, (rows + n,), dtype, after, generator).mul_(2**-23)
+              dtype: torch.dtype = torch.float32, copies: int = 1) -> Tensor:
+    """``(copies, rows + n)``: in each row the ``rows + n`` numbers, multiples of ``2**-23`` in
+    ``[0, 1)`` of ``dtype`` (float32 or float64), that define a grid of :func:`uniform` numbers.
+
+    The ``copies`` grids are independent, and drawn in one call.
+    """
+    return draw(0, 2**23, (copies, rows + n), dtype, after, generator).mul_(2**-23)
 
 
 def uniform_rows(grid: Tensor, rows: int, lo: int, hi: int, first: int = 0, last: int | None = None) -> Tensor:

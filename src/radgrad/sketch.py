@@ -42,7 +42,7 @@ from torch import Tensor
 from radgrad import rng
 from radgrad.estimators import norm, project, quantize, sample
 
-__all__ = ["METHODS", "BITS", "SketchConfig", "Sketch", "draw", "pack", "unpack", "unpack_rows", "tie"]
+__all__ = ["METHODS", "BITS", "SketchConfig", "Sketch", "draw", "pack", "pack_copies", "unpack", "unpack_rows", "tie"]
 
 #: Names of the estimators, each with a one-line description (the CLI shows these).
 METHODS: dict[str, str] = {
@@ -243,14 +243,36 @@ def pack(
         ValueError: ``batch_dims`` is not between 0 and ``x.dim()``, a row has
             more than 2**31 - 1 entries, or ``state`` does not fit.
     """
+    return _pack(x, config, batch_dims, generator, state, 1)[0]
+
+
+def pack_copies(x: Tensor, config: SketchConfig, *, batch_dims: int, copies: int,
+                generator: torch.Generator | None = None) -> list[Sketch]:
+    """``copies`` independent sketches of ``x``: what as many calls of :func:`pack` return.
+
+    With ``method="quantize"`` the copies share one range and scale (the
+    same, computed once) and draw their roundings in one call, independently
+    of each other: cheaper than separate calls. An op whose backward
+    multiplies two estimates of one tensor needs such independent copies
+    (NOTE [Layer norm from two sketches] in :mod:`radgrad.functional`).
+    """
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"radgrad: copies must be a positive int, got {copies!r}")
+    return _pack(x, config, batch_dims, generator, None, copies)
+
+
+def _pack(x: Tensor, config: SketchConfig, batch_dims: int, generator: torch.Generator | None,
+          state: Tensor | None, copies: int) -> list[Sketch]:
     _check(x, batch_dims)
     rows, d = _rows_and_width(x.shape, batch_dims)
     k = config.kept(d)
     positions = _positions(config, k, d)
     if config.exact or rows == 0 or d == 0 or not (positions or config.bits):
-        return Sketch(x, None, None, x.shape, x.dtype, batch_dims, config)
+        return [Sketch(x, None, None, x.shape, x.dtype, batch_dims, config) for _ in range(copies)]
     if d > _MAX_WIDTH:
         raise ValueError(f"radgrad: rows of at most 2**31 - 1 entries can be sketched, got {d}")
+    if positions and copies > 1:  # each copy draws positions or signs of its own
+        return [_pack(x, config, batch_dims, generator, None, 1)[0] for _ in range(copies)]
     if state is not None:
         _check_state(state, config, rows, k, positions)
     xr = _as_rows(x, batch_dims)
@@ -266,10 +288,12 @@ def pack(
         if state is None:
             state = rng.draw_seed(x, generator)
         values = project.project(xr.reshape(rows, d), state, k, config.per_example)
-    scale = None
-    if config.bits is not None:
-        values, scale = quantize.quantize(values, config.bits, x, generator)
-    return Sketch(values, state, scale, x.shape, x.dtype, batch_dims, config)
+    if config.bits is None:
+        return [Sketch(values, state, None, x.shape, x.dtype, batch_dims, config)]
+    codes, scale = quantize.quantize_copies(values, config.bits, x, generator, copies)
+    # every copy its own scale tensor: an autograd function returns each as an output of its own
+    scales = [scale] + [scale.clone() for _ in codes[1:]]
+    return [Sketch(c, state, s, x.shape, x.dtype, batch_dims, config) for c, s in zip(codes, scales)]
 
 
 def unpack(sketch: Sketch) -> Tensor:

@@ -27,8 +27,10 @@ NOTE [Code packing]
     ``8 / bits`` consecutive planes of ``w`` codes, and byte ``j`` holds code
     ``j`` of plane ``i`` in its bits ``bits * i ..``, plane 0 in the low bits.
     Both directions are then whole-plane operations with one shift per plane:
-    packing ORs the shifted planes, unpacking shifts and masks every byte
-    once per plane. Interleaving the codes instead (codes ``8 j / bits ..``
+    packing ORs the shifted planes together (eagerly it adds them, scaled by
+    ``2**(bits * i)``: the same bytes, as the planes' bits do not overlap,
+    and twice as fast in torch's CPU kernels), unpacking shifts and masks
+    every byte once per plane. Interleaving the codes instead (codes ``8 j / bits ..``
     in byte ``j``) would need a different shift for neighbouring codes, an
     operation with an innermost dimension of ``8 / bits`` that torch's CPU
     kernels do not vectorize (about ten times slower, measured).
@@ -59,8 +61,6 @@ NOTE [Code width under compilation]
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +129,19 @@ def quantize(values: Tensor, bits: int, after: Tensor,
 
     Rows share a scale in groups of :func:`group_rows` ``(n)``.
     """
+    codes, scale = quantize_copies(values, bits, after, generator, 1)
+    return codes[0], scale
+
+
+def quantize_copies(values: Tensor, bits: int, after: Tensor, generator: torch.Generator | None,
+                    copies: int) -> tuple[list[Tensor], Tensor]:
+    """:func:`quantize` ``copies`` times over, with independent roundings: ``([codes, ...], scale)``.
+
+    Every copy has the same (lo, step) scale; only the uniforms differ, each
+    copy's drawn as a grid of its own (NOTE [Pairwise-independent uniforms] in
+    :mod:`radgrad.rng`), so the copies are independent. The range, the scale
+    and ``(values - lo) / step`` are computed once for all of them.
+    """
     rows, n = values.shape
     levels = 2**bits - 1
     dtype = compute_dtype(values.dtype)
@@ -138,28 +151,37 @@ def quantize(values: Tensor, bits: int, after: Tensor,
     # A constant row has step 0 and is stored as lo; a non-finite step makes the row NaN on unpacking.
     group_inverse = torch.where(group_step > 0, group_step.reciprocal(), 0)
     scale = torch.stack([group_lo, group_step], dim=1)
-    grid = rng.draw_grid(rows, n, after, generator, dtype)
+    grids = rng.draw_grid(rows, n, after, generator, dtype, copies)
     if torch.compiler.is_compiling() and known(rows % group == 0):
-        return _plane_codes(values, group, group_lo, group_inverse, grid, bits), scale
+        return [_plane_codes(values, group, group_lo, group_inverse, grid, bits) for grid in grids], scale
     # a block of rows at a time: the float temporaries stay small (NOTE [Unpacking in blocks] in
     # radgrad.functional), whatever the tensor's size
     blocks = row_blocks(rows, max(1, _BLOCK // max(1, n)))
     if len(blocks) == 1 and known(rows % group == 0):
         # one block of whole groups: each group a row of one (lo, step), no per-row copies of them
-        t = _levels(values.reshape(-1, group * n), group_lo.unsqueeze(1), group_inverse.unsqueeze(1),
-                    rng.uniform_rows(grid, rows, 0, rows), levels)
-        return _pack_codes(t.view(rows, n), bits), scale
+        return _round(values.reshape(-1, group * n), group_lo.unsqueeze(1), group_inverse.unsqueeze(1),
+                      grids, rows, 0, rows, bits), scale
     lo, inverse = _per_row(group_lo, group, 0, rows), _per_row(group_inverse, group, 0, rows)
-    codes = [_pack_codes(_levels(values[first:last], lo[first:last], inverse[first:last],
-                                 rng.uniform_rows(grid, rows, first, last), levels), bits)
-             for first, last in blocks]
-    return torch.cat(codes) if len(codes) > 1 else codes[0], scale
+    blocked = [_round(values[first:last], lo[first:last], inverse[first:last], grids, rows, first, last, bits)
+               for first, last in blocks]
+    return [torch.cat(copy) if len(copy) > 1 else copy[0] for copy in zip(*blocked)], scale
+
+
+def _round(values: Tensor, lo: Tensor, inverse: Tensor, grids: Tensor, rows: int, first: int, last: int,
+           bits: int) -> list[Tensor]:
+    """The packed codes of rows ``first .. last``, one tensor per grid of ``grids``
+    (:func:`radgrad.rng.draw_grid` for ``rows`` rows). ``values`` holds those rows, or whole groups
+    of them one per row; ``lo`` and ``inverse`` are columns, one per row of ``values``."""
+    fractions = _fractions(values, lo, inverse)
+    last_copy = len(grids) - 1
+    return [_pack_codes(_codes(fractions, rng.uniform_rows(grid, rows, first, last), 2**bits - 1, i == last_copy)
+                        .view(last - first, -1), bits) for i, grid in enumerate(grids)]
 
 
 def _plane_codes(values: Tensor, group: int, lo: Tensor, inverse: Tensor, grid: Tensor, bits: int) -> Tensor:
     """The packed codes of :func:`quantize` for whole groups of rows, formed plane by plane (compiled).
 
-    The bytes are those of :func:`_pack_codes` on the codes of :func:`_levels`
+    The bytes are those of :func:`_pack_codes` on the codes of :func:`_codes`
     (NOTE [Packing under compilation]).
     """
     rows, n = values.shape
@@ -170,9 +192,12 @@ def _plane_codes(values: Tensor, group: int, lo: Tensor, inverse: Tensor, grid: 
     for first in range(0, n, width):  # the last planes may be padding only: zero codes, not formed
         last = min(n, first + width)
         uniforms = rng.uniform_rows(grid, rows, 0, rows, first, last).view(-1, group, last - first)
-        codes = _levels(v[..., first:last], lo, inverse, uniforms, levels)
+        codes = _codes(_fractions(v[..., first:last], lo, inverse), uniforms, levels)
         planes.append(F.pad(codes, (0, width - (last - first))) if last - first < width else codes)
-    return _or_planes(planes, bits).reshape(rows, width).to(torch.uint8)
+    packed = planes[0]
+    for i, plane in enumerate(planes[1:], 1):
+        packed = packed | (plane << (bits * i))
+    return packed.reshape(rows, width).to(torch.uint8)
 
 
 def _code_dtype() -> torch.dtype:
@@ -180,11 +205,18 @@ def _code_dtype() -> torch.dtype:
     return torch.int32 if torch.compiler.is_compiling() else torch.int16
 
 
-def _levels(values: Tensor, lo: Tensor, inverse: Tensor, uniforms: Tensor, levels: int) -> Tensor:
-    """``floor((values - lo) * inverse + uniforms)`` as integer codes of at most ``levels``; ``lo`` and
-    ``inverse`` are columns (one per row of ``values``), ``uniforms`` has the entries of ``values``."""
-    t = values.to(lo.dtype) - lo
-    t.mul_(inverse).add_(uniforms.view(t.shape))
+def _fractions(values: Tensor, lo: Tensor, inverse: Tensor) -> Tensor:
+    """``(values - lo) * inverse``: each entry's position in steps above its row's ``lo``; ``lo`` and
+    ``inverse`` are columns (one per row of ``values``). A new tensor."""
+    return (values.to(lo.dtype) - lo).mul_(inverse)
+
+
+def _codes(fractions: Tensor, uniforms: Tensor, levels: int, last: bool = True) -> Tensor:
+    """``floor(fractions + uniforms)`` as integer codes of at most ``levels``. ``uniforms`` holds as
+    many entries as ``fractions``; the sum overwrites ``fractions`` when this is its ``last`` use,
+    ``uniforms`` otherwise."""
+    uniforms = uniforms.view(fractions.shape)
+    t = fractions.add_(uniforms) if last else uniforms.add_(fractions)
     # t >= 0 (or NaN in a non-finite group, estimated NaN whatever its codes), so the conversion's
     # truncation is the floor; float32's rounding can reach levels + 1.
     return t.to(_code_dtype()).clamp_(max=levels)
@@ -262,15 +294,10 @@ def _pack_codes(codes: Tensor, bits: int) -> Tensor:
     if width * per > n:
         codes = F.pad(codes, (0, width * per - n))
     planes = codes.reshape(rows, per, width)
-    return _or_planes((planes[:, i] for i in range(per)), bits).to(torch.uint8)
-
-
-def _or_planes(planes: Iterable[Tensor], bits: int) -> Tensor:
-    """Plane ``i`` shifted left by ``bits * i``, the planes ORed together (NOTE [Code packing])."""
-    packed = None
-    for i, plane in enumerate(planes):
-        packed = plane.clone() if packed is None else packed.bitwise_or_(plane << (bits * i))
-    return packed
+    packed = planes[:, 0].clone()
+    for i in range(1, per):
+        packed.add_(planes[:, i], alpha=1 << (bits * i))
+    return packed.to(torch.uint8)
 
 
 def _unpack_planes(data: Tensor, bits: int) -> Tensor:

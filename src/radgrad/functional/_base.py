@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from radgrad.sizes import known, row_blocks
-from radgrad.sketch import Sketch, SketchConfig, pack, tie
+from radgrad.sketch import Sketch, SketchConfig, pack_copies, tie
 
 _DEFAULT = SketchConfig()
 _EXACT = SketchConfig(keep=1.0)
@@ -90,16 +90,19 @@ def _apply(fn: Callable[..., Tensor], input: Tensor, weight: Tensor, bias: Tenso
 #   compiled model draws in the order, hence the numbers, of the eager model.
 #   The public wrappers return the main output.
 def _packed(output: Tensor, x: Tensor, config: SketchConfig, batch_dims: int,
-            fresh: bool = False) -> tuple[Tensor | None, ...]:
-    """``output`` tied to ``pack(x)``, then the sketch's (values, state, scale).
+            fresh: bool = False, copies: int = 1) -> tuple[Tensor | None, ...]:
+    """``output`` tied to ``pack(x)``, then the sketch's (values, state, scale); for ``copies``
+    independent sketches (:func:`radgrad.sketch.pack_copies`), the three of each in turn.
 
     The values are None when the sketch is ``x`` itself and ``x`` is an input
     of the op (an op cannot return its input as a new output); ``fresh=True``
     says ``x`` was computed inside the op, and its values are always returned.
     """
-    sketch = pack(x, config, batch_dims=batch_dims)
-    values = None if sketch.exact and not fresh else sketch.values
-    return tie(output, sketch), values, sketch.state, sketch.scale
+    sketches = pack_copies(x, config, batch_dims=batch_dims, copies=copies)
+    parts = []
+    for sketch in sketches:
+        parts += [None if sketch.exact and not fresh else sketch.values, sketch.state, sketch.scale]
+    return tie(output, *sketches), *parts
 
 
 def _sketch_from(ctx, parts: Sequence[Tensor | None], x: Tensor | torch.Size, config: SketchConfig,

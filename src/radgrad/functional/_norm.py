@@ -10,7 +10,9 @@ NOTE [Layer norm from two sketches]
     its own variance. Two independent sketches A and B, ``xh * mean(gw * xh)``
     read as ``A * mean(gw * B)``, make every term unbiased. ``rstd`` (one value
     per row) is kept exact, so the output and ``dbias`` are exact and
-    ``dx``, ``dweight`` unbiased estimates.
+    ``dx``, ``dweight`` unbiased estimates. The two come from
+    :func:`radgrad.sketch.pack_copies`: quantized, they share one range and
+    scale and draw their roundings in one call, independently.
 """
 
 from __future__ import annotations
@@ -35,9 +37,8 @@ class _LayerNorm(_RADFunction):
         output, mean, rstd = torch.native_layer_norm(input, shape, weight, bias, eps)
         normalized = (input.to(rstd.dtype) - mean).mul_(rstd)
         batch_dims = input.dim() - len(shape)
-        output, *a = _packed(output, normalized, config, batch_dims, fresh=True)
-        output, *b = _packed(output, normalized, config, batch_dims, fresh=True)
-        return output, rstd, *a, *b
+        output, *sketches = _packed(output, normalized, config, batch_dims, fresh=True, copies=2)
+        return output, rstd, *sketches
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
@@ -180,9 +181,8 @@ class _BatchNorm(_RADFunction):
         shape = [1, -1] + [1] * (input.dim() - 2)
         normalized = (input.to(invstd.dtype) - mean.view(shape)).mul_(invstd.view(shape))
         batch_dims = 2 if input.dim() > 2 else 1
-        output, *a = _packed(output, normalized, config, batch_dims, fresh=True)
-        output, *b = _packed(output, normalized, config, batch_dims, fresh=True)
-        return output, invstd, *a, *b
+        output, *sketches = _packed(output, normalized, config, batch_dims, fresh=True, copies=2)
+        return output, invstd, *sketches
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
