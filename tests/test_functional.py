@@ -236,3 +236,33 @@ def test_gradients_from_blocks_of_rows_equal_one_block(kind, config, monkeypatch
         grads.append(torch.autograd.grad(out, leaves, torch.linspace(-1, 1, out.numel()).view(out.shape)))
     for blocked, whole in zip(grads[1], grads[0]):
         assert_same_up_to_rounding(blocked, whole)
+
+
+def test_backward_gets_no_zero_gradients_for_packed_tensors(monkeypatch):
+    # NOTE [No zero gradients for packed tensors]: by default autograd would hand every backward a
+    # zero tensor for each packed (non-differentiable) output, allocated and filled for nothing
+    from radgrad.functional._base import _RADFunction
+
+    received = []
+    for cls in _RADFunction.__subclasses__():
+        def backward(ctx, grad, *rest, _original=cls._classic.backward):
+            received.extend(rest)
+            return _original(ctx, grad, *rest)
+        monkeypatch.setattr(cls._classic, "backward", staticmethod(backward))
+    torch.manual_seed(0)
+    model = radgrad.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                          nn.Linear(4 * 6 * 6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 2)),
+                            method="quantize")
+    x = torch.randn(2, 3, 8, 8)
+    torch.manual_seed(1)
+    model(x).sum().backward()
+    assert len(received) > 10 and all(g is None for g in received)
+    grads = [p.grad.clone() for p in model.parameters()]
+    received.clear()
+    for cls in _RADFunction.__subclasses__():  # torch's default, which the check must see
+        monkeypatch.setattr(cls, "_materialize_grads", True)
+    model.zero_grad()
+    torch.manual_seed(1)
+    model(x).sum().backward()
+    assert any(isinstance(g, torch.Tensor) for g in received)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))

@@ -28,6 +28,8 @@ _RECURRENCE_CHUNK = 64
 
 
 class _Recurrence(_RADFunction):
+    _materialize_grads = True  # the outputs and the last state are both differentiable
+
     @staticmethod
     def forward(v, h0, weight, relu, config):
         output = v.new_empty(v.shape)
