@@ -1,6 +1,7 @@
 """radgrad.functional against torch.nn.functional: exact where the contract says exact,
 and the weight gradient the exact formula applied to the sketch of the input."""
 
+import copy
 import warnings
 
 import pytest
@@ -266,3 +267,29 @@ def test_backward_gets_no_zero_gradients_for_packed_tensors(monkeypatch):
     model(x).sum().backward()
     assert any(isinstance(g, torch.Tensor) for g in received)
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+class _NoGradient(torch.autograd.Function):
+    """The identity, whose backward returns None: no gradient reaches what precedes it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def test_an_op_that_returns_no_gradient_stops_radgrad_ops_as_it_stops_torch():
+    # with zero gradients no longer materialized (NOTE [No zero gradients for packed tensors]),
+    # a radgrad op can receive None for its output and must pass no gradient on
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4),
+                          nn.LayerNorm(4), nn.GELU())
+    converted = radgrad.convert(copy.deepcopy(model), method="quantize")
+    x = torch.randn(2, 2, 4, 4)
+    for m in (model, converted):
+        (_NoGradient.apply(m(x)).sum() + sum(p.sum() for p in m.parameters())).backward()
+    for p, q in zip(model.parameters(), converted.parameters()):
+        assert torch.equal(p.grad, q.grad) and torch.equal(q.grad, torch.ones_like(q))

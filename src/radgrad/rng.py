@@ -100,8 +100,9 @@ torch.library.register_fake("radgrad::draw", _draw_fake, lib=_LIBRARY)
 #   AOTAutograd's common-subexpression pass merges two calls of one op with the
 #   same arguments unless the op is on its own list of random ops; it does not
 #   read the ``nondeterministic_seeded`` tag (torch 2.13). Two draws for one
-#   tensor (the query, key and value layers reading one hidden state, or a
-#   user's op packing one tensor twice) would become one: the sketches meant
+#   tensor (the query, key and value layers reading one hidden state, a
+#   normalization's two sampled sketches, or a user's op packing one tensor
+#   twice) would become one: the sketches meant
 #   to be independent would share their numbers, and a gradient that
 #   multiplies two of them would be biased. radgrad::draw joins that list.
 try:

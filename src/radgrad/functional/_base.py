@@ -142,7 +142,10 @@ class _RADFunction(Function):
         off (``ctx.set_materialize_grads(False)``) unless the function has more
         than one differentiable output (``_materialize_grads = True``); its
         ``backward`` then receives None for them, and ignores them either way.
-        The class itself (torch.func, torch.compile) keeps torch's default.
+        The main output's gradient is None too when a later op returned None
+        for it: the twin then returns no gradients without calling
+        ``backward``. The class itself (torch.func, torch.compile) keeps
+        torch's default.
     """
 
     generate_vmap_rule = True
@@ -159,8 +162,13 @@ class _RADFunction(Function):
             cls.setup_context(ctx, args, output)
             return output
 
+        def backward(ctx, grad, *rest):
+            if grad is None:  # no gradient reached the output (a later op returned None for it)
+                return (None,) * len(ctx.needs_input_grad)
+            return cls.backward(ctx, grad, *rest)
+
         cls._classic = type(cls.__name__, (Function,), {
-            "forward": staticmethod(forward), "backward": staticmethod(cls.backward)})
+            "forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     @classmethod
     def run(cls, *args):
