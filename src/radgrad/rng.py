@@ -139,13 +139,12 @@ def uniform(rows: int, n: int, dtype: torch.dtype, after: Tensor,
 
 
 def draw_grid(rows: int, n: int, after: Tensor, generator: torch.Generator | None = None,
-              dtype: torch.dtype = torch.float32, copies: int = 1) -> Tensor:
-    """``(copies, rows + n)``: in each row the ``rows + n`` numbers, multiples of ``2**-23`` in
-    ``[0, 1)`` of ``dtype`` (float32 or float64), that define a grid of :func:`uniform` numbers.
-
-    The ``copies`` grids are independent, and drawn in one call.
-    """
-    return draw(0, 2**23, (copies, rows + n), dtype, after, generator).mul_(2**-23)
+              dtype: torch.dtype = torch.float32, copies: int = 1) -> list[Tensor]:
+    """``copies`` independent grids, drawn in one call: each the ``rows + n`` numbers, multiples of
+    ``2**-23`` in ``[0, 1)`` of ``dtype`` (float32 or float64), that define a grid of
+    :func:`uniform` numbers."""
+    grids = draw(0, 2**23, (copies * (rows + n),), dtype, after, generator).mul_(2**-23)
+    return [grids] if copies == 1 else list(grids.view(copies, rows + n).unbind(0))
 
 
 def uniform_rows(grid: Tensor, rows: int, lo: int, hi: int, first: int = 0, last: int | None = None) -> Tensor:

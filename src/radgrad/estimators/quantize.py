@@ -167,15 +167,16 @@ def quantize_copies(values: Tensor, bits: int, after: Tensor, generator: torch.G
     return [torch.cat(copy) if len(copy) > 1 else copy[0] for copy in zip(*blocked)], scale
 
 
-def _round(values: Tensor, lo: Tensor, inverse: Tensor, grids: Tensor, rows: int, first: int, last: int,
+def _round(values: Tensor, lo: Tensor, inverse: Tensor, grids: list[Tensor], rows: int, first: int, last: int,
            bits: int) -> list[Tensor]:
     """The packed codes of rows ``first .. last``, one tensor per grid of ``grids``
     (:func:`radgrad.rng.draw_grid` for ``rows`` rows). ``values`` holds those rows, or whole groups
     of them one per row; ``lo`` and ``inverse`` are columns, one per row of ``values``."""
     fractions = _fractions(values, lo, inverse)
-    last_copy = len(grids) - 1
-    return [_pack_codes(_codes(fractions, rng.uniform_rows(grid, rows, first, last), 2**bits - 1, i == last_copy)
-                        .view(last - first, -1), bits) for i, grid in enumerate(grids)]
+    last_copy, grouped = len(grids) - 1, values.shape[0] != last - first
+    codes = (_codes(fractions, rng.uniform_rows(grid, rows, first, last), 2**bits - 1, i == last_copy)
+             for i, grid in enumerate(grids))
+    return [_pack_codes(c.view(last - first, -1) if grouped else c, bits) for c in codes]
 
 
 def _plane_codes(values: Tensor, group: int, lo: Tensor, inverse: Tensor, grid: Tensor, bits: int) -> Tensor:
