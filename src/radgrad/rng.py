@@ -102,9 +102,9 @@ torch.library.register_fake("radgrad::draw", _draw_fake, lib=_LIBRARY)
 #   read the ``nondeterministic_seeded`` tag (torch 2.13). Two draws for one
 #   tensor (the query, key and value layers reading one hidden state, a
 #   normalization's two sampled sketches, or a user's op packing one tensor
-#   twice) would become one: the sketches meant
-#   to be independent would share their numbers, and a gradient that
-#   multiplies two of them would be biased. radgrad::draw joins that list.
+#   twice) would become one: the sketches meant to be independent would
+#   share their numbers, and a gradient that multiplies two of them would be
+#   biased. radgrad::draw joins that list.
 try:
     from torch._functorch import compile_utils as _compile_utils
 except ImportError:  # pragma: no cover - the list moved; tests/test_compile.py would show the bias

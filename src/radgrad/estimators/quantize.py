@@ -30,10 +30,11 @@ NOTE [Code packing]
     packing ORs the shifted planes together (eagerly it adds them, scaled by
     ``2**(bits * i)``: the same bytes, as the planes' bits do not overlap,
     and twice as fast in torch's CPU kernels), unpacking shifts and masks
-    every byte once per plane. Interleaving the codes instead (codes ``8 j / bits ..``
-    in byte ``j``) would need a different shift for neighbouring codes, an
-    operation with an innermost dimension of ``8 / bits`` that torch's CPU
-    kernels do not vectorize (about ten times slower, measured).
+    every byte once per plane. Interleaving the codes instead (codes
+    ``8 j / bits ..`` in byte ``j``) would need a different shift for
+    neighbouring codes, an operation with an innermost dimension of
+    ``8 / bits`` that torch's CPU kernels do not vectorize (about ten times
+    slower, measured).
 
 NOTE [Packing under compilation]
     Under ``torch.compile`` the codes of each plane are rounded from the
