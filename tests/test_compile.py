@@ -144,9 +144,9 @@ def test_compiled_draws_stay_apart(kind, config):
     # two grids), and q/k/v-like layers each pack one input: AOTAutograd merged such
     # identical draws into one (NOTE [Two draws are never one]), so a normalization's
     # two sketches were equal and its compiled gradient biased (max z 44 over 1000
-    # draws, against 2.5 eager). Eager draws are
-    # tested unbiased elsewhere; compiled must draw the very same numbers. The merge
-    # is AOTAutograd's, which aot_eager runs (it showed the bias in every case here).
+    # draws, against 2.5 eager). Eager draws are tested unbiased elsewhere; compiled
+    # must draw the very same numbers. The merge is AOTAutograd's, which aot_eager
+    # runs (it showed the bias in every case here).
     torch.manual_seed(0)
     # the first normalization's rows (two dimensions) fill whole 1-bit code planes 32 wide, the
     # second's do not: both ways of reading the codes (NOTE [Reading codes by plane]) go through
