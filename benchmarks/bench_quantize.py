@@ -13,12 +13,11 @@ commits.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+import interleave
 import radgrad
 from radgrad.experiments import report
 from radgrad.sketch import pack
@@ -27,12 +26,6 @@ pack_copies = getattr(radgrad.sketch, "pack_copies", None)
 
 # The HF ResNet's feature maps at batch 32 and 32 px (stem, stages 1-4), and a transformer's hidden states.
 SHAPES = [(32, 32, 16, 16), (32, 32, 8, 8), (32, 64, 4, 4), (32, 128, 2, 2), (32, 256, 1, 1), (8, 256, 1024)]
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def measure(shape: tuple[int, ...], rounds: int, bits: int) -> dict:
@@ -44,14 +37,8 @@ def measure(shape: tuple[int, ...], rounds: int, bits: int) -> dict:
     if pack_copies is not None:
         calls["two_packs"] = lambda: (pack(x, config, batch_dims=2), pack(x, config, batch_dims=2))
         calls["pack_copies_2"] = lambda: pack_copies(x, config, batch_dims=2, copies=2)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(10):
-        for fn in calls.values():
-            fn()
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            times[name].append(_seconds(fn))
-    us = {name: statistics.median(t) * 1e6 for name, t in times.items()}
+    seconds = interleave.median_seconds({name: (fn, None) for name, fn in calls.items()}, rounds=rounds, warmup=10)
+    us = {name: t * 1e6 for name, t in seconds.items()}
     ratio = us["pack_copies_2"] / us["two_packs"] if pack_copies is not None else None
     return {"shape": list(shape), "bits": bits, "median_us": us, "copies_over_two_packs": ratio}
 
