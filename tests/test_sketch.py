@@ -383,6 +383,26 @@ def test_uniform_grid_is_uniform_and_pairwise_independent():
     assert chi2(first * 5 + first, 25) > 1000  # power
 
 
+@pytest.mark.parametrize("rows", [5, 128], ids=["part-of-a-group", "one-whole-group"])
+def test_short_rows_sharing_a_grid_row_round_independently(rows):
+    # NOTE [Stochastic rounding]: rows of 2 entries share a scale group (128 rows) and one row of
+    # the grid of uniforms. 2 bits between the group's 0 and 3: the level is the value. Every pair
+    # of rounding errors, in one row or across rows, must be uncorrelated, as with independent
+    # rounding; a sample correlation of n independent pairs has standard error 1 / sqrt(n).
+    x = torch.ones(rows, 2, dtype=torch.float64)
+    x[:5] = torch.tensor([[0.0, 3.0], [0.5, 1.5], [1.25, 2.5], [2.75, 0.25], [1.5, 2.5]])
+    gen, n = torch.Generator().manual_seed(0), 20000
+    config = SketchConfig(method="quantize", bits=2)
+    errors = torch.stack([unpack(pack(x, config, batch_dims=1, generator=gen)) - x for _ in range(n)])
+    inner = errors[:, 1:5].reshape(n, 8)  # the first row holds the group's ends, stored exactly
+    correlations = torch.corrcoef(inner.T) - torch.eye(8, dtype=torch.float64)
+    assert correlations.abs().max() < 5 / math.sqrt(n)
+    # power: one uniform per column shared by the rows correlates rows 1 and 4 (both half a step up)
+    shared = torch.rand(n, 1, 2, dtype=torch.float64, generator=gen)
+    dependent = (torch.floor(x[1:5] + shared) - x[1:5]).reshape(n, 8)
+    assert (torch.corrcoef(dependent.T) - torch.eye(8, dtype=torch.float64)).abs().max() > 0.5
+
+
 @pytest.mark.parametrize("bits", radgrad.BITS)
 def test_rounding_a_block_of_rows_at_a_time_changes_nothing(bits, monkeypatch):
     x = torch.randn(7, 3, 10)

@@ -17,9 +17,13 @@ NOTE [Stochastic rounding]
 
     The ``u`` are pairwise independent (NOTE [Pairwise-independent uniforms] in
     :mod:`radgrad.rng`), which gives the estimate the mean and covariance of
-    independent rounding. They are multiples of ``2**-23``: the rounding
-    probability is exact up to that grain, which is float32's own rounding
-    of ``f + u`` once ``f >= 1``.
+    independent rounding. Their grid has a row per scale group, the group's
+    rows side by side: ``groups + group * n`` numbers drawn, not ``rows + n``
+    (a ResNet's 1x1 maps, 8192 rows of one entry: 288 instead of 8193). Two
+    entries of one group read different columns, two of different groups
+    different rows, so any two are still independent. They are multiples of
+    ``2**-23``: the rounding probability is exact up to that grain, which is
+    float32's own rounding of ``f + u`` once ``f >= 1``.
 
 NOTE [Code packing]
     ``8 / bits`` codes share a byte, in planes: a row's ``n`` codes (padded
@@ -152,7 +156,7 @@ def quantize_copies(values: Tensor, bits: int, after: Tensor, generator: torch.G
     # A constant row has step 0 and is stored as lo; a non-finite step makes the row NaN on unpacking.
     group_inverse = torch.where(group_step > 0, group_step.reciprocal(), 0)
     scale = torch.stack([group_lo, group_step], dim=1)
-    grids = rng.draw_grid(rows, n, after, generator, dtype, copies)
+    grids = rng.draw_grid(-(-rows // group), group * n, after, generator, dtype, copies)
     if torch.compiler.is_compiling() and known(rows % group == 0):
         return [_plane_codes(values, group, group_lo, group_inverse, grid, bits) for grid in grids], scale
     # a block of rows at a time: the float temporaries stay small (NOTE [Unpacking in blocks] in
@@ -161,23 +165,35 @@ def quantize_copies(values: Tensor, bits: int, after: Tensor, generator: torch.G
     if len(blocks) == 1 and known(rows % group == 0):
         # one block of whole groups: each group a row of one (lo, step), no per-row copies of them
         return _round(values.reshape(-1, group * n), group_lo.unsqueeze(1), group_inverse.unsqueeze(1),
-                      grids, rows, 0, rows, bits), scale
+                      grids, group, n, 0, rows, bits), scale
     lo, inverse = _per_row(group_lo, group, 0, rows), _per_row(group_inverse, group, 0, rows)
-    blocked = [_round(values[first:last], lo[first:last], inverse[first:last], grids, rows, first, last, bits)
-               for first, last in blocks]
+    blocked = [_round(values[first:last], lo[first:last], inverse[first:last], grids, group, n, first, last,
+                      bits) for first, last in blocks]
     return [torch.cat(copy) if len(copy) > 1 else copy[0] for copy in zip(*blocked)], scale
 
 
-def _round(values: Tensor, lo: Tensor, inverse: Tensor, grids: list[Tensor], rows: int, first: int, last: int,
-           bits: int) -> list[Tensor]:
-    """The packed codes of rows ``first .. last``, one tensor per grid of ``grids``
-    (:func:`radgrad.rng.draw_grid` for ``rows`` rows). ``values`` holds those rows, or whole groups
-    of them one per row; ``lo`` and ``inverse`` are columns, one per row of ``values``."""
+def _uniforms(grid: Tensor, group: int, n: int, first: int, last: int) -> Tensor:
+    """The uniforms of rows ``first .. last`` of ``n`` entries, ``(last - first, n)``, from the grid
+    of a row per group of ``group`` rows (NOTE [Stochastic rounding])."""
+    groups = grid.shape[0] - group * n
+    if group == 1:
+        return rng.uniform_rows(grid, groups, first, last)
+    start = first // group
+    rows = rng.uniform_rows(grid, groups, start, -(-last // group)).view(-1, n)
+    return rows[first - start * group:last - start * group]
+
+
+def _round(values: Tensor, lo: Tensor, inverse: Tensor, grids: list[Tensor], group: int, n: int, first: int,
+           last: int, bits: int) -> list[Tensor]:
+    """The packed codes of rows ``first .. last`` of ``n`` entries, one tensor per grid of ``grids``
+    (:func:`radgrad.rng.draw_grid`, a row per group of ``group`` rows). ``values`` holds those rows,
+    or whole groups of them one per row; ``lo`` and ``inverse`` are columns, one per row of ``values``."""
     fractions = _fractions(values, lo, inverse)
-    last_copy, grouped = len(grids) - 1, values.shape[0] != last - first
-    codes = (_codes(fractions, rng.uniform_rows(grid, rows, first, last), 2**bits - 1, i == last_copy)
+    rows = last - first
+    last_copy, grouped = len(grids) - 1, values.shape[0] != rows
+    codes = (_codes(fractions, _uniforms(grid, group, n, first, last), 2**bits - 1, i == last_copy)
              for i, grid in enumerate(grids))
-    return [_pack_codes(c.view(last - first, -1) if grouped else c, bits) for c in codes]
+    return [_pack_codes(c.view(rows, -1) if grouped else c, bits) for c in codes]
 
 
 def _plane_codes(values: Tensor, group: int, lo: Tensor, inverse: Tensor, grid: Tensor, bits: int) -> Tensor:
@@ -187,13 +203,15 @@ def _plane_codes(values: Tensor, group: int, lo: Tensor, inverse: Tensor, grid: 
     (NOTE [Packing under compilation]).
     """
     rows, n = values.shape
-    levels, width = 2**bits - 1, packed_width(n, bits)
+    levels, width, groups = 2**bits - 1, packed_width(n, bits), rows // group
     v = values.view(-1, group, n)
     lo, inverse = lo.view(-1, 1, 1), inverse.view(-1, 1, 1)
     planes = []
     for first in range(0, n, width):  # the last planes may be padding only: zero codes, not formed
         last = min(n, first + width)
-        uniforms = rng.uniform_rows(grid, rows, 0, rows, first, last).view(-1, group, last - first)
+        # the grid's columns as (group, n): a group's rows side by side (NOTE [Stochastic rounding])
+        columns = grid[groups:].view(group, n)[:, first:last]
+        uniforms = (grid[:groups, None, None] + columns).frac_()
         codes = _codes(_fractions(v[..., first:last], lo, inverse), uniforms, levels)
         planes.append(F.pad(codes, (0, width - (last - first))) if last - first < width else codes)
     packed = planes[0]
