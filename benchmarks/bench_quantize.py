@@ -5,12 +5,12 @@ norm packs a feature map): the median time of ``radgrad.sketch.pack`` and of
 ``radgrad.sketch.pack_copies(copies=2)`` against two ``pack`` calls, the
 calls interleaved in one process. It runs against radgrad versions before
 ``pack_copies`` too (its columns then read n/a), to compare ``pack`` across
-commits. ``--baseline SRC`` also times the quantization itself against
-``SRC/radgrad/estimators/quantize.py`` (the ``src`` folder of another
-checkout, e.g. a ``git worktree`` of an older commit) loaded beside this one
-and interleaved with it in the same process: across processes this host's
-timings move by more than most changes gain. Every row also counts the
-random numbers one ``pack`` draws.
+commits. ``--baseline SRC`` also times the quantization itself and the
+rebuilding of its estimate against ``SRC/radgrad/estimators/quantize.py``
+(the ``src`` folder of another checkout, e.g. a ``git worktree`` of an older
+commit) loaded beside this one and interleaved with it in the same process:
+across processes this host's timings move by more than most changes gain.
+Every row also counts the random numbers one ``pack`` draws.
 
     python benchmarks/bench_quantize.py --threads 1 --out results/bench_quantize_1thread.json
     python benchmarks/bench_quantize.py --threads 1 --baseline /tmp/old/src --out results/bench_quantize_against.json
@@ -68,7 +68,8 @@ def _numbers_drawn(x: torch.Tensor, config: radgrad.SketchConfig) -> int:
 
 
 def _against(baseline: ModuleType, x: torch.Tensor, bits: int, rounds: int) -> dict:
-    """Median seconds of this checkout's quantization over the baseline's, one and two copies."""
+    """Median seconds of this checkout's quantization over the baseline's (one and two copies), and of
+    its rebuilding of the estimate."""
     rows = x.reshape(x.shape[0] * x.shape[1], -1)
     ratios = {}
     for copies in (1, 2):
@@ -78,6 +79,12 @@ def _against(baseline: ModuleType, x: torch.Tensor, bits: int, rounds: int) -> d
             new = lambda: quantize.quantize_copies(rows, bits, x, None, copies)  # noqa: E731
             seconds = interleave.median_seconds({"new": (new, None), "old": (old, None)}, rounds=rounds, warmup=10)
             ratios[f"copies_{copies}"] = seconds["new"] / seconds["old"]
+    codes, scale = quantize.quantize(rows, bits, x, None)  # both versions store the same bytes
+    n = rows.shape[1]
+    seconds = interleave.median_seconds({
+        "new": (lambda: quantize.dequantize(codes, scale, bits, n, x.dtype), None),
+        "old": (lambda: baseline.dequantize(codes, scale, bits, n, x.dtype), None)}, rounds=rounds, warmup=10)
+    ratios["unpack"] = seconds["new"] / seconds["old"]
     return ratios
 
 
@@ -110,7 +117,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     baseline = _load_baseline(args.baseline) if args.baseline is not None else None
     results = []
-    print("| shape | numbers drawn | pack us | two packs us | pack_copies(2) us | ratio | over baseline, 1 / 2 copies |")
+    print("| shape | numbers drawn | pack us | two packs us | pack_copies(2) us | ratio "
+          "| over baseline: 1 copy / 2 copies / unpack |")
     print("|---|---|---|---|---|---|---|")
     for shape in SHAPES:
         r = measure(shape, args.rounds, args.bits, baseline)
@@ -118,7 +126,7 @@ def main() -> None:
         cells = [f"{us['pack']:.0f}", "n/a", "n/a", "n/a"]
         if pack_copies is not None:
             cells[1:] = [f"{us['two_packs']:.0f}", f"{us['pack_copies_2']:.0f}", f"{r['copies_over_two_packs']:.2f}"]
-        vs = " / ".join(f"{against[k]:.2f}" if k in against else "n/a" for k in ("copies_1", "copies_2"))
+        vs = " / ".join(f"{against[k]:.2f}" if k in against else "n/a" for k in ("copies_1", "copies_2", "unpack"))
         print(f"| {'x'.join(map(str, shape))} | {r['numbers_drawn']} | {' | '.join(cells)} | {vs} |")
         results.append(r)
     if args.out:

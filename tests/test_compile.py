@@ -279,7 +279,7 @@ def test_compiled_quantization_stores_the_eager_bytes(bits, shape, memory_format
 
 
 @pytest.mark.parametrize("bits", radgrad.estimators.quantize.BITS)
-@pytest.mark.parametrize("n", [37, 64, 300], ids=["short-rows", "groups", "rows"])
+@pytest.mark.parametrize("n", [1, 3, 37, 64, 300], ids=["one-code", "three-codes", "short-rows", "groups", "rows"])
 def test_compiled_rebuild_of_a_row_range_is_the_eager_one(bits, n):
     # compiled, each plane is rebuilt on its own and placed by a cat (NOTE [Unpacking under
     # compilation]); backward passes rebuild a block of rows at a time, from any row

@@ -317,6 +317,21 @@ def test_codes_pack_and_unpack_exactly(bits, n):
 
 
 @pytest.mark.parametrize("bits", radgrad.BITS)
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 13])
+def test_rebuilding_short_rows_reads_only_the_planes_holding_codes(bits, n):
+    # rows of fewer codes than a byte holds leave whole planes of padding, which dequantize skips:
+    # the estimate is still lo + code * step from every plane's codes
+    x = torch.randn(600, n, dtype=torch.float64)
+    codes, scale = quantize.quantize(x, bits, x, torch.Generator().manual_seed(n))
+    group = quantize.group_rows(n)
+    every_plane = quantize._unpack_planes(codes, bits).reshape(600, -1)[:, :n].double()
+    lo, step = (scale[:, i].repeat_interleave(group)[:600, None] for i in (0, 1))
+    expected = lo + every_plane * step
+    assert torch.equal(quantize.dequantize(codes, scale, bits, n, torch.float64), expected)
+    assert torch.equal(quantize.dequantize(codes[100:300], scale, bits, n, torch.float64, 100), expected[100:300])
+
+
+@pytest.mark.parametrize("bits", radgrad.BITS)
 def test_rounding_picks_a_neighbouring_level(bits):
     x = torch.randn(4, 300, dtype=torch.float64)  # rows of >= 256 entries: one scale per row
     est = unpack(pack(x, SketchConfig(method="quantize", bits=bits), batch_dims=1))
