@@ -228,3 +228,59 @@ def test_a_layer_set_exact_stays_exact_inside_a_routed_model():
     for name in names:
         assert after[name] > 4 * before[name], name
         assert after[name] == plain[name], name
+
+
+def _grads(model: nn.Module, x: torch.Tensor, seed: int = 1) -> list[torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(x)
+    (out.logits if hasattr(out, "logits") else out).square().sum().backward()
+    return [p.grad for p in model.parameters()]
+
+
+def _checkpointed_encoder(use_reentrant: bool) -> nn.Module:
+    """_encoder() with each layer run under torch.utils.checkpoint, as a user writes it."""
+    model = _encoder(0.1)
+    encoder = model[0]
+
+    def forward(src, mask=None, src_key_padding_mask=None, is_causal=None):
+        for layer in encoder.layers:
+            src = torch.utils.checkpoint.checkpoint(layer, src, use_reentrant=use_reentrant)
+        return src
+
+    encoder.forward = forward
+    return model
+
+
+@pytest.mark.parametrize("make", ["gpt2", "transformer-encoder"])
+def test_checkpointed_layers_recompute_the_very_sketches_of_the_forward_pass(make):
+    # a recomputed layer is routed again (NOTE [Routing recomputed layers]) and, with torch's
+    # restored random state, draws what its first pass drew: gradients bitwise those of the
+    # converted model without checkpointing, dropout on
+    if make == "gpt2":
+        plain, checkpointed = _gpt2(0.1), _gpt2(0.1)
+        checkpointed.activation_checkpointing_enable()  # non-reentrant by default
+        x = torch.randint(32, (3, 8))
+    else:
+        plain, checkpointed = _encoder(0.1), _checkpointed_encoder(use_reentrant=False)
+        x = torch.randn(3, 8, 16)
+    rad = [radgrad.convert(m.train(), **QUANTIZE) for m in (plain, checkpointed)]
+    expected, got = _grads(rad[0], x), _grads(rad[1], x)
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert not torch.equal(_grads(rad[0], x, seed=2)[0], expected[0])  # the draws do matter
+
+
+@pytest.mark.parametrize("make", ["gpt2", "transformer-encoder"])
+def test_reentrant_checkpointing_is_refused_with_the_way_out(make):
+    # reentrant checkpointing first runs every segment under no_grad, where radgrad draws
+    # nothing: the recomputed segments would share random numbers (NOTE [Draws in recomputed layers])
+    if make == "gpt2":
+        model = _gpt2()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+        x = torch.randint(32, (3, 8))
+    else:
+        # an input that needs no gradient would leave reentrant checkpointing with no graph at all
+        model, x = _checkpointed_encoder(use_reentrant=True), torch.randn(3, 8, 16, requires_grad=True)
+    radgrad.convert(model.train(), **QUANTIZE)
+    with pytest.raises(RuntimeError, match=r"use_reentrant=False"):
+        _grads(model, x)

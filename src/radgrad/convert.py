@@ -101,9 +101,11 @@ def convert(
     for module in model.modules():
         if id(module) not in skipped:
             _convert_one(module, config)
-    if any(id(m) not in skipped and not (isinstance(m, _RAD_MODULES) or type(m) in _PLAIN)
-           for m in model.modules()):
-        route.install(model, config)
+    # modules whose own code may call what the route reroutes (NOTE [Routing recomputed layers])
+    entries = [m for m in model.modules() if id(m) not in skipped
+               and not (isinstance(m, _RAD_MODULES) or type(m) in _PLAIN)]
+    if entries:
+        route.install(model, config, entries)
     report = coverage(model)
     if report.parameter_share < 0.5:
         left = ", ".join(f"{name or '(model)'} ({why.split(':')[0]})"

@@ -29,6 +29,7 @@ routed: the model computes exactly what torch computes.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -111,14 +112,20 @@ class Route(TorchFunctionMode):
         return twin(self.config, *args, **(kwargs or {}))
 
 
-def install(model: nn.Module, config: SketchConfig) -> None:
-    """Route ``model``'s functional calls while it trains; a second call only updates the config."""
+def install(model: nn.Module, config: SketchConfig, entries: Iterable[nn.Module] = ()) -> None:
+    """Route ``model``'s functional calls while it trains; a second call only updates the config.
+
+    Routing starts when the model, or any module of ``entries`` (modules of
+    ``model`` whose code may make routed calls), starts a forward pass while
+    nothing is routed yet (NOTE [Routing recomputed layers]).
+    """
     if getattr(model, "_radgrad_route", None) is not None:
         model._radgrad_route.config = config
         return
     route = model._radgrad_route = _Installed(config)
-    route.handles = [model.register_forward_pre_hook(route.enter),
-                     model.register_forward_hook(route.exit, always_call=True)]
+    for module in {id(m): m for m in (model, *entries)}.values():
+        route.handles += [module.register_forward_pre_hook(route.enter),
+                          module.register_forward_hook(route.exit, always_call=True)]
 
 
 def _pause(module: nn.Module, args) -> None:
@@ -141,15 +148,32 @@ def leave_alone(module: nn.Module, alone: bool = True) -> None:
                                  module.register_forward_hook(_resume, always_call=True)]
 
 
+# NOTE [Routing recomputed layers]
+#   Gradient checkpointing (torch.utils.checkpoint, Hugging Face's
+#   gradient_checkpointing_enable) runs a layer's forward again in the backward
+#   pass, long after the model's own forward returned and left its Route. Were
+#   only the model's forward routed, the recomputed layer would call torch's
+#   functions where the first pass called their RAD twins: it would save other
+#   tensors, which non-reentrant checkpointing refuses ("A different number of
+#   tensors was saved"), and reentrant checkpointing would silently keep them
+#   exact. So every module whose code may make routed calls enters the Route
+#   when its forward starts while nothing is routed: inside the model's forward
+#   that costs a check per module; in a recomputation the outermost recomputed
+#   module routes it. With torch's default ``preserve_rng_state`` a
+#   non-reentrant recomputation then draws the very numbers of the first pass.
 class _Installed:
     def __init__(self, config: SketchConfig) -> None:
         self.config = config
+        self.handles: list = []
         self.active: list[Route | None] = []
+        self.entered = 0
 
     def enter(self, module: nn.Module, args) -> None:
-        mode = Route(self.config) if module.training and torch.is_grad_enabled() else None
-        if mode is not None:
+        mode = None
+        if not self.entered and module.training and torch.is_grad_enabled():
+            mode = Route(self.config)
             mode.__enter__()
+            self.entered += 1
         self.active.append(mode)
 
     def exit(self, module: nn.Module, *_) -> None:
@@ -159,3 +183,4 @@ class _Installed:
         mode = self.active.pop()
         if mode is not None:
             mode.__exit__(None, None, None)
+            self.entered -= 1
