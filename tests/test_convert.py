@@ -77,6 +77,39 @@ def test_a_model_of_radgrad_layers_only_is_not_routed():
     assert hasattr(radgrad.convert(nn.Sequential(_FunctionalLinear(), nn.Linear(8, 64)), keep=0.2), "_radgrad_route")
 
 
+class _CheckpointsTwoModules(nn.Module):
+    """Checkpoints a module of routed calls, and a bare function of the same calls."""
+
+    def __init__(self, bare: bool):
+        super().__init__()
+        self.bare, self.inner, self.head = bare, _FunctionalLinear(), nn.Linear(8, 64)
+
+    def forward(self, x):
+        checkpoint = torch.utils.checkpoint.checkpoint
+        if self.bare:
+            x = checkpoint(lambda t: nn.functional.linear(t, self.inner.weight), x, use_reentrant=False)
+        else:
+            x = checkpoint(self.inner, x, use_reentrant=False)
+        return self.head(x)
+
+
+def test_a_checkpointed_module_is_routed_when_recomputed_a_bare_function_is_not():
+    # NOTE [Routing recomputed layers]: a module starts the route for its recomputation; the
+    # model's own code, recomputed outside any module of it, runs unrouted and torch refuses it
+    x = torch.randn(16, 8)
+    grads = []
+    for make in (lambda: nn.Sequential(_FunctionalLinear(), nn.Linear(8, 64)), lambda: _CheckpointsTwoModules(False)):
+        torch.manual_seed(0)
+        model = radgrad.convert(make(), method="quantize")
+        torch.manual_seed(1)
+        model(x).square().sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    model = radgrad.convert(_CheckpointsTwoModules(True), method="quantize")
+    with pytest.raises(torch.utils.checkpoint.CheckpointError, match="different number of tensors"):
+        model(x).sum().backward()
+
+
 def test_converts_the_model_itself_and_skips_subclasses():
     assert type(radgrad.convert(nn.Linear(2, 2))) is radgrad.nn.Linear
     attention = nn.MultiheadAttention(4, 2)

@@ -55,7 +55,10 @@ def convert(
     ``F.relu`` and ``F.gelu/silu/mish`` go to their RAD twins
     (:mod:`radgrad.route`); the calls of excluded modules, and of radgrad
     layers given their own settings, stay as they are. A model made only
-    of radgrad layers and plain containers is not routed at all.
+    of radgrad layers and plain containers is not routed at all. Layers
+    recomputed by non-reentrant activation checkpointing are routed again
+    and draw their first pass's numbers; reentrant checkpointing raises
+    (NOTE [Draws in recomputed layers] in :mod:`radgrad.rng`).
 
     What is exact and what is estimated: the forward pass is exact. Linear
     and convolution layers estimate their weight gradients only; activations,
