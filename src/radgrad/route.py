@@ -149,18 +149,21 @@ def leave_alone(module: nn.Module, alone: bool = True) -> None:
 
 
 # NOTE [Routing recomputed layers]
-#   Gradient checkpointing (torch.utils.checkpoint, Hugging Face's
-#   gradient_checkpointing_enable) runs a layer's forward again in the backward
-#   pass, long after the model's own forward returned and left its Route. Were
-#   only the model's forward routed, the recomputed layer would call torch's
-#   functions where the first pass called their RAD twins: it would save other
-#   tensors, which non-reentrant checkpointing refuses ("A different number of
-#   tensors was saved"), and reentrant checkpointing would silently keep them
-#   exact. So every module whose code may make routed calls enters the Route
-#   when its forward starts while nothing is routed: inside the model's forward
-#   that costs a check per module; in a recomputation the outermost recomputed
-#   module routes it. With torch's default ``preserve_rng_state`` a
-#   non-reentrant recomputation then draws the very numbers of the first pass.
+#   Activation checkpointing (torch.utils.checkpoint, Hugging Face's
+#   activation_checkpointing_enable) runs a layer's forward again in the
+#   backward pass, long after the model's own forward returned and left its
+#   Route. Were only the model's forward routed, the recomputed layer would call
+#   torch's functions where the first pass called their RAD twins: it would save
+#   other tensors, which non-reentrant checkpointing refuses ("A different
+#   number of tensors was saved"). So every module whose code may make routed
+#   calls enters the Route when its forward starts while nothing is routed:
+#   inside the model's forward that costs a check per module; in a recomputation
+#   the outermost recomputed module routes it. With torch's default
+#   ``preserve_rng_state`` a non-reentrant recomputation then draws the very
+#   numbers of the first pass (reentrant checkpointing is refused:
+#   NOTE [Draws in recomputed layers] in radgrad.rng). The state is the model's,
+#   not a thread's: one model run by threads at once (nn.DataParallel) is not
+#   supported.
 class _Installed:
     def __init__(self, config: SketchConfig) -> None:
         self.config = config
