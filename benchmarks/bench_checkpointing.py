@@ -35,14 +35,16 @@ WAYS = {"plain": ("exact", False), "checkpoint": ("exact", True), "radgrad": ("q
 def measure(name: str, rounds: int) -> dict:
     models = {}
     for way, (method, checkpointed) in WAYS.items():
-        model, spec = real_models.build(name.removesuffix(f"-{DEEP}"), method, 0)
-        if name.endswith(f"-{DEEP}"):
+        deep = name.endswith(f"-{DEEP}")
+        # converted here, not by build, so that the deeper GPT-2 is converted the same way
+        model, spec = real_models.build(name.removesuffix(f"-{DEEP}"), "exact", 0)
+        if deep:
             config = copy.deepcopy(model.config)
             config.n_layer = DEEP
             torch.manual_seed(0)
             model = type(model)(config).train()
-            if method == "quantize":
-                radgrad.convert(model, method="quantize")
+        if method == "quantize":
+            radgrad.convert(model, method="quantize")
         if checkpointed:
             model.activation_checkpointing_enable()  # non-reentrant, a checkpoint per layer
         models[way] = model
