@@ -10,7 +10,8 @@ def test_public_names_are_pinned():
                                   "LayerNorm", "Dropout", "Activation", "TransposedLinear"]
     assert sorted(radgrad.functional.__all__) == sorted([
         "avg_pool1d", "avg_pool2d", "conv", "dropout", "elementwise", "layer_norm", "linear", "max_pool2d",
-        "recurrence", "relu", "scaled_dot_product_attention", "batch_norm", "multi_head_attention_forward"])
+        "recurrence", "relu", "scaled_dot_product_attention", "batch_norm", "multi_head_attention_forward",
+        "matmul", "softmax", "log_softmax", "cross_entropy"])
     assert sorted(radgrad.METHODS) == ["norm", "project", "quantize", "sample"]
     assert radgrad.BITS == (1, 2, 4, 8)
 

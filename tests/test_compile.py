@@ -136,9 +136,23 @@ class _ThreeReaders(nn.Module):
         return self.q(h) * self.k(h) + self.v(h)
 
 
+class _TorchFunctionAttention(nn.Module):
+    """Attention written with torch functions: q @ k^T and P @ v pack both operands, softmax its
+    output twice; the product with a parameter's transpose packs the activation alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.out = nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, h):
+        q, k, v = self.qkv(h).view(2, 8, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return torch.matmul(torch.softmax(q @ k.mT, -1), v) @ self.out.mT
+
+
 @pytest.mark.parametrize("config", [radgrad.SketchConfig(0.5), radgrad.SketchConfig(method="quantize", bits=1)],
                          ids=config_id)
-@pytest.mark.parametrize("kind", ["layer_norm", "batch_norm", "shared_input"])
+@pytest.mark.parametrize("kind", ["layer_norm", "batch_norm", "shared_input", "attention"])
 def test_compiled_draws_stay_apart(kind, config):
     # a normalization packs its input twice (sampled: two draws; quantized: one draw of
     # two grids), and q/k/v-like layers each pack one input: AOTAutograd merged such
@@ -162,6 +176,8 @@ def test_compiled_draws_stay_apart(kind, config):
         x = torch.randn(2, 3, 16, 16)
     else:
         model, x = _ThreeReaders(config), torch.randn(16, 8)
+    if kind == "attention":
+        model, x = _TorchFunctionAttention(), torch.randn(2, 8, 8)
     if kind != "shared_input":
         radgrad.convert(model, **options(config))
     model.double()

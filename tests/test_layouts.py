@@ -135,6 +135,51 @@ def test_conv_on_any_layout(layout, batch, size, config, seed):
     assert_same([got[i] for i in exact], [want[i] for i in exact], exact=False)
 
 
+def _dense_like(t):
+    """A contiguous copy of ``t``, transposed in memory where ``t`` is (a key read as ``k.mT``)."""
+    if t.dim() >= 2 and t.stride(-1) != 1 and t.stride(-2) == 1 and t.shape[-2] > 1:
+        return t.mT.contiguous().mT
+    return t.contiguous()
+
+
+@settings(max_examples=40, deadline=None)
+@given(layout=st.sampled_from(LAYOUTS), batch=st.integers(0, 3), rows=st.integers(0, 4), transpose=st.booleans(),
+       config=CONFIGS, seed=st.integers(0, 2**31))
+def test_matmul_on_any_layout(layout, batch, rows, transpose, config, seed):
+    leaf, view = strided([batch, rows, 5], layout, seed)
+    weight = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+    def product(dense):
+        # both operands activations (a view of a leaf that needs a gradient is saved as a parameter is)
+        def fn(x, w):
+            w = (w * 1).mT if transpose else (w * 1).mT.contiguous()
+            return RF.matmul(dense(x * 1), dense(w), config)
+        return fn
+
+    got = grads_of(product(lambda t: t), leaf, view, (weight,))
+    want = grads_of(lambda x, w: torch.matmul(x, w.mT), leaf, view, (weight,))
+    assert_same(got[:1], want[:1], exact=False)  # the output is torch's
+    if config.exact:
+        assert_same(got, want, exact=False)
+    # the same draws on dense copies read in the same orientation: the same estimates
+    assert_same(got, grads_of(product(_dense_like), leaf, view, (weight,)), exact=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(0, 4), min_size=1, max_size=4), layout=st.sampled_from(LAYOUTS),
+       dim=st.integers(0, 3), log=st.booleans(), config=CONFIGS, seed=st.integers(0, 2**31))
+def test_softmax_on_any_layout(shape, layout, dim, log, config, seed):
+    dim = dim % len(shape)
+    leaf, view = strided(shape, layout, seed)
+    rad, torch_op = (RF.log_softmax, torch.log_softmax) if log else (RF.softmax, torch.softmax)
+    got = grads_of(lambda x: rad(x, dim, config=config), leaf, view)
+    want = grads_of(lambda x: torch_op(x, dim), leaf, view)
+    assert_same(got[:1], want[:1])  # the output bitwise
+    if config.exact:
+        assert_same(got, want)
+    assert_same(got, grads_of(lambda x: rad(x.contiguous(), dim, config=config), leaf, view), exact=False)
+
+
 @settings(max_examples=40, deadline=None)
 @given(shape=st.lists(st.integers(0, 5), min_size=1, max_size=4), layout=st.sampled_from(LAYOUTS),
        batch_dims=st.integers(0, 4), keep=st.floats(0.05, 1.0), method=st.sampled_from(sorted(radgrad.METHODS)),

@@ -8,6 +8,7 @@ autograd, with a power check that a 10% bias would be caught).
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import radgrad
 import radgrad.functional as RF
@@ -43,14 +44,16 @@ def test_elementwise_exact_output_unbiased_input_grad(act, config):
 
 
 @pytest.mark.parametrize("config", [*CONFIGS, SketchConfig(1.0, bits=8)], ids=["quantize", "sample", "bits8"])
-def test_normalization_and_elementwise_backward_can_run_twice(config):
-    # their backward passes overwrite the estimates they rebuild: the sketches themselves stay intact
+def test_backward_can_run_twice(config):
+    # backward passes overwrite the estimates they rebuild: the sketches themselves stay intact
     torch.manual_seed(0)
     x = torch.randn(4, 6, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(8, dtype=torch.float64, requires_grad=True)
     for fn in (lambda t: RF.elementwise(F.gelu, t, config),
                lambda t: RF.layer_norm(t, [8], weight, None, 1e-5, config),
-               lambda t: RF.batch_norm(t, None, None, weight[:6], None, True, 0.1, 1e-5, config)):
+               lambda t: RF.batch_norm(t, None, None, weight[:6], None, True, 0.1, 1e-5, config),
+               lambda t: RF.softmax(t, -1, config=config) * weight, lambda t: RF.log_softmax(t, -1, config=config),
+               lambda t: RF.matmul(t * 1, (t * weight).mT, config)):
         y = fn(x)
         g = torch.randn_like(y)
         first = torch.autograd.grad(y, [x, weight], g, retain_graph=True, allow_unused=True)
@@ -300,3 +303,146 @@ def test_attention_saves_queries_modified_in_place_instead_of_rebuilding_them():
 
     assert torch.equal(grads(scale_queries, lambda t: _projected_attention(h, w, config, touch=t)),
                        grads(None, by_hand))
+
+
+def _operand(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_()
+
+
+# leaf shapes, and the operands a model would compute from them (activations, not leaves)
+MATMUL_CASES = {
+    "batched": ([(2, 3, 4), (2, 4, 5)], lambda a, b: (a * 1, b * 1)),
+    "broadcast": ([(2, 1, 3, 4), (3, 4, 5)], lambda a, b: (a * 1, b * 1)),
+    "transposed": ([(2, 3, 4), (2, 5, 4)], lambda a, b: (a * 1, (b * 1).mT)),  # a key, as q @ k^T reads it
+    "same-tensor": ([(2, 3, 4)], lambda a: (a * 1, (a * 1).mT)),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["quantize", "sample"])
+@pytest.mark.parametrize("case", MATMUL_CASES)
+def test_matmul_exact_output_unbiased_grads(config, case):
+    torch.manual_seed(0)  # the draws
+    shapes, operands = MATMUL_CASES[case]
+    leaves = [_operand(*shape, seed=i) for i, shape in enumerate(shapes)]
+    assert torch.equal(RF.matmul(*operands(*leaves), config), torch.matmul(*operands(*leaves)))
+    exact = _grads(lambda *t: torch.matmul(*operands(*t)), *leaves)
+    samples = _draws(lambda *t: RF.matmul(*operands(*t), config), leaves)
+    assert samples.std(0).max() > 0  # sketched, not saved as they are
+    assert_unbiased(samples, exact)
+
+
+def test_matmul_saves_a_parameter_operand_as_it_is_and_sketches_the_activation():
+    config = SketchConfig(method="quantize", bits=2)
+    x = _operand(8, 6, 16, seed=0) * 1  # an activation
+    weight = nn.Parameter(_operand(16, 32, seed=1).detach())
+    assert torch.equal(RF.matmul(x, weight.mT.mT, config), x @ weight)
+    # the input gradient is exact: it reads the parameter, never a sketch
+    g = torch.randn(8, 6, 32, dtype=torch.float64)
+    (grad_x,) = torch.autograd.grad(RF.matmul(x, weight.mT.mT, config), x, g)
+    assert_same_up_to_rounding(grad_x, g @ weight.detach().mT)
+    sketch_bytes = radgrad.pack(x.detach(), config, batch_dims=2).nbytes
+    assert 0 < sketch_bytes < x.numel() * x.element_size() / 8
+    with radgrad.memory.record() as rec:
+        RF.matmul(x, weight, config)
+    assert rec.total == sketch_bytes  # the parameter is saved as it is: nothing new
+    with radgrad.memory.record() as rec:
+        RF.matmul(x.detach() * 1, weight, config)  # only the parameter needs a gradient: x alone, sketched
+    assert rec.total == sketch_bytes
+    frozen = nn.Parameter(weight.detach(), requires_grad=False)  # a frozen weight (LoRA's) lives on anyway
+    with radgrad.memory.record() as rec:
+        out = RF.matmul(x, frozen, config)
+    assert rec.total == 0 and torch.equal(out, x @ frozen)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["quantize", "sample"])
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_softmax_exact_output_unbiased_grad(config, dim):
+    torch.manual_seed(0)  # the draws
+    x = (_operand(3, 4, 5, seed=0) * 2).detach().requires_grad_()
+    assert torch.equal(RF.softmax(x, dim, config=config), torch.softmax(x, dim))
+    # output gradients that vary along the softmax's rows (_grads' alone barely do: tiny gradients)
+    w = _operand(3, 4, 5, seed=1).detach()
+    exact = _grads(lambda t: torch.softmax(t, dim) * w, x)
+    assert_unbiased(_draws(lambda t: RF.softmax(t, dim, config=config) * w, [x]), exact)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["quantize", "sample"])
+def test_log_softmax_exact_output_unbiased_grad(config):
+    torch.manual_seed(0)  # the draws
+    x = (_operand(3, 4, 5, seed=0) * 2).detach().requires_grad_()
+    assert torch.equal(RF.log_softmax(x, -1, config=config), torch.log_softmax(x, -1))
+    w = _operand(3, 4, 5, seed=1).detach()
+    exact = _grads(lambda t: torch.log_softmax(t, -1) * w, x)
+    assert_unbiased(_draws(lambda t: RF.log_softmax(t, -1, config=config) * w, [x]), exact)
+
+
+def test_softmax_in_another_dtype_returns_the_input_dtype_gradient():
+    x = torch.randn(4, 6, requires_grad=True)
+    config = SketchConfig(method="quantize", bits=8)
+    y = RF.softmax(x, -1, torch.float64, config)
+    assert y.dtype == torch.float64 and torch.equal(y, torch.softmax(x, -1, dtype=torch.float64))
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert grad.dtype == torch.float32
+
+
+def test_softmax_one_sketch_used_twice_would_be_biased():
+    torch.manual_seed(0)  # the draws
+    # The reason for two independent sketches (NOTE [Softmax from two sketches]).
+    from radgrad.functional import _softmax
+
+    config = SketchConfig(method="quantize", bits=1)
+    x = (_operand(2, 6, seed=0) * 2).detach().requires_grad_()
+    w = _operand(2, 6, seed=1).detach()
+    exact = _grads(lambda t: torch.softmax(t, -1) * w, x)
+    original = _softmax._packed
+
+    def same_draw(output, t, config, batch_dims, fresh=False, copies=1):
+        output, *a = original(output, t, config, batch_dims, fresh)
+        return output, *a, *a
+
+    _softmax._packed = same_draw
+    try:
+        samples = _draws(lambda t: RF.softmax(t, -1, config=config) * w, [x])
+    finally:
+        _softmax._packed = original
+    with pytest.raises(AssertionError, match="z-score"):
+        assert_unbiased(samples, exact)
+
+
+def test_softmax_without_dim_is_an_error():
+    with pytest.raises(TypeError, match="dim must be an int"):
+        RF.softmax(torch.randn(3, requires_grad=True), None)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_exact_loss_unbiased_grad(reduction):
+    torch.manual_seed(0)  # the draws
+    config = SketchConfig(method="quantize", bits=2)
+    x = (_operand(4, 6, 3, seed=0) * 2).detach().requires_grad_()
+    target = torch.randint(6, (4, 3), generator=torch.Generator().manual_seed(0))
+    target[0, 0] = -100  # ignored
+    weight = torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(weight=weight, reduction=reduction)
+    assert torch.equal(RF.cross_entropy(x, target, config=config, **kwargs), F.cross_entropy(x, target, **kwargs))
+    exact = _grads(lambda t: F.cross_entropy(t, target, **kwargs), x)
+    assert_unbiased(_draws(lambda t: RF.cross_entropy(t, target, config=config, **kwargs), [x]), exact)
+
+
+def test_cross_entropy_saves_a_sketch_of_the_probabilities():
+    config = SketchConfig(method="quantize", bits=2)
+    logits = _operand(64, 1000, seed=0).float() * 1
+    target = torch.randint(1000, (64,))
+    with radgrad.memory.record() as rec:
+        F.cross_entropy(logits, target)
+    exact = rec.total
+    with radgrad.memory.record() as rec:
+        RF.cross_entropy(logits, target, config=config)
+    assert rec.total == radgrad.pack(logits.detach(), config, batch_dims=1).nbytes + target.numel() * 8
+    assert rec.total < exact / 10
+    probabilities = F.cross_entropy(logits, target.float().softmax(0)[:, None].expand(-1, 1000))
+    # probability targets, label smoothing: torch's function
+    assert torch.equal(RF.cross_entropy(logits, target.float().softmax(0)[:, None].expand(-1, 1000),
+                                        config=config), probabilities)
+    assert torch.equal(RF.cross_entropy(logits, target, label_smoothing=0.1, config=config),
+                       F.cross_entropy(logits, target, label_smoothing=0.1))

@@ -19,12 +19,17 @@ transformers.logging.set_verbosity_error()
 QUANTIZE = dict(method="quantize", bits=2)
 
 
-def _gpt2(dropout: float = 0.0) -> nn.Module:
+def _gpt2(dropout: float = 0.0, attention: str = "sdpa") -> nn.Module:
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=8,
                                      bos_token_id=0, eos_token_id=0, resid_pdrop=dropout, embd_pdrop=dropout,
-                                     attn_pdrop=dropout)
+                                     attn_pdrop=dropout, attn_implementation=attention)
     return transformers.GPT2LMHeadModel(config)
+
+
+def _eager_gpt2(dropout: float = 0.0) -> nn.Module:
+    """GPT-2 whose attention is written with torch functions: matmul, softmax, dropout."""
+    return _gpt2(dropout, "eager")
 
 
 def _encoder(dropout: float = 0.0) -> nn.Module:
@@ -45,13 +50,14 @@ def test_gpt2_converts_its_conv1d_activations_norms_and_dropout_keeping_ties():
     assert all(a is b for a, b in zip(model.parameters(), params))
 
 
-@pytest.mark.parametrize("make", [_gpt2, _encoder], ids=["gpt2", "transformer-encoder"])
+@pytest.mark.parametrize("make", [_gpt2, _eager_gpt2, _encoder], ids=["gpt2", "gpt2-eager", "transformer-encoder"])
 def test_eval_outputs_bitwise_equal_after_convert(make):
     model = make(0.1).eval()
-    x = torch.randint(32, (3, 8)) if make is _gpt2 else torch.randn(3, 8, 16)
-    before = model(x).logits if make is _gpt2 else model(x)
+    hf = make is not _encoder
+    x = torch.randint(32, (3, 8)) if hf else torch.randn(3, 8, 16)
+    before = model(x).logits if hf else model(x)
     radgrad.convert(model, **QUANTIZE)
-    after = model(x).logits if make is _gpt2 else model(x)
+    after = model(x).logits if hf else model(x)
     assert torch.equal(before, after)
 
 
@@ -62,11 +68,11 @@ def _loss(model, x, y):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [_gpt2, _encoder], ids=["gpt2", "transformer-encoder"])
+@pytest.mark.parametrize("make", [_gpt2, _eager_gpt2, _encoder], ids=["gpt2", "gpt2-eager", "transformer-encoder"])
 def test_training_gradients_unbiased_and_outputs_exact(make):
     model = make().double().train()
     torch.manual_seed(1)
-    if make is _gpt2:
+    if make is not _encoder:
         x, y = torch.randint(32, (2, 8)), torch.randint(32, (2, 8))
     else:
         x, y = torch.randn(2, 8, 16, dtype=torch.float64), torch.randint(5, (2, 8))
@@ -123,6 +129,75 @@ def test_attention_calls_are_routed_only_while_training():
     assert rad < 0.6 * full
     with torch.no_grad():
         assert torch.equal(model.eval()(x).logits, exact.eval()(x).logits)
+
+
+def _eager_bert(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    return transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=32, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+        attn_implementation="eager"))
+
+
+def _wider_eager_gpt2(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=64, n_head=2, vocab_size=32, n_positions=64, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, attn_implementation="eager"))
+
+
+@pytest.mark.parametrize("make, attention", [(_wider_eager_gpt2, "transformer.h.0.attn"),
+                                             (_eager_bert, "bert.encoder.layer.0.attention.self")],
+                         ids=["gpt2", "bert"])
+def test_attention_written_with_torch_functions_saves_sketches_only(make, attention):
+    # Hugging Face's eager attention: q @ k^T, softmax, dropout, P @ v, each routed to its RAD twin
+    x = torch.randint(32, (2, 64))
+    model = make().train()
+    rad = radgrad.convert(copy.deepcopy(model), **QUANTIZE)
+    assert torch.equal(rad(x).logits, model(x).logits)  # the train-mode forward is torch's
+    model = make(0.1).train()
+    rad = radgrad.convert(copy.deepcopy(model), **QUANTIZE)
+    plain = radgrad.memory.measure(model, x).by_module[attention]
+    converted = radgrad.memory.measure(rad, x).by_module[attention]
+    # exact: q, k, v, the probabilities (twice: softmax output, dropped) and a byte mask, 32-bit;
+    # radgrad: 2-bit sketches of q, k, v, three of the probabilities, a 1-bit mask, and row scales
+    assert converted < 0.15 * plain
+    assert torch.equal(model.eval()(x).logits, rad.eval()(x).logits)
+
+
+def test_the_loss_inside_the_model_saves_a_sketch_of_the_probabilities():
+    # Hugging Face computes the loss in the model's forward (F.cross_entropy): its log-probabilities,
+    # one per vocabulary entry and position, are a language model's largest saved tensor
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=2000, n_positions=32, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+    rad = radgrad.convert(copy.deepcopy(model), **QUANTIZE)
+    x = torch.randint(2000, (2, 32))
+    assert torch.equal(rad(x, labels=x).loss, model(x, labels=x).loss)
+    plain, converted = (radgrad.memory.measure(m, x, labels=x).by_module[""] for m in (model, rad))
+    assert converted < 0.1 * plain
+
+
+class _HandWrittenAttention(nn.Module):
+    """Attention as a user might write it, with tensor methods and operators only."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.out((q @ k.mT / 4).softmax(-1) @ v)
+
+
+def test_tensor_methods_and_operators_are_routed_too():
+    model = _HandWrittenAttention()
+    rad = radgrad.convert(copy.deepcopy(model), **QUANTIZE)
+    x = torch.randn(4, 64, 32)
+    assert torch.equal(rad(x), model(x))
+    plain, converted = radgrad.memory.saved_bytes(model, x), radgrad.memory.saved_bytes(rad, x)
+    assert converted < 0.15 * plain
 
 
 def _resnet() -> nn.Module:

@@ -18,7 +18,13 @@ with gradients on, which sends these calls to :mod:`radgrad.functional`:
     ``F.layer_norm``, ``F.batch_norm``  two sketches of the normalized input
     ``F.multi_head_attention_forward``  RAD projections and attention (``need_weights=False``)
     ``F.gelu``, ``F.silu``, ``F.mish``  sketch of the derivative
+    ``torch.matmul``, ``bmm``, ``@``  a sketch of each operand but a parameter
+    ``softmax``                       two sketches of the output
+    ``log_softmax``                   a sketch of ``exp`` of the output
+    ``F.cross_entropy``               the same, with class-index targets
     ================================  ================================================
+
+Tensor methods (``x.softmax(-1)``, ``q @ k.mT``) are routed like the functions.
 
 Calls made inside radgrad's own ops run with gradients off, and those of
 their exact paths are marked, so both fall through to torch unchanged: a
@@ -83,6 +89,43 @@ def _activation(name, config, input, *args, **kwargs):
     return RF.elementwise(forward, input, config, derivative)
 
 
+def _floating(*tensors) -> bool:
+    return all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors)
+
+
+def _matmul(func, config, input, other, *, out=None):
+    if out is not None or not _floating(input, other):
+        return func(input, other) if out is None else func(input, other, out=out)
+    return RF.matmul(input, other, config)
+
+
+def _bmm(func, config, input, mat2, *, out=None):
+    if out is not None or not _floating(input, mat2) or not (
+            input.dim() == mat2.dim() == 3 and input.shape[0] == mat2.shape[0]):
+        return func(input, mat2) if out is None else func(input, mat2, out=out)
+    return RF.matmul(input, mat2, config)
+
+
+def _softmax(func, log, config, input, dim=None, dtype=None):
+    if not isinstance(dim, int) or not _floating(input):
+        return func(input, dim, dtype=dtype)
+    return (RF.log_softmax if log else RF.softmax)(input, dim, dtype, config)
+
+
+def _softmax_functional(func, log, config, input, dim=None, _stacklevel=3, dtype=None):
+    if not isinstance(dim, int) or not _floating(input):
+        return func(input, dim, _stacklevel, dtype)
+    return (RF.log_softmax if log else RF.softmax)(input, dim, dtype, config)
+
+
+def _cross_entropy(config, input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
+                   reduction="mean", label_smoothing=0.0):
+    if size_average is not None or reduce is not None or not _floating(input):  # legacy arguments: torch's
+        return F.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                               label_smoothing)
+    return RF.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, config)
+
+
 #: torch function -> RAD twin taking the config first; the table above.
 ROUTED = {
     F.linear: _linear,
@@ -95,6 +138,14 @@ ROUTED = {
     F.gelu: functools.partial(_activation, "gelu"),
     F.silu: functools.partial(_activation, "silu"),
     F.mish: functools.partial(_activation, "mish"),
+    **{func: functools.partial(_matmul, func) for func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)},
+    **{func: functools.partial(_bmm, func) for func in (torch.bmm, torch.Tensor.bmm)},
+    **{func: functools.partial(_softmax, func, log)
+       for func, log in ((torch.softmax, False), (torch.Tensor.softmax, False),
+                         (torch.log_softmax, True), (torch.Tensor.log_softmax, True))},
+    F.softmax: functools.partial(_softmax_functional, F.softmax, False),
+    F.log_softmax: functools.partial(_softmax_functional, F.log_softmax, True),
+    F.cross_entropy: _cross_entropy,
 }
 
 

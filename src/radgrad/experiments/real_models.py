@@ -20,6 +20,7 @@ with ``--combine``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -39,7 +40,7 @@ import radgrad
 from radgrad.experiments import plots, report
 from radgrad.experiments.data import byte_windows, load_cifar10, stdlib_bytes, to_tensors
 
-__all__ = ["MODELS", "EncoderLM", "Spec", "build", "load_data", "train", "main"]
+__all__ = ["MODELS", "DEFAULT_MODELS", "EncoderLM", "Spec", "build", "load_data", "train", "main"]
 
 METHODS = ("exact", "quantize")
 
@@ -81,20 +82,23 @@ def _transformers():
     return transformers
 
 
-def _gpt2() -> nn.Module:
+# Hugging Face's own default attention is "sdpa" (F.scaled_dot_product_attention); "eager" writes
+# it with torch functions (matmul, softmax, dropout), as older releases and output_attentions do.
+def _gpt2(attention: str = "sdpa", vocabulary: int = 256) -> nn.Module:
     t = _transformers()
-    return t.GPT2LMHeadModel(t.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=256, n_positions=256,
-                                          bos_token_id=0, eos_token_id=0))
+    return t.GPT2LMHeadModel(t.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=vocabulary, n_positions=256,
+                                          bos_token_id=0, eos_token_id=0, attn_implementation=attention))
 
 
 _MASK = 256  # BERT's [MASK]: the byte vocabulary plus one
 
 
-def _bert() -> nn.Module:
+def _bert(attention: str = "sdpa") -> nn.Module:
     t = _transformers()
     return t.BertForMaskedLM(t.BertConfig(vocab_size=257, hidden_size=256, num_hidden_layers=4,
                                           num_attention_heads=4, intermediate_size=1024,
-                                          max_position_embeddings=128, pad_token_id=0))
+                                          max_position_embeddings=128, pad_token_id=0,
+                                          attn_implementation=attention))
 
 
 def _masked(data: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -103,11 +107,12 @@ def _masked(data: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
     return x.masked_fill(chosen, _MASK), x.masked_fill(~chosen, -100)
 
 
-def _vit() -> nn.Module:
+def _vit(attention: str = "sdpa") -> nn.Module:
     t = _transformers()
     return t.ViTForImageClassification(t.ViTConfig(image_size=32, patch_size=4, hidden_size=256,
                                                    num_hidden_layers=4, num_attention_heads=4,
-                                                   intermediate_size=1024, num_labels=10))
+                                                   intermediate_size=1024, num_labels=10,
+                                                   attn_implementation=attention))
 
 
 def _resnet() -> nn.Module:
@@ -134,16 +139,30 @@ def _next_byte_loss(model: nn.Module, x: Tensor) -> Tensor:
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
 
 
+def _gpt2_batch(data: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    return (byte_windows(data, 8, 256, g),) * 2
+
+
 MODELS: dict[str, Spec] = {
-    "gpt2": Spec("HF GPT-2, 4 layers, 256 wide, batch 8 x 256 bytes", "text", _gpt2,
-                 lambda data, g: (byte_windows(data, 8, 256, g),) * 2, _hf_loss),
+    "gpt2": Spec("HF GPT-2, 4 layers, 256 wide, batch 8 x 256 bytes", "text", _gpt2, _gpt2_batch, _hf_loss),
     "bert": Spec("HF BERT masked LM, 4 layers, 256 wide, batch 8 x 128 bytes", "text", _bert, _masked, _hf_loss),
     "transformer-encoder": Spec("nn.TransformerEncoder causal LM, 4 layers, 256 wide, batch 8 x 256 bytes",
                                 "text", EncoderLM, lambda data, g: byte_windows(data, 8, 257, g),
                                 _next_byte_loss),
     "vit": Spec("HF ViT, 32 px, patch 4, 4 layers, 256 wide, batch 32", "cifar", _vit, _images, _hf_loss),
     "resnet": Spec("HF ResNet, basic blocks 2-2-2-2, batch 32", "cifar", _resnet, _images, _hf_loss),
+    "gpt2-eager": Spec("gpt2 with attn_implementation='eager'", "text", functools.partial(_gpt2, "eager"),
+                       _gpt2_batch, _hf_loss),
+    "bert-eager": Spec("bert with attn_implementation='eager'", "text", functools.partial(_bert, "eager"),
+                       _masked, _hf_loss),
+    "vit-eager": Spec("vit with attn_implementation='eager'", "cifar", functools.partial(_vit, "eager"),
+                      _images, _hf_loss),
+    # bytes are token ids below 256 of any vocabulary: the larger one changes the output layer and loss
+    "gpt2-vocab50257": Spec("gpt2 with GPT-2's own vocabulary of 50257 tokens", "text",
+                            functools.partial(_gpt2, vocabulary=50257), _gpt2_batch, _hf_loss),
 }
+#: What runs when no --models are given: every model in Hugging Face's default attention.
+DEFAULT_MODELS = ["gpt2", "bert", "transformer-encoder", "vit", "resnet"]
 
 
 @cache
@@ -241,7 +260,7 @@ def figure(runs: list[dict], title: str) -> Figure:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(MODELS))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--lr", type=float, default=1e-3)

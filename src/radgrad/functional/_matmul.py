@@ -1,0 +1,112 @@
+"""RAD matrix product of two tensors: exact output, each operand's gradient from a sketch of the other.
+
+NOTE [Products of two activations]
+    ``out = a @ b`` has the backward pass ``da = grad @ b^T`` and
+    ``db = a^T @ grad``: each saved operand enters the other's gradient
+    linearly, so an unbiased sketch of each gives unbiased ``da`` and ``db``.
+    The two sketches are drawn independently (``a @ a^T`` included, where
+    autograd sums the two terms into one gradient). An operand is saved only
+    when the other one needs a gradient, and is kept exact, not sketched,
+    when it is a parameter (trained or frozen) or a view of one such as
+    ``weight.t()``, or a leaf that needs a gradient: its storage lives on
+    anyway, so saving it costs nothing.
+    This covers attention written with torch functions (Hugging Face's
+    ``attn_implementation="eager"``): ``scores = q @ k^T`` saves sketches of
+    ``q`` and ``k``, ``out = P @ v`` sketches of ``P`` and ``v``.
+
+    Rows of a sketch run along an operand's last dimension, or along the one
+    before it when that is the contiguous one (a transposed key), so that a
+    sketch never copies the operand and every row gets its own scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from radgrad.functional._base import _DEFAULT, _RADFunction, _apply, _check_input, _packed, _sketch_from, _torch
+from radgrad.saved import save_for_backward, saved_tensors
+from radgrad.sketch import Sketch, SketchConfig
+
+__all__ = ["matmul"]
+
+
+def _lives_on(t: Tensor) -> bool:
+    """Whether ``t`` or the tensor it views is a parameter or a leaf that needs a gradient
+    (NOTE [Products of two activations])."""
+    root = t if t._base is None else t._base
+    return isinstance(root, nn.Parameter) or (root.is_leaf and root.requires_grad)
+
+
+def _rows_view(t: Tensor) -> tuple[Tensor, bool]:
+    """``t`` or its transpose, whichever runs contiguously along its last dimension; and whether transposed."""
+    transposed = t.stride(-1) != 1 and t.stride(-2) == 1 and t.shape[-2] > 1
+    return (t.mT if transposed else t), transposed
+
+
+class _Matmul(_RADFunction):
+    @staticmethod
+    def forward(a, b, config, sketched):
+        output = torch.matmul(a, b)
+        parts: list[Tensor | None] = []
+        for t, sketch in zip((a, b), sketched):
+            if sketch:
+                view, _ = _rows_view(t)
+                output, *more = _packed(output, view, config, view.dim() - 1)
+                parts += more
+        return output, *parts
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        a, b, config, sketched = inputs
+        parts = iter([outputs[1:][i:i + 3] for i in range(0, len(outputs) - 1, 3)])
+        saved: list[Tensor | Sketch | None] = []
+        ctx.transposed = []
+        needed = (ctx.needs_input_grad[1], ctx.needs_input_grad[0])  # a serves b's gradient, b serves a's
+        for t, sketch, need in zip((a, b), sketched, needed):
+            view, transposed = _rows_view(t)
+            ctx.transposed.append(transposed)
+            if sketch:
+                saved.append(_sketch_from(ctx, next(parts), view, config, view.dim() - 1))
+            else:
+                saved.append(t if need else None)
+        ctx.shapes = (a.shape, b.shape)
+        save_for_backward(ctx, *saved)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        a, b = (_estimate(t, transposed)
+                for t, transposed in zip(saved_tensors(ctx, unpack=False), ctx.transposed))
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.matmul(grad, b.mT).sum_to_size(ctx.shapes[0])
+        if ctx.needs_input_grad[1]:
+            grad_b = torch.matmul(a.mT, grad).sum_to_size(ctx.shapes[1])
+        return grad_a, grad_b, None, None
+
+
+def _estimate(saved: Tensor | Sketch | None, transposed: bool) -> Tensor | None:
+    if saved is None or isinstance(saved, Tensor):
+        return saved
+    estimate = saved.unpack()
+    return estimate.mT if transposed else estimate
+
+
+def matmul(a: Tensor, b: Tensor, config: SketchConfig = _DEFAULT) -> Tensor:
+    """RAD ``torch.matmul`` of two tensors of at least two dimensions (batch dimensions broadcast).
+
+    Exact: the output. Estimated (unbiased): the gradient of ``a`` from a
+    sketch of ``b``, and that of ``b`` from an independent sketch of ``a``
+    (NOTE [Products of two activations]); a parameter operand is saved as
+    it is. With an exact config, no gradient needed, or an operand of fewer than
+    two dimensions, ``torch.matmul`` runs unchanged.
+    """
+    _check_input("functional.matmul: a", a)
+    _check_input("functional.matmul: b", b)
+    need_a, need_b = a.requires_grad, b.requires_grad
+    if config.exact or not ((need_a or need_b) and torch.is_grad_enabled()) or a.dim() < 2 or b.dim() < 2:
+        return _torch(torch.matmul, a, b)
+    sketched = (need_b and not _lives_on(a), need_a and not _lives_on(b))
+    if not any(sketched):
+        return _torch(torch.matmul, a, b)
+    return _apply(lambda a, b, _, config: _Matmul.run(a, b, config, sketched), a, b, None, config)[0]
