@@ -12,6 +12,7 @@ one process); and the modules holding most of the remaining saved bytes.
 
     python benchmarks/bench_real_models.py --threads 1 --out results/bench_real_models_1thread.json
     python benchmarks/bench_real_models.py --threads 1 --compiled --out results/bench_real_models_compiled.json
+    python benchmarks/bench_real_models.py --rounds 0 --out results/bench_real_models_memory.json  # memory only
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def measure(name: str, rounds: int, compiled: bool) -> dict:
     saved = {k: _saved(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
     peaks = {k: _peak(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
     times: dict[str, list[float]] = {"plain": [], "radgrad": []}
+    if not rounds:  # memory only
+        return _memory_result(name, rad, saved, peaks)
     for m in (plain, rad):
         _step_seconds(m, loss)
     for i in range(rounds):
@@ -97,6 +100,13 @@ def measure(name: str, rounds: int, compiled: bool) -> dict:
             for k, m in order:
                 ctimes[k].append(_step_seconds(m, loss))
         result["compiled_step_ratio"] = statistics.median(ctimes["radgrad"]) / statistics.median(ctimes["plain"])
+    return {**_memory_result(name, rad, saved, peaks),
+            "step_seconds": {k: statistics.median(v) for k, v in times.items()},
+            "step_ratio": statistics.median(times["radgrad"]) / statistics.median(times["plain"]),
+            **result}
+
+
+def _memory_result(name: str, rad: nn.Module, saved: dict, peaks: dict) -> dict:
     holders = Counter()
     for module, nbytes in saved["radgrad"].by_module.items():
         holders[type(rad.get_submodule(module)).__name__ if module not in ("", radgrad.memory.OUTSIDE)
@@ -108,10 +118,7 @@ def measure(name: str, rounds: int, compiled: bool) -> dict:
         "saved_ratio": total / saved["plain"].total,
         "peak_bytes": peaks,
         "peak_ratio": peaks["radgrad"] / peaks["plain"],
-        "step_seconds": {k: statistics.median(v) for k, v in times.items()},
-        "step_ratio": statistics.median(times["radgrad"]) / statistics.median(times["plain"]),
         "remaining_holders": {k: v / total for k, v in holders.most_common(4)},
-        **result,
     }
 
 
@@ -119,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--compiled", action="store_true", help="also time torch.compile'd models")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds (0: memory only)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
@@ -132,7 +139,8 @@ def main() -> None:
         r = measure(name, args.rounds, args.compiled)
         holders = ", ".join(f"{k} {v:.0%}" for k, v in r["remaining_holders"].items())
         compiled = f"{r['compiled_step_ratio']:.2f}" if "compiled_step_ratio" in r else "n/a"
-        print(f"| {name} | {r['saved_ratio']:.3f} | {r['peak_ratio']:.3f} | {r['step_ratio']:.2f} | {compiled} "
+        eager = f"{r['step_ratio']:.2f}" if "step_ratio" in r else "n/a"
+        print(f"| {name} | {r['saved_ratio']:.3f} | {r['peak_ratio']:.3f} | {eager} | {compiled} "
               f"| {holders} |", flush=True)
         results.append(r)
     if args.out:
