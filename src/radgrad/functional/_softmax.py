@@ -99,7 +99,7 @@ def log_softmax(input: Tensor, dim: int, dtype: torch.dtype | None = None,
 class _CrossEntropy(_RADFunction):
     @staticmethod
     def forward(input, target, weight, ignore_index, reduction, config):
-        log_probs = torch.log_softmax(input, _class_dim(input))
+        log_probs = torch.log_softmax(input, _class_dim(input.dim()))
         loss = F.nll_loss(log_probs, target, weight, ignore_index=ignore_index, reduction=reduction)
         return _packed(loss, log_probs.exp_(), config, input.dim() - 1, fresh=True)
 
@@ -113,7 +113,7 @@ class _CrossEntropy(_RADFunction):
     @staticmethod
     def backward(ctx, grad, *_):
         sketch, target, weight = saved_tensors(ctx, unpack=False)
-        dim = 1 if len(sketch.shape) > 1 else 0
+        dim = _class_dim(len(sketch.shape))
         # d loss / d input = a * (p - onehot(target)), a = grad * weight[target] (/ total weight), 0 where ignored
         valid = target != ctx.ignore_index
         index = target.where(valid, 0).unsqueeze(dim)
@@ -128,8 +128,9 @@ class _CrossEntropy(_RADFunction):
         return grad_input.scatter_add_(dim, index, -a), None, None, None, None, None
 
 
-def _class_dim(x: Tensor) -> int:
-    return 1 if x.dim() > 1 else 0
+def _class_dim(ndim: int) -> int:
+    """The class dimension of ``F.cross_entropy``'s input of ``ndim`` dimensions."""
+    return 1 if ndim > 1 else 0
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, ignore_index: int = -100,
