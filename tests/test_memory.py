@@ -36,6 +36,15 @@ def test_parameters_are_excluded_and_modules_named():
     assert rec.total == sum(rec.by_module.values())
 
 
+def test_views_of_a_parameter_are_excluded_without_a_model():
+    weight = nn.Parameter(torch.randn(5, 4))
+    x = torch.randn(3, 5, requires_grad=True)
+    with record() as rec:
+        out = x @ weight.mT.mT  # matmul saves both operands: x and a view of the parameter
+        del out
+    assert rec.total == 3 * 5 * 4
+
+
 def test_the_ruler_sees_radgrad_sketches_and_bits():
     model = radgrad.convert(nn.Sequential(nn.Linear(100, 80), nn.ReLU(), nn.Linear(80, 2)), keep=0.1)
     rec = measure(model, torch.randn(150, 100))

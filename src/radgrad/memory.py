@@ -16,8 +16,8 @@ What counts:
       or overlapping views of one storage, count their union of bytes;
     * a view by the span of its storage that it covers, not the whole
       storage (a minibatch sliced from a dataset tensor counts as the slice);
-    * parameters and buffers of the given model, and any ``nn.Parameter``,
-      are excluded: they exist whether or not a backward pass follows.
+    * parameters and buffers of the given model, and any ``nn.Parameter``
+      or view of one (``w.mT``), are excluded: they exist whether or not a backward pass follows.
 
 What does not count: Python values kept on ``ctx`` (radgrad's integer seeds
 and shapes, a few bytes per op), the autograd graph's own bookkeeping, and
@@ -79,7 +79,8 @@ class _Ruler:
 
     def pack(self, tensor: Tensor) -> Tensor:
         self.record.tensors += 1
-        if isinstance(tensor, nn.Parameter) or tensor.layout != torch.strided:
+        if isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter) \
+                or tensor.layout != torch.strided:
             return tensor
         key = _storage_key(tensor)
         if key in self.excluded:
