@@ -185,6 +185,16 @@ def test_compiled_draws_stay_apart(kind, config):
     _assert_compiled_grads_equal_eager(model, x, backend)
 
 
+def test_compiled_softmax_reads_its_own_bits():
+    # the recommended setting: softmax's sketches in 4 bits, the products' operands in 2; one graph
+    torch.manual_seed(0)
+    model = radgrad.convert(_TorchFunctionAttention(), method="quantize").double()
+    two_bits = radgrad.convert(_TorchFunctionAttention(), method="quantize", bits=2).double()
+    x = torch.randn(2, 8, 8, dtype=torch.float64)
+    assert radgrad.memory.saved_bytes(model, x) > radgrad.memory.saved_bytes(two_bits, x)
+    _assert_compiled_grads_equal_eager(model, x)
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_mask_ops_agree_with_their_fakes(memory_format):
     t = torch.randn(2, 3, 4, 5).to(memory_format=memory_format)

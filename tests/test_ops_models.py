@@ -355,7 +355,8 @@ def test_matmul_saves_a_parameter_operand_as_it_is_and_sketches_the_activation()
     assert rec.total == 0 and torch.equal(out, x @ frozen)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["quantize", "sample"])
+@pytest.mark.parametrize("config", [*CONFIGS, SketchConfig(method="quantize")],
+                         ids=["quantize", "sample", "quantize-default-bits"])
 @pytest.mark.parametrize("dim", [-1, 1])
 def test_softmax_exact_output_unbiased_grad(config, dim):
     torch.manual_seed(0)  # the draws
@@ -375,6 +376,20 @@ def test_log_softmax_exact_output_unbiased_grad(config):
     w = _operand(3, 4, 5, seed=1).detach()
     exact = _grads(lambda t: torch.log_softmax(t, -1) * w, x)
     assert_unbiased(_draws(lambda t: RF.log_softmax(t, -1, config=config) * w, [x]), exact)
+
+
+@pytest.mark.parametrize("config,bits", [(SketchConfig(method="quantize"), 4),
+                                         (SketchConfig(method="quantize", bits=2), 2),
+                                         (SketchConfig(method="quantize", softmax_bits=8), 8)])
+def test_softmax_stores_its_output_in_softmax_bits(config, bits):
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    sketch = radgrad.pack(torch.softmax(x.detach(), -1), SketchConfig(method="quantize", bits=bits), batch_dims=2)
+    with radgrad.memory.record() as rec:
+        RF.softmax(x, -1, config=config)
+    assert rec.total == 2 * sketch.nbytes
+    with radgrad.memory.record() as rec:  # log-softmax's one linear sketch keeps bits
+        RF.log_softmax(x, -1, config=config)
+    assert rec.total == radgrad.pack(x.detach(), config, batch_dims=2).nbytes
 
 
 def test_softmax_in_another_dtype_returns_the_input_dtype_gradient():

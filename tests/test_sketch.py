@@ -274,6 +274,21 @@ def test_bits_and_quantize_keep():
             SketchConfig(bits=bad)
 
 
+def test_softmax_bits_default_to_4_only_where_bits_do():
+    assert SketchConfig(method="quantize").softmax_bits == 4  # the per-op default
+    assert SketchConfig(method="quantize", bits=2).softmax_bits == 2  # bits given: every op alike
+    assert SketchConfig(method="quantize", softmax_bits=8).softmax_bits == 8
+    assert SketchConfig().softmax_bits is None and SketchConfig(bits=1).softmax_bits == 1
+    softmax = SketchConfig(method="quantize").for_softmax()
+    assert (softmax.bits, softmax.softmax_bits, softmax.method) == (4, 4, "quantize")
+    plain = SketchConfig(method="quantize", bits=2)
+    assert plain.for_softmax() is plain and SketchConfig(1.0).for_softmax().exact
+    with pytest.raises(ValueError, match=r"softmax_bits must be one of \(1, 2, 4, 8\) or None, got 3"):
+        SketchConfig(method="quantize", softmax_bits=3)
+    with pytest.raises(TypeError, match=r"softmax_bits must be an int in \(1, 2, 4, 8\) or None, got 4.0"):
+        SketchConfig(method="quantize", softmax_bits=4.0)
+
+
 def test_bad_tensor_and_batch_dims():
     with pytest.raises(TypeError, match="floating-point tensors, got torch.int64"):
         pack(torch.ones(3, 4, dtype=torch.long), SketchConfig(), batch_dims=1)

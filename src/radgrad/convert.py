@@ -31,6 +31,7 @@ def convert(
     per_example: bool = True,
     bits: int | None = None,
     exclude: Iterable[str | type[nn.Module]] = (),
+    softmax_bits: int | None = None,
 ) -> nn.Module:
     """Make ``model`` store randomized sketches for backward; return it.
 
@@ -81,19 +82,22 @@ def convert(
         exclude: qualified module names (as in ``model.named_modules()``) or
             module types; an excluded module and everything inside it keep
             their current class.
+        softmax_bits: the bits of softmax's saved output (see
+            :class:`radgrad.SketchConfig`): 4 for ``method="quantize"``
+            without ``bits``, else ``bits``.
 
     Returns:
         ``model``, converted.
 
     Raises:
-        ValueError: a bad ``keep``, ``method`` or ``bits``, or an ``exclude`` name that is
+        ValueError: a bad ``keep``, ``method``, ``bits`` or ``softmax_bits``, or an ``exclude`` name that is
             not a module of ``model``.
         TypeError: ``model`` is not an ``nn.Module`` or ``exclude`` holds
             something that is neither a name nor a module type.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"radgrad.convert: model must be an nn.Module, got {type(model).__name__}")
-    config = SketchConfig(keep, method, per_example, bits)
+    config = SketchConfig(keep, method, per_example, bits, softmax_bits)
     names, types = _split_exclude(model, exclude)
     skipped = {
         id(inner)

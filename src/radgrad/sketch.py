@@ -54,9 +54,23 @@ METHODS: dict[str, str] = {
 BITS = quantize.BITS
 #: The bits of ``method="quantize"`` when none are given.
 DEFAULT_QUANTIZE_BITS = 2
+#: The bits of softmax's saved output under ``method="quantize"`` when no ``bits`` are given
+#: (NOTE [Softmax from two sketches] in :mod:`radgrad.functional`).
+DEFAULT_SOFTMAX_BITS = 4
 _DEFAULT_KEEP = 0.1
 # Rows of up to this many entries: indices and row bases fit an int32.
 _MAX_WIDTH = 2**31 - 1
+
+
+def _bits(name: str, value: object) -> int | None:
+    """``value`` as an int of :data:`BITS`, or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"radgrad: {name} must be an int in {BITS} or None, got {value!r}")
+    if int(value) not in BITS:
+        raise ValueError(f"radgrad: {name} must be one of {BITS} or None, got {value!r}")
+    return int(value)
 
 
 def _real(name: str, value: object) -> float:
@@ -87,19 +101,27 @@ class SketchConfig:
         bits: store the kept values as codes of 1, 2, 4 or 8 bits (unbiased
             stochastic rounding, per-row scale), or ``None`` for the tensor's
             own dtype. ``method="quantize"`` defaults to 2 bits.
+        softmax_bits: the bits of softmax's two sketches of its output, whose
+            backward multiplies them: ``None`` (the default) means 4 for
+            ``method="quantize"`` without ``bits``, else ``bits``. 2-bit
+            probabilities of sharp attention rows made a ViT's query and key
+            gradients three times noisier (BENCHMARKS.md, "Softmax
+            probabilities in 4 bits").
 
     Raises:
         ValueError: ``keep`` outside (0, 1] or not finite, ``keep != 1`` with
             ``"quantize"``, an unknown ``method``, ``bits`` not one of
-            1, 2, 4, 8, or ``per_example=False`` with ``"norm"``.
+            1, 2, 4, 8 (or ``softmax_bits`` not), or ``per_example=False``
+            with ``"norm"``.
         TypeError: ``keep`` not a real number, ``method`` not a string,
-            ``per_example`` not a bool or ``bits`` not an int.
+            ``per_example`` not a bool or ``bits`` (``softmax_bits``) not an int.
     """
 
     keep: float | None = None
     method: str = "sample"
     per_example: bool = True
     bits: int | None = None
+    softmax_bits: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or self.method not in METHODS:
@@ -129,21 +151,27 @@ class SketchConfig:
         if self.method == "norm" and not self.per_example:
             raise ValueError("radgrad: method='norm' draws positions from each row's own values; "
                              "per_example must be True")
-        bits = self.bits
-        if bits is None and self.method == "quantize":
+        bits = _bits("bits", self.bits)
+        defaulted = bits is None and self.method == "quantize"
+        if defaulted:
             bits = DEFAULT_QUANTIZE_BITS
-        if bits is not None:
-            if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
-                raise TypeError(f"radgrad: bits must be an int in {BITS} or None, got {bits!r}")
-            if int(bits) not in BITS:
-                raise ValueError(f"radgrad: bits must be one of {BITS} or None, got {bits!r}")
-            bits = int(bits)
+        softmax_bits = _bits("softmax_bits", self.softmax_bits)
+        if softmax_bits is None:
+            softmax_bits = DEFAULT_SOFTMAX_BITS if defaulted else bits
         object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "softmax_bits", softmax_bits)
+        # made here, not on demand: traced code reads it as an attribute
+        object.__setattr__(self, "_for_softmax", self if softmax_bits == bits else
+                           SketchConfig(keep, self.method, self.per_example, softmax_bits, softmax_bits))
 
     @property
     def exact(self) -> bool:
         """True when nothing is randomized (``keep == 1`` and no ``bits``)."""
         return self._keep_text == "1.0" and self.bits is None
+
+    def for_softmax(self) -> SketchConfig:
+        """This config with ``bits`` set to ``softmax_bits``: how softmax stores its output."""
+        return self._for_softmax
 
     def kept(self, d: int) -> int:
         """Number of values kept from a row of ``d`` entries."""

@@ -9,7 +9,13 @@ NOTE [Softmax from two sketches]
     NOTE [Layer norm from two sketches]). For ``y = log_softmax(x)`` the
     backward ``dx = grad - p * sum(grad)`` is linear in ``p = exp(y)``, so one
     sketch of ``p`` gives an unbiased estimate. Probabilities lie in [0, 1]
-    and each row is quantized against its own range. Cross-entropy over class
+    and each row is quantized against its own range. Softmax's sketches use
+    the config's ``softmax_bits`` (4 by default under ``method="quantize"``,
+    whose other sketches default to 2): a sharp row (an attention query
+    that picks a few keys) in 2 bits rounds its many small probabilities to
+    0 or a third of its largest, and the product of two such sketches made a
+    ViT's query and key gradients about three times noisier than 4 bits did.
+    log-softmax's and cross-entropy's single, linear sketch keep ``bits``. Cross-entropy over class
     indices is ``nll_loss(log_softmax(x))`` (what torch computes, bit for
     bit), whose log-probabilities, one per class for every position, are a
     language model's largest saved tensor when its vocabulary is large.
@@ -70,6 +76,8 @@ def _softmax(name: str, log: bool, input: Tensor, dim: int | None, dtype: torch.
     if dim is None:
         raise TypeError(f"radgrad.functional.{name}: dim must be an int, got None")
     fn = torch.log_softmax if log else torch.softmax
+    if not log:  # two sketches multiplied: their own bits (NOTE [Softmax from two sketches])
+        config = config.for_softmax()
     # under autocast torch runs these in float32 by a policy of its own: left to torch
     if (config.exact or not (input.requires_grad and torch.is_grad_enabled()) or input.numel() == 0
             or _autocast_dtype(input.device.type) is not None):
