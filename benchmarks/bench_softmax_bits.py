@@ -80,7 +80,7 @@ def measure(name: str, steps: int, lr: float, seed: int, draws: int, softmax_bit
         relative = {group: errors[group] / norms[group] for group in norms if norms[group] > 0}
         relative["all"] = sum(errors.values()) / sum(norms.values())
         rows.append({"softmax_bits": bits, "relative_error": relative})
-    return {"model": name, "exact_loss_at_batch": float(spec.loss(model, batch)), "rows": rows}
+    return {"model": name, "exact_loss_at_batch": spec.loss(model, batch).item(), "rows": rows}
 
 
 def main() -> None:

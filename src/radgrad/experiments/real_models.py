@@ -24,6 +24,7 @@ import functools
 import json
 import statistics
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -254,7 +255,7 @@ def figure(runs: list[dict], title: str) -> Figure:
         ax.set_xlabel("step")
         ax.set_ylabel("training loss (10-step mean)")
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle("\n".join(textwrap.wrap(title, 48 * len(names))))  # a single panel is narrow
     return fig
 
 

@@ -15,10 +15,11 @@ NOTE [Softmax from two sketches]
     that picks a few keys) in 2 bits rounds its many small probabilities to
     0 or a third of its largest, and the product of two such sketches made a
     ViT's query and key gradients about three times noisier than 4 bits did.
-    log-softmax's and cross-entropy's single, linear sketch keep ``bits``. Cross-entropy over class
-    indices is ``nll_loss(log_softmax(x))`` (what torch computes, bit for
-    bit), whose log-probabilities, one per class for every position, are a
-    language model's largest saved tensor when its vocabulary is large.
+    Log-softmax's and cross-entropy's single, linear sketch keeps ``bits``.
+    Cross-entropy over class indices is ``nll_loss(log_softmax(x))`` (what
+    torch computes, bit for bit), whose log-probabilities, one per class for
+    every position, are a language model's largest saved tensor when its
+    vocabulary is large.
 """
 
 from __future__ import annotations
