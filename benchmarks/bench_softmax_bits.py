@@ -29,7 +29,7 @@ from radgrad.experiments import real_models, report
 
 # (substring of a parameter's name, group) in order: the first match names its group
 _GROUPS = (("q_proj", "query and key"), ("k_proj", "query and key"), ("query", "query and key"),
-           ("key", "query and key"), ("c_attn", "query and key"), ("v_proj", "value"), ("value", "value"),
+           ("key", "query and key"), ("c_attn", "query, key and value (fused)"), ("v_proj", "value"), ("value", "value"),
            ("o_proj", "attention output"), ("attention.output", "attention output"), ("mlp", "mlp"),
            ("intermediate", "mlp"), ("output.dense", "mlp"), ("layernorm", "layer norms"),
            ("ln_", "layer norms"), ("LayerNorm", "layer norms"), ("embeddings", "embeddings"),
@@ -65,7 +65,8 @@ def _squares(grads, names: list[str]) -> dict[str, float]:
 def measure(name: str, steps: int, lr: float, seed: int, draws: int, softmax_bits: list[int]) -> dict:
     model, spec, batch = _trained(name, steps, lr, seed)
     names = [n for n, _ in model.named_parameters()]
-    exact = torch.autograd.grad(spec.loss(model, batch), list(model.parameters()))
+    exact_loss = spec.loss(model, batch)
+    exact = torch.autograd.grad(exact_loss, list(model.parameters()))
     norms = _squares(exact, names)
     rows = []
     for bits in softmax_bits:
@@ -80,7 +81,7 @@ def measure(name: str, steps: int, lr: float, seed: int, draws: int, softmax_bit
         relative = {group: errors[group] / norms[group] for group in norms if norms[group] > 0}
         relative["all"] = sum(errors.values()) / sum(norms.values())
         rows.append({"softmax_bits": bits, "relative_error": relative})
-    return {"model": name, "exact_loss_at_batch": spec.loss(model, batch).item(), "rows": rows}
+    return {"model": name, "exact_loss_at_batch": exact_loss.item(), "rows": rows}
 
 
 def main() -> None:
