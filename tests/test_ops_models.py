@@ -461,3 +461,109 @@ def test_cross_entropy_saves_a_sketch_of_the_probabilities():
                                         config=config), probabilities)
     assert torch.equal(RF.cross_entropy(logits, target, label_smoothing=0.1, config=config),
                        F.cross_entropy(logits, target, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["quantize", "sample"])
+def test_rms_norm_exact_output_unbiased_grads(config):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 2, 5, dtype=torch.float64) * 2 + 1).requires_grad_()
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(RF.rms_norm(x, (5,), w, 1e-5, config), F.rms_norm(x, (5,), w, 1e-5))
+    exact = _grads(lambda *t: F.rms_norm(t[0], (5,), t[1], 1e-5), x, w)
+    assert_unbiased(_draws(lambda *t: RF.rms_norm(t[0], (5,), t[1], 1e-5, config), [x, w]), exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rms_norm_output_is_torchs_bit_for_bit(dtype):
+    # torch's formula, operation for operation, with torch's default epsilon, over two dimensions too
+    torch.manual_seed(0)
+    config = SketchConfig(method="quantize")
+    for shape in ((7,), (3, 7)):
+        x = torch.randn(4, 3, 7, dtype=dtype, requires_grad=True)
+        w = torch.randn(shape, dtype=dtype, requires_grad=True)
+        assert torch.equal(RF.rms_norm(x, shape, w, None, config), F.rms_norm(x, shape, w))
+        assert torch.equal(RF.rms_norm(x, shape, None, None, config), F.rms_norm(x, shape))
+
+
+def test_rms_norm_with_its_own_forward_keeps_that_output():
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    own = lambda t: w.detach() * (t.float() * torch.rsqrt(t.float().pow(2).mean(-1, keepdim=True) + 1e-6)).to(t.dtype)  # noqa: E731
+    y = RF.rms_norm(x, (6,), w, 1e-6, SketchConfig(method="quantize"), forward=own)
+    assert torch.equal(y, own(x.detach()))
+    assert y.requires_grad and y.grad_fn is not None
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["quantize", "sample"])
+def test_elementwise_product_exact_output_unbiased_grads(config):
+    # as in a gated MLP's act(gate) * up, both factors are activations, each saved as a sketch
+    # (a SiLU as the gate would put entries within 1e-4 of a rounding level: never rounded up in
+    # N draws, such an entry reads as constant, which the z-test cannot tell from a bias)
+    torch.manual_seed(0)
+    a = torch.randn(3, 2, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 2, 6, dtype=torch.float64, requires_grad=True)
+    gated = lambda mul: lambda a, b: mul(torch.sin(a), b * 2)  # noqa: E731
+    assert torch.equal(RF.mul(torch.sin(a), b * 2, config), torch.sin(a) * (b * 2))
+    exact = _grads(gated(torch.mul), a, b)
+    assert_unbiased(_draws(gated(lambda s, t: RF.mul(s, t, config)), [a, b]), exact)
+
+
+def test_elementwise_product_saves_sketches_and_keeps_small_factors():
+    from radgrad import memory
+
+    config = SketchConfig(method="quantize", bits=2)
+    x = torch.randn(64, 32, requires_grad=True)
+    a, b = x * 2, x * 3  # activations of the size of the output
+    with memory.record() as rec:
+        RF.mul(a, b, config)
+    assert rec.total < a.numel() * 4 / 2  # two 2-bit sketches and their scales, not two float copies
+    scale = torch.randn(64, 1, requires_grad=True) * 1  # broadcast: saved as it is, not sketched
+    with memory.record() as rec:
+        y = RF.mul(a, scale, config)
+    assert rec.total < a.numel() * 4 / 4  # a's sketch (for the scale's gradient) and the scale
+    assert torch.equal(y, a * scale)
+    g = torch.randn_like(y)
+    assert torch.equal(torch.autograd.grad(y, a, g)[0], g * scale)  # from the scale itself: exact
+    w = nn.Parameter(torch.randn(64, 32))  # a parameter factor is saved as it is, the activation sketched
+    y = RF.mul(a, w, config)
+    assert torch.equal(torch.autograd.grad(y, a, g)[0], g * w)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["fused", "dropout"])
+def test_grouped_query_attention_stores_kv_heads_and_is_unbiased(dropout):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    config = SketchConfig(method="quantize", bits=2)
+    from radgrad import memory
+    with memory.record() as rec:
+        RF.scaled_dot_product_attention(q, k, v, dropout_p=dropout, enable_gqa=True, config=config)
+    # q and k exact at their own head counts, v as a sketch, a dropout mask as bits
+    assert rec.total <= (q.numel() + k.numel()) * 8 + v.numel() * 8 / 4
+    if dropout == 0.0:
+        assert torch.equal(RF.scaled_dot_product_attention(q, k, v, enable_gqa=True, config=config),
+                           F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        exact = _grads(lambda *t: F.scaled_dot_product_attention(*t, enable_gqa=True), q, k, v)
+        samples = _draws(lambda *t: RF.scaled_dot_product_attention(*t, enable_gqa=True, config=config), [q, k, v])
+    else:
+        # the same dropout masks in both: each draw reseeds, so both sides drop the same entries
+        samples, rows = [], []
+        for seed in range(N):
+            torch.manual_seed(seed)
+            samples.append(_grads(lambda *t: RF.scaled_dot_product_attention(*t, dropout_p=dropout,
+                                                                             enable_gqa=True, config=config), q, k, v))
+            torch.manual_seed(seed)
+            rows.append(_grads(lambda *t: RF.scaled_dot_product_attention(*t, dropout_p=dropout, enable_gqa=True,
+                                                                          config=SketchConfig(keep=1.0)), q, k, v))
+        samples, exact_draws = torch.stack(samples), torch.stack(rows)
+        n_v = v.numel()
+        assert_same_up_to_rounding(samples[:, -n_v:], exact_draws[:, -n_v:])  # value gradient exact
+        # paired: each draw's error against the exact gradient of its own mask, about their mean
+        exact = exact_draws.mean(0)
+        assert_unbiased((samples - exact_draws + exact)[:, :-n_v], exact[:-n_v])
+        return
+    n_v = v.numel()
+    assert_same_up_to_rounding(samples[:, -n_v:], exact[-n_v:].expand(samples.shape[0], -1))  # value grad exact
+    assert_unbiased(samples[:, :-n_v], exact[:-n_v])

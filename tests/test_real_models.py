@@ -32,6 +32,15 @@ def _eager_gpt2(dropout: float = 0.0) -> nn.Module:
     return _gpt2(dropout, "eager")
 
 
+def _llama(dropout: float = 0.0) -> nn.Module:
+    """Llama: rotary positions, RMS norms of its own, a SiLU-gated MLP, 2 key-value heads for 4 query heads."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
+                                      attention_dropout=dropout, bos_token_id=0, eos_token_id=0)
+    return transformers.LlamaForCausalLM(config)
+
+
 def _encoder(dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout, batch_first=True, activation="gelu")
@@ -50,7 +59,8 @@ def test_gpt2_converts_its_conv1d_activations_norms_and_dropout_keeping_ties():
     assert all(a is b for a, b in zip(model.parameters(), params))
 
 
-@pytest.mark.parametrize("make", [_gpt2, _eager_gpt2, _encoder], ids=["gpt2", "gpt2-eager", "transformer-encoder"])
+@pytest.mark.parametrize("make", [_gpt2, _eager_gpt2, _llama, _encoder],
+                         ids=["gpt2", "gpt2-eager", "llama", "transformer-encoder"])
 def test_eval_outputs_bitwise_equal_after_convert(make):
     model = make(0.1).eval()
     hf = make is not _encoder
@@ -68,7 +78,8 @@ def _loss(model, x, y):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [_gpt2, _eager_gpt2, _encoder], ids=["gpt2", "gpt2-eager", "transformer-encoder"])
+@pytest.mark.parametrize("make", [_gpt2, _eager_gpt2, _llama, _encoder],
+                         ids=["gpt2", "gpt2-eager", "llama", "transformer-encoder"])
 def test_training_gradients_unbiased_and_outputs_exact(make):
     model = make().double().train()
     torch.manual_seed(1)
@@ -85,6 +96,82 @@ def test_training_gradients_unbiased_and_outputs_exact(make):
         torch.cat([g.reshape(-1) for g in torch.autograd.grad(_loss(model, x, y), list(model.parameters()))])[entries]
         for _ in range(800)])
     assert_unbiased(samples, exact[entries])
+
+
+def test_llama_converts_its_norms_and_gated_products():
+    model = _llama().train()
+    x = torch.randint(32, (2, 8))
+    plain = radgrad.memory.saved_bytes(model, input_ids=x, labels=x)
+    radgrad.convert(model, **QUANTIZE)
+    report = radgrad.coverage(model, input_ids=x, labels=x)
+    layer = model.model.layers[0]
+    assert isinstance(layer.input_layernorm, radgrad.nn.RMSNormLike) and isinstance(model.model.norm,
+                                                                                   radgrad.nn.RMSNormLike)
+    assert not report.exact
+    assert report.saved_bytes["converted"] < 0.25 * plain  # a toy width: scales and masks weigh more
+
+
+class _OwnRMSNorm(nn.Module):
+    """RMS normalization as Hugging Face models write it: in float32, an epsilon attribute."""
+
+    def __init__(self, width: int, offset: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.variance_epsilon, self.offset = 1e-6, offset
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight + self.offset) * h.to(x.dtype)
+
+
+class _GatedMLP(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.gate, self.up, self.down, self.act = nn.Linear(width, 2 * width), nn.Linear(width, 2 * width), \
+            nn.Linear(2 * width, width), nn.SiLU()
+
+    def forward(self, x):
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+def test_rms_norm_probe_converts_a_models_own_and_torchs():
+    model = nn.Sequential(_OwnRMSNorm(6), nn.RMSNorm(6), _OwnRMSNorm(6, offset=1.0), nn.LayerNorm(6))
+    radgrad.convert(model, **QUANTIZE)
+    assert isinstance(model[0], radgrad.nn.RMSNormLike) and isinstance(model[0], _OwnRMSNorm)
+    assert type(model[1]) is radgrad.nn.RMSNorm
+    assert not isinstance(model[2], radgrad.nn.RMSNormLike)  # weight offset by one (Gemma's): another formula
+    assert "not a module type radgrad converts" in radgrad.coverage(model).exact["2"]
+    torch.manual_seed(0)
+    norms = nn.Sequential(_OwnRMSNorm(6), nn.RMSNorm(6)).double()
+    with torch.no_grad():
+        for norm in norms:
+            norm.weight.copy_(torch.rand(6) + 0.5)
+    exact_model = copy.deepcopy(norms)
+    radgrad.convert(norms, **QUANTIZE)
+    x = (torch.randn(4, 6, dtype=torch.float64) + 1).requires_grad_()
+    weights = torch.linspace(-1, 1, x.numel(), dtype=x.dtype).view(x.shape)
+    assert torch.equal(norms(x), exact_model(x))  # the model's own float32 code, bit for bit
+    (exact,) = torch.autograd.grad((exact_model(x) * weights).sum(), x)
+    samples = torch.stack([torch.autograd.grad((norms(x) * weights).sum(), x)[0].reshape(-1) for _ in range(3000)])
+    # the own norm computes in float32: its exact gradient is float32's, far below the estimate's noise
+    assert_unbiased(samples, exact.reshape(-1))
+
+
+def test_gated_products_are_routed_and_unbiased():
+    torch.manual_seed(0)
+    model = _GatedMLP(8).double()
+    rad = radgrad.convert(copy.deepcopy(model), **QUANTIZE)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    assert torch.equal(rad(x), model(x))
+    plain, converted = radgrad.memory.saved_bytes(model, x), radgrad.memory.saved_bytes(rad, x)
+    assert converted < 0.1 * plain  # 0.47 were the product left to torch, saving both factors
+    weights = torch.linspace(-1, 1, 16 * 8, dtype=x.dtype).view(16, 8)
+    exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad((model(x) * weights).sum(), model.parameters())])
+    samples = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad((rad(x) * weights).sum(),
+                                                                                rad.parameters())])
+                           for _ in range(1500)])
+    assert_unbiased(samples, exact)
 
 
 class _Noisy(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from collections.abc import Iterable
@@ -12,7 +13,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from radgrad import route
 from radgrad.coverage import coverage
-from radgrad.nn import CONVERSIONS, Activation, TransposedLinear, _Dynamic
+from radgrad.nn import CONVERSIONS, Activation, RMSNormLike, TransposedLinear, _Dynamic, rms_epsilon
 from radgrad.sketch import SketchConfig
 
 __all__ = ["convert"]
@@ -20,7 +21,7 @@ __all__ = ["convert"]
 _RAD_TYPES = {rad: torch_type for torch_type, rad in CONVERSIONS.items()}
 # Modules whose own forward makes no call radgrad.route would reroute: a model made of
 # these alone is not routed (the route costs a Python call per torch op it sees).
-_RAD_MODULES = (*CONVERSIONS.values(), Activation, TransposedLinear)
+_RAD_MODULES = (*CONVERSIONS.values(), Activation, RMSNormLike, TransposedLinear)
 _PLAIN = {nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Flatten, nn.Unflatten, nn.Identity}
 
 
@@ -36,10 +37,11 @@ def convert(
     """Make ``model`` store randomized sketches for backward; return it.
 
     Every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.RNN``, ``nn.ReLU``,
-    ``nn.AvgPool1d``, ``nn.AvgPool2d``, ``nn.MaxPool2d``, ``nn.LayerNorm`` and
-    ``nn.Dropout`` in ``model`` (the model itself included) becomes its
-    :mod:`radgrad.nn` twin, Hugging Face's ``Conv1D`` a
-    :class:`radgrad.nn.TransposedLinear` and every parameter-free module that
+    ``nn.AvgPool1d``, ``nn.AvgPool2d``, ``nn.MaxPool2d``, ``nn.LayerNorm``,
+    ``nn.RMSNorm`` and ``nn.Dropout`` in ``model`` (the model itself
+    included) becomes its :mod:`radgrad.nn` twin, Hugging Face's ``Conv1D`` a
+    :class:`radgrad.nn.TransposedLinear`, a model's own RMS normalization
+    (a probe checks) a :class:`radgrad.nn.RMSNormLike` and every parameter-free module that
     acts entry by entry (a probe checks) a :class:`radgrad.nn.Activation`,
     *in place*: the
     module objects, their Parameter objects, buffers, hooks and ``state_dict``
@@ -164,6 +166,8 @@ def _convert_one(module: nn.Module, config: SketchConfig) -> None:
             rad_type.from_torch(module, config)
     elif _is_transposed_linear(module):
         TransposedLinear.from_torch(module, config)
+    elif _is_rms_norm(module):
+        RMSNormLike.from_torch(module, config)
     elif _is_elementwise(module):
         Activation.from_torch(module, config)
 
@@ -173,6 +177,35 @@ def _is_transposed_linear(module: nn.Module) -> bool:
     pytorch_utils = sys.modules.get("transformers.pytorch_utils")
     conv1d = getattr(pytorch_utils, "Conv1D", None)
     return conv1d is not None and type(module) is conv1d
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a model's own RMS normalization over its last dimension.
+
+    It must hold one parameter, a 1-d ``weight``, and an epsilon attribute
+    (:func:`radgrad.nn.rms_epsilon`), and a copy of it given a random weight
+    must compute ``F.rms_norm`` with them on a float32 probe (to float32
+    rounding: its own code runs in the forward pass, the formula only
+    serves the backward). A weight offset by one, as in Gemma's, fails.
+    """
+    if any(True for _ in module.children()) or any(True for _ in module.buffers()):
+        return False
+    parameters = dict(module.named_parameters())
+    weight, eps = parameters.get("weight"), rms_epsilon(module)
+    if len(parameters) != 1 or weight is None or weight.dim() != 1 or eps is None or weight.is_meta:
+        return False
+    g = torch.Generator().manual_seed(0)
+    d = weight.numel()
+    try:
+        probe = copy.deepcopy(module).to("cpu", torch.float32)
+        with torch.no_grad():
+            probe.weight.copy_(torch.rand(d, generator=g) + 0.5)
+            x = torch.randn(2, 3, d, generator=g)
+            y = probe(x)
+            expected = nn.functional.rms_norm(x, (d,), probe.weight, eps)
+    except Exception:  # a module that cannot take this probe is not converted
+        return False
+    return isinstance(y, torch.Tensor) and y.shape == x.shape and torch.allclose(y, expected, rtol=1e-5, atol=1e-6)
 
 
 # Parameter-free modules that need no probe: never elementwise, or exact already.

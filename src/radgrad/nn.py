@@ -26,7 +26,7 @@ from radgrad.functional._elementwise import FUSED, fused_derivative
 from radgrad.sketch import SketchConfig
 
 __all__ = ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN", "LayerNorm",
-           "Dropout", "Activation", "TransposedLinear"]
+           "RMSNorm", "Dropout", "Activation", "RMSNormLike", "TransposedLinear"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -47,9 +47,19 @@ class _Converted:
 
 
 class _Sketched(_Converted):
-    """Mixin of the layers that sketch their input: holds the ``sketch`` config."""
+    """Mixin of the layers that sketch their input: holds the ``sketch`` config.
+
+    Constructed directly, such a layer takes the torch module's arguments and
+    ``keep``, ``method``, ``per_example`` and ``bits`` (see
+    :class:`radgrad.SketchConfig`) as keywords.
+    """
 
     sketch: SketchConfig
+
+    def __init__(self, *args, keep: float | None = None, method: str = "sample", per_example: bool = True,
+                 bits: int | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sketch = SketchConfig(keep, method, per_example, bits)
 
     @classmethod
     def from_torch(cls: type[M], module: nn.Module, config: SketchConfig) -> M:
@@ -109,11 +119,6 @@ class Conv1d(_ConvNd, nn.Conv1d):
         Other arguments as ``torch.nn.Conv1d``.
     """
 
-    def __init__(self, *args, keep: float | None = None, method: str = "sample", per_example: bool = True,
-                 bits: int | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.sketch = SketchConfig(keep, method, per_example, bits)
-
 
 class Conv2d(_ConvNd, nn.Conv2d):
     """``nn.Conv2d`` whose weight gradient comes from a sketch of its input's positions.
@@ -122,11 +127,6 @@ class Conv2d(_ConvNd, nn.Conv2d):
         keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
         Other arguments as ``torch.nn.Conv2d``.
     """
-
-    def __init__(self, *args, keep: float | None = None, method: str = "sample", per_example: bool = True,
-                 bits: int | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.sketch = SketchConfig(keep, method, per_example, bits)
 
 
 class ReLU(_Converted, nn.ReLU):
@@ -205,12 +205,10 @@ class RNN(_Sketched, nn.RNN):
         Other arguments as ``torch.nn.RNN``.
     """
 
-    def __init__(self, *args, keep: float | None = None, method: str = "sample", per_example: bool = True,
-                 bits: int | None = None, **kwargs) -> None:
+    def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.bidirectional:
             raise ValueError("radgrad.nn.RNN: bidirectional=True is not supported")
-        self.sketch = SketchConfig(keep, method, per_example, bits)
 
     @classmethod
     def convertible(cls, module: nn.Module) -> bool:
@@ -255,15 +253,23 @@ class LayerNorm(_Sketched, nn.LayerNorm):
     :mod:`radgrad.functional`).
     """
 
-    def __init__(self, *args, keep: float | None = None, method: str = "sample", per_example: bool = True,
-                 bits: int | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.sketch = SketchConfig(keep, method, per_example, bits)
-
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return super().forward(input)
         return RF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps, self.sketch)
+
+
+class RMSNorm(_Sketched, nn.RMSNorm):
+    """``nn.RMSNorm`` that saves two sketches of its normalized input and the row scales.
+
+    Exact: the output. Estimated (unbiased): the input and weight gradients
+    (NOTE [Layer norm from two sketches] in :mod:`radgrad.functional`).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        return RF.rms_norm(input, self.normalized_shape, self.weight, self.eps, self.sketch)
 
 
 class Dropout(_Converted, nn.Dropout):
@@ -346,6 +352,38 @@ class Activation(_Dynamic):
         return RF.elementwise(self._plain, input, self.sketch, derivative)
 
 
+class RMSNormLike(_Dynamic):
+    """A model's own RMS normalization over its last dimension, such as Hugging Face's ``LlamaRMSNorm``.
+
+    Made by :func:`radgrad.convert` for a module with one parameter, a
+    ``weight`` of the last dimension's size, and an ``eps`` (or
+    ``variance_epsilon``) attribute, that a probe finds to compute
+    ``weight * x / sqrt(mean(x**2) + eps)``. Exact: the output, computed by
+    the module's own code. Estimated (unbiased): the input and weight
+    gradients, from two sketches of the normalized input
+    (:func:`radgrad.functional.rms_norm`).
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training or not isinstance(input, Tensor) or not input.is_floating_point():
+            return super().forward(input)
+        return RF.rms_norm(input, input.shape[-1:], self.weight, float(rms_epsilon(self)), self.sketch,
+                           forward=super().forward)
+
+
+#: Where a model's own RMS normalization keeps its epsilon, in the order looked for.
+_EPSILON_NAMES = ("variance_epsilon", "eps", "epsilon")
+
+
+def rms_epsilon(module: nn.Module) -> float | None:
+    """The ``eps`` attribute of a module (under one of :data:`_EPSILON_NAMES`), if it is a number."""
+    for name in _EPSILON_NAMES:
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+    return None
+
+
 class TransposedLinear(_Dynamic):
     """A linear layer whose weight is stored ``(in, out)``, such as Hugging Face's ``Conv1D``.
 
@@ -370,5 +408,6 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.MaxPool2d: MaxPool2d,
     nn.RNN: RNN,
     nn.LayerNorm: LayerNorm,
+    nn.RMSNorm: RMSNorm,
     nn.Dropout: Dropout,
 }

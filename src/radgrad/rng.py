@@ -22,8 +22,13 @@ NOTE [Draws are saved, never redrawn]
     Everything computed *from* a draw (indices, signs) is a deterministic
     function of it and may be recomputed freely. The custom op also takes the
     tensor it draws for as an (unread) input: the data dependency keeps the
-    compiled graph from reordering the draws, so a compiled model draws the
-    very numbers the eager model draws after the same ``torch.manual_seed``.
+    compiled graph from moving a draw before the tensor it draws for, hence
+    (with every op's output tied to its draws) before the draws upstream of
+    it. A model whose randomized ops form a chain therefore draws, compiled,
+    the very numbers the eager model draws after the same
+    ``torch.manual_seed``. Ops on parallel branches (a gated MLP's gate and
+    up projections) may draw in another order compiled than eagerly: other
+    numbers, as random; each mode is reproducible under its seed.
 
 NOTE [Pairwise-independent uniforms]
     Stochastic rounding and norm-proportional sampling need a uniform number

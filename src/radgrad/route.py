@@ -16,9 +16,11 @@ with gradients on, which sends these calls to :mod:`radgrad.functional`:
     ``F.dropout``                     mask as bits (exact)
     ``F.relu``                        mask as bits (exact)
     ``F.layer_norm``, ``F.batch_norm``  two sketches of the normalized input
+    ``F.rms_norm``                    the same
     ``F.multi_head_attention_forward``  RAD projections and attention (``need_weights=False``)
     ``F.gelu``, ``F.silu``, ``F.mish``  sketch of the derivative
     ``torch.matmul``, ``bmm``, ``@``  a sketch of each operand but a parameter
+    ``torch.mul``, ``*``              the same, for operands the size of the output
     ``softmax``                       two sketches of the output
     ``log_softmax``                   a sketch of ``exp`` of the output
     ``F.cross_entropy``               the same, with class-index targets
@@ -81,6 +83,17 @@ def _layer_norm(config, input, normalized_shape, weight=None, bias=None, eps=1e-
     return RF.layer_norm(input, normalized_shape, weight, bias, eps, config)
 
 
+def _rms_norm(config, input, normalized_shape, weight=None, eps=None):
+    return RF.rms_norm(input, normalized_shape, weight, eps, config)
+
+
+def _mul(func, config, input, other, *, out=None):
+    # most products in a model's code scale by a number: they leave at the first test
+    if not isinstance(other, torch.Tensor) or out is not None or not _floating(input, other):
+        return func(input, other) if out is None else func(input, other, out=out)
+    return RF.mul(input, other, config)
+
+
 def _activation(name, config, input, *args, **kwargs):
     kwargs.pop("inplace", None)
     if name == "gelu" and (args[:1] == ("tanh",) or kwargs.get("approximate") == "tanh"):
@@ -133,6 +146,8 @@ ROUTED = {
     F.dropout: _dropout,
     F.relu: _relu,
     F.layer_norm: _layer_norm,
+    F.rms_norm: _rms_norm,
+    torch.rms_norm: _rms_norm,
     F.batch_norm: _batch_norm,
     F.multi_head_attention_forward: _mha,
     F.gelu: functools.partial(_activation, "gelu"),
@@ -140,6 +155,7 @@ ROUTED = {
     F.mish: functools.partial(_activation, "mish"),
     **{func: functools.partial(_matmul, func) for func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)},
     **{func: functools.partial(_bmm, func) for func in (torch.bmm, torch.Tensor.bmm)},
+    **{func: functools.partial(_mul, func) for func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__)},
     **{func: functools.partial(_softmax, func, log)
        for func, log in ((torch.softmax, False), (torch.Tensor.softmax, False),
                          (torch.log_softmax, True), (torch.Tensor.log_softmax, True))},

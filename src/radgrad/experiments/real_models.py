@@ -91,6 +91,16 @@ def _gpt2(attention: str = "sdpa", vocabulary: int = 256) -> nn.Module:
                                           bos_token_id=0, eos_token_id=0, attn_implementation=attention))
 
 
+def _llama(attention: str = "sdpa") -> nn.Module:
+    # grouped-query attention (2 key and value heads for 4 query heads), rotary positions, RMS norms,
+    # a SiLU-gated MLP: the layout of Llama, Mistral and Qwen2
+    t = _transformers()
+    return t.LlamaForCausalLM(t.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=688,
+                                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=256, bos_token_id=0, eos_token_id=0,
+                                            attn_implementation=attention))
+
+
 _MASK = 256  # BERT's [MASK]: the byte vocabulary plus one
 
 
@@ -152,6 +162,10 @@ MODELS: dict[str, Spec] = {
                                 _next_byte_loss),
     "vit": Spec("HF ViT, 32 px, patch 4, 4 layers, 256 wide, batch 32", "cifar", _vit, _images, _hf_loss),
     "resnet": Spec("HF ResNet, basic blocks 2-2-2-2, batch 32", "cifar", _resnet, _images, _hf_loss),
+    "llama": Spec("HF Llama, 4 layers, 256 wide, 4 query and 2 key-value heads, batch 8 x 256 bytes", "text",
+                  _llama, _gpt2_batch, _hf_loss),
+    "llama-eager": Spec("llama with attn_implementation='eager'", "text", functools.partial(_llama, "eager"),
+                        _gpt2_batch, _hf_loss),
     "gpt2-eager": Spec("gpt2 with attn_implementation='eager'", "text", functools.partial(_gpt2, "eager"),
                        _gpt2_batch, _hf_loss),
     "bert-eager": Spec("bert with attn_implementation='eager'", "text", functools.partial(_bert, "eager"),

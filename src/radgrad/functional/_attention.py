@@ -16,6 +16,10 @@ NOTE [Attention from a sketch of V]
     estimate of ``v``: the same formulas, with ``rowsum(P * dP)`` computed
     from it. Compiled, it runs the formulas above: the fused path goes
     through ``torch.autograd.grad``, which dynamo cannot trace.
+    Grouped-query attention (``enable_gqa``: each key and value head serves
+    ``groups`` query heads) stores keys and the sketch of values at their own
+    number of heads; the formulas read them repeated per group and sum the
+    gradients of each group's copies.
 """
 
 from __future__ import annotations
@@ -67,24 +71,35 @@ def _compact(t: Tensor) -> Tensor:
     return t
 
 
+def _repeat(t: Tensor, groups: int) -> Tensor:
+    """Key or value heads, each repeated for the ``groups`` query heads it serves."""
+    return t if groups == 1 else t.repeat_interleave(groups, -3)
+
+
+def _fold(grad: Tensor | None, groups: int) -> Tensor | None:
+    """The gradient of :func:`_repeat`'s input from that of its output."""
+    return grad if grad is None or groups == 1 else grad.unflatten(-3, (-1, groups)).sum(-3)
+
+
 class _Attention(_RADFunction):
     @staticmethod
-    def forward(q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipes):
+    def forward(q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipes, groups):
         if dropout_p == 0.0:
-            output = F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=scale)
+            output = F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=scale,
+                                                    enable_gqa=groups > 1)
             mask = None
         else:
-            probs = _probabilities(q, k, _bias(attn_mask, is_causal, q, k), scale, is_causal)
+            probs = _probabilities(q, _repeat(k, groups), _bias(attn_mask, is_causal, q, k), scale, is_causal)
             probs, mask = torch.ops.aten.native_dropout(probs, dropout_p, True)
-            output = torch.matmul(probs, v)
+            output = torch.matmul(probs, _repeat(v, groups))
         output, *parts = _packed(output, v, config, v.dim() - 1)
         return output, *parts, mask
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipes = inputs
+        q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipes, groups = inputs
         *parts, mask = outputs[1:]
-        ctx.options = (dropout_p, is_causal, scale)
+        ctx.options = (dropout_p, is_causal, scale, groups)
         sketch = _sketch_from(ctx, parts, v, config, v.dim() - 1)
         if mask is not None:
             ctx.mark_non_differentiable(mask)
@@ -100,12 +115,13 @@ class _Attention(_RADFunction):
         q, k, v, attn_mask, mask, *operands = saved_tensors(ctx, unpack=False)
         q, k = (t if r is None else r.rebuild(*operands[3 * i:3 * i + 3])
                 for i, (t, r) in enumerate(zip((q, k), ctx.recipes)))
-        dropout_p, is_causal, scale = ctx.options
+        dropout_p, is_causal, scale, groups = ctx.options
         if mask is None and not torch.compiler.is_compiling():
-            return (*_fused_backward(grad, q, k, v.unpack(), attn_mask, is_causal, scale, ctx.needs_input_grad),
-                    None, None, None, None, None, None)
+            return (*_fused_backward(grad, q, k, v.unpack(), attn_mask, is_causal, scale, groups,
+                                     ctx.needs_input_grad), None, None, None, None, None, None, None)
+        k = _repeat(k, groups)
         probs = _probabilities(q, k, _bias(attn_mask, is_causal, q, k), scale, is_causal)
-        grad_probs = torch.matmul(grad, v.unpack().transpose(-2, -1))
+        grad_probs = torch.matmul(grad, _repeat(v.unpack(), groups).transpose(-2, -1))
         dropped = probs
         if mask is not None:
             kept, keep = bits.unpack(mask), 1.0 / (1.0 - dropout_p)
@@ -115,10 +131,11 @@ class _Attention(_RADFunction):
         grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
         grad_q = torch.matmul(grad_scores, k).mul_(scale) if ctx.needs_input_grad[0] else None
         grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(scale) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_k, grad_v, None, None, None, None, None, None
+        return grad_q, _fold(grad_k, groups), _fold(grad_v, groups), None, None, None, None, None, None, None
 
 
-def _fused_backward(grad, q, k, v_estimate, attn_mask, is_causal, scale, needs) -> tuple[Tensor | None, ...]:
+def _fused_backward(grad, q, k, v_estimate, attn_mask, is_causal, scale, groups,
+                    needs) -> tuple[Tensor | None, ...]:
     """Without dropout: torch's own attention kernels, run forward and backward on the estimate of v.
 
     Its ``dv = P^T grad`` does not read v (exact); its ``dq`` and ``dk`` are
@@ -126,7 +143,7 @@ def _fused_backward(grad, q, k, v_estimate, attn_mask, is_causal, scale, needs) 
     """
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(need) for t, need in zip((q, k, v_estimate), needs)]
-        out = F.scaled_dot_product_attention(*leaves, attn_mask, 0.0, is_causal, scale=scale)
+        out = F.scaled_dot_product_attention(*leaves, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=groups > 1)
         wanted = [t for t in leaves if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad))
     return tuple(next(grads) if t.requires_grad else None for t in leaves)
@@ -151,9 +168,11 @@ def scaled_dot_product_attention(
     V]). The attention matrix is recomputed in the backward pass, never
     stored; a dropout mask is stored as bits.
 
+    With ``enable_gqa=True``, key and value may have fewer heads (dimension
+    -3) than query, a divisor of them; they are stored at their own count.
     Runs torch's function unchanged when nothing needs a gradient, for an
-    exact config, with ``enable_gqa=True``, with a mask that needs a
-    gradient, or when the batch dimensions of query, key and value differ.
+    exact config, with a mask that needs a gradient, or when the batch
+    dimensions of query, key and value differ otherwise.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_input(f"functional.scaled_dot_product_attention: {name}", t)
@@ -161,9 +180,10 @@ def scaled_dot_product_attention(
         raise ValueError(
             f"radgrad.functional.scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
     needs = any(t.requires_grad for t in (query, key, value)) and torch.is_grad_enabled()
-    plain = (config.exact or not needs or enable_gqa or query.dim() < 2
+    groups = _groups(query, key, value) if enable_gqa else 1
+    plain = (config.exact or not needs or query.dim() < 2 or groups is None
              or (attn_mask is not None and attn_mask.requires_grad)
-             or not query.shape[:-2] == key.shape[:-2] == value.shape[:-2])
+             or not (groups > 1 or query.shape[:-2] == key.shape[:-2] == value.shape[:-2]))
     if plain:
         return _torch(F.scaled_dot_product_attention, query, key, value, attn_mask, dropout_p, is_causal,
                       scale=scale, enable_gqa=enable_gqa)
@@ -171,7 +191,16 @@ def scaled_dot_product_attention(
         raise ValueError("radgrad.functional.scaled_dot_product_attention: pass attn_mask or is_causal, not both")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     recipes = (source(query), source(key))
-    return _Attention.run(query, key, value, attn_mask, dropout_p, is_causal, scale, config, recipes)[0]
+    return _Attention.run(query, key, value, attn_mask, dropout_p, is_causal, scale, config, recipes, groups)[0]
+
+
+def _groups(query: Tensor, key: Tensor, value: Tensor) -> int | None:
+    """Query heads per key and value head under ``enable_gqa``, or None where torch's own
+    function should decide (and explain) what to do with the shapes."""
+    if query.dim() < 3 or key.shape[:-2] != value.shape[:-2] or query.shape[:-3] != key.shape[:-3]:
+        return None
+    heads, kv_heads = query.shape[-3], key.shape[-3]
+    return heads // kv_heads if kv_heads and heads % kv_heads == 0 else None
 
 
 def multi_head_attention_forward(

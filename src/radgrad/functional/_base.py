@@ -87,7 +87,8 @@ def _apply(fn: Callable[..., Tensor], input: Tensor, weight: Tensor, bias: Tenso
 #   nor keep the dense input instead of its sketch (NOTE [Draws are saved,
 #   never redrawn] in radgrad.rng). The main output is also tied to the draws
 #   (radgrad.tie): the next layer's draw then waits for this one, and a
-#   compiled model draws in the order, hence the numbers, of the eager model.
+#   compiled chain of layers draws in the order, hence the numbers, of the eager
+#   model (parallel branches excepted: NOTE [Draws are saved, never redrawn]).
 #   The public wrappers return the main output.
 def _packed(output: Tensor, x: Tensor, config: SketchConfig, batch_dims: int,
             fresh: bool = False, copies: int = 1) -> tuple[Tensor | None, ...]:

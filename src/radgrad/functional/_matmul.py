@@ -1,4 +1,5 @@
-"""RAD matrix product of two tensors: exact output, each operand's gradient from a sketch of the other.
+"""RAD products of two tensors, matrix and elementwise: exact output, each operand's gradient from a
+sketch of the other.
 
 NOTE [Products of two activations]
     ``out = a @ b`` has the backward pass ``da = grad @ b^T`` and
@@ -17,9 +18,17 @@ NOTE [Products of two activations]
     Rows of a sketch run along an operand's last dimension, or along the one
     before it when that is the contiguous one (a transposed key), so that a
     sketch never copies the operand and every row gets its own scale.
+
+    The elementwise product ``out = a * b`` is the same story with
+    ``da = grad * b``, ``db = grad * a``: a gated MLP's
+    ``act(gate(x)) * up(x)`` saves a sketch of each factor. An operand that
+    broadcasts (a per-row scale, rotary embeddings' ``cos``) is smaller than
+    the output and is saved as it is.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +37,7 @@ from radgrad.functional._base import _DEFAULT, _RADFunction, _apply, _check_inpu
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import Sketch, SketchConfig
 
-__all__ = ["matmul"]
+__all__ = ["matmul", "mul"]
 
 
 def _lives_on(t: Tensor) -> bool:
@@ -58,20 +67,8 @@ class _Matmul(_RADFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        a, b, config, sketched = inputs
-        parts = iter([outputs[1:][i:i + 3] for i in range(0, len(outputs) - 1, 3)])
-        saved: list[Tensor | Sketch | None] = []
-        ctx.transposed = []
-        needed = (ctx.needs_input_grad[1], ctx.needs_input_grad[0])  # a serves b's gradient, b serves a's
-        for t, sketch, need in zip((a, b), sketched, needed):
-            view, transposed = _rows_view(t)
-            ctx.transposed.append(transposed)
-            if sketch:
-                saved.append(_sketch_from(ctx, next(parts), view, config, view.dim() - 1))
-            else:
-                saved.append(t if need else None)
-        ctx.shapes = (a.shape, b.shape)
-        save_for_backward(ctx, *saved)
+        ctx.transposed = [_rows_view(t)[1] for t in inputs[:2]]
+        _save_operands(ctx, inputs, outputs, lambda t: _rows_view(t)[0])
 
     @staticmethod
     def backward(ctx, grad, *_):
@@ -83,6 +80,23 @@ class _Matmul(_RADFunction):
         if ctx.needs_input_grad[1]:
             grad_b = torch.matmul(a.mT, grad).sum_to_size(ctx.shapes[1])
         return grad_a, grad_b, None, None
+
+
+def _save_operands(ctx, inputs, outputs, rows) -> None:
+    """Save for a product ``(a, b, config, sketched)`` each operand the other's gradient needs: the
+    sketch of ``rows(operand)`` it returned (three outputs each, after the product) or the operand."""
+    a, b, config, sketched = inputs
+    parts = iter([outputs[1:][i:i + 3] for i in range(0, len(outputs) - 1, 3)])
+    saved: list[Tensor | Sketch | None] = []
+    needed = (ctx.needs_input_grad[1], ctx.needs_input_grad[0])  # a serves b's gradient, b serves a's
+    for t, sketch, need in zip((a, b), sketched, needed):
+        if sketch:
+            view = rows(t)
+            saved.append(_sketch_from(ctx, next(parts), view, config, max(view.dim() - 1, 0)))
+        else:
+            saved.append(t if need else None)
+    ctx.shapes = (a.shape, b.shape)
+    save_for_backward(ctx, *saved)
 
 
 def _estimate(saved: Tensor | Sketch | None, transposed: bool) -> Tensor | None:
@@ -110,3 +124,50 @@ def matmul(a: Tensor, b: Tensor, config: SketchConfig = _DEFAULT) -> Tensor:
     if not any(sketched):
         return _torch(torch.matmul, a, b)
     return _apply(lambda a, b, _, config: _Matmul.run(a, b, config, sketched), a, b, None, config)[0]
+
+
+class _Mul(_RADFunction):
+    @staticmethod
+    def forward(a, b, config, sketched):
+        output = torch.mul(a, b)
+        parts: list[Tensor | None] = []
+        for t, sketch in zip((a, b), sketched):
+            if sketch:
+                output, *more = _packed(output, t, config, max(t.dim() - 1, 0))
+                parts += more
+        return output, *parts
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        _save_operands(ctx, inputs, outputs, lambda t: t)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        a, b = (_estimate(t, False) for t in saved_tensors(ctx, unpack=False))
+        grad_a = (grad * b).sum_to_size(ctx.shapes[0]) if ctx.needs_input_grad[0] else None
+        grad_b = (grad * a).sum_to_size(ctx.shapes[1]) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None, None
+
+
+def mul(a: Tensor, b: Tensor, config: SketchConfig = _DEFAULT) -> Tensor:
+    """RAD ``torch.mul`` of two tensors (broadcasting as torch does).
+
+    Exact: the output. Estimated (unbiased): the gradient of ``a`` from a
+    sketch of ``b`` and that of ``b`` from an independent sketch of ``a``
+    (NOTE [Products of two activations]). An operand is sketched only when
+    the other needs a gradient and it is as large as the output and not a
+    parameter or a leaf that needs a gradient; otherwise it is saved as it
+    is. With an exact config, no gradient needed, nothing to sketch, operands
+    of two dtypes, or a 0-dim or empty output, ``torch.mul`` runs unchanged.
+    """
+    _check_input("functional.mul: a", a)
+    _check_input("functional.mul: b", b)
+    need_a, need_b = a.requires_grad, b.requires_grad
+    if config.exact or not ((need_a or need_b) and torch.is_grad_enabled()):
+        return _torch(torch.mul, a, b)
+    shape = torch.broadcast_shapes(a.shape, b.shape)
+    sketched = (need_b and a.shape == shape and not _lives_on(a),
+                need_a and b.shape == shape and not _lives_on(b))
+    if not any(sketched) or a.dtype != b.dtype or len(shape) == 0 or math.prod(shape) == 0:
+        return _torch(torch.mul, a, b)
+    return _Mul.run(a, b, config, sketched)[0]  # autocast leaves mul alone: so does this

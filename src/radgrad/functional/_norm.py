@@ -1,4 +1,4 @@
-"""RAD layer and batch normalization: two independent sketches of the normalized input.
+"""RAD layer, RMS and batch normalization: two independent sketches of the normalized input.
 
 NOTE [Layer norm from two sketches]
     With ``xh = (x - mean) * rstd`` over the normalized dimensions (``N``
@@ -13,12 +13,17 @@ NOTE [Layer norm from two sketches]
     ``dx``, ``dweight`` unbiased estimates. The two come from
     :func:`radgrad.sketch.pack_copies`: quantized, they share one range and
     scale and draw their roundings in one call, independently.
+
+    RMS normalization divides by the root mean square without centring,
+    ``xh = x * rstd``; its backward is the same without the ``mean(gw)``
+    term, ``dx = rstd * (gw - xh * mean(gw * xh))``, read from the two
+    sketches alike.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +33,21 @@ from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _pack
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import Sketch, SketchConfig, plane_shape
 
-__all__ = ["layer_norm", "batch_norm"]
+__all__ = ["layer_norm", "rms_norm", "batch_norm"]
+
+
+def _save_row_norm(ctx, input: Tensor, shape: Sequence[int], weight: Tensor | None, config: SketchConfig,
+                   outputs: Sequence[Tensor], centered: bool) -> None:
+    """Save what a norm over the last ``len(shape)`` dimensions returned: ``(output, rstd, *two sketches)``."""
+    ctx.centered = centered
+    rstd = outputs[1]
+    ctx.mark_non_differentiable(rstd)
+    batch_dims = input.dim() - len(shape)
+    a = _sketch_from(ctx, outputs[2:5], input.shape, config, batch_dims, rstd.dtype)
+    b = _sketch_from(ctx, outputs[5:8], input.shape, config, batch_dims, rstd.dtype)
+    ctx.dims = tuple(range(batch_dims, input.dim()))
+    ctx.contiguous = input.is_contiguous()
+    save_for_backward(ctx, a, b, rstd, weight)
 
 
 class _LayerNorm(_RADFunction):
@@ -42,15 +61,8 @@ class _LayerNorm(_RADFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        input, shape, weight, _, _, config = inputs
-        output, rstd = outputs[:2]
-        ctx.mark_non_differentiable(rstd)
-        batch_dims = input.dim() - len(shape)
-        a = _sketch_from(ctx, outputs[2:5], input.shape, config, batch_dims, rstd.dtype)
-        b = _sketch_from(ctx, outputs[5:8], input.shape, config, batch_dims, rstd.dtype)
-        ctx.dims = tuple(range(batch_dims, input.dim()))
-        ctx.contiguous = input.is_contiguous()
-        save_for_backward(ctx, a, b, rstd, weight)
+        input, shape, weight, *_, config = inputs
+        _save_row_norm(ctx, input, shape, weight, config, outputs, centered=True)
 
     @staticmethod
     def backward(ctx, grad, *_):
@@ -58,13 +70,16 @@ class _LayerNorm(_RADFunction):
         needs = ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]
         batch = tuple(range(grad.dim() - len(ctx.dims)))
         grad_input, grad_weight, grad_bias = _backward(grad, a, b, rstd, weight, ctx.dims, batch, needs,
-                                                       ctx.contiguous)
+                                                       ctx.contiguous, ctx.centered)
         return grad_input, None, grad_weight, grad_bias, None, None
 
 
 def _backward(grad: Tensor, a: Sketch, b: Sketch, rstd: Tensor, weight: Tensor | None, dims, param_dims, needs,
-              contiguous: bool):
+              contiguous: bool, centered: bool = True):
     """(input, weight, bias) gradients of a normalization from sketches ``a``, ``b`` of its normalized input.
+
+    ``centered``: whether the normalization subtracts the mean (layer and
+    batch norm) or not (RMS norm; NOTE [Layer norm from two sketches]).
 
     ``dims``: the dimensions each mean and rstd runs over; ``param_dims``:
     the dimensions the weight and bias gradients sum over (NOTE [Layer norm
@@ -89,12 +104,14 @@ def _backward(grad: Tensor, a: Sketch, b: Sketch, rstd: Tensor, weight: Tensor |
     # most four input-sized tensors live at once, which on a convnet's first layer is the step's peak.
     if need_input:
         gw = g if weight is None else g * weight
-        mean_gw = gw.mean(dims, keepdim=True)
+        mean_gw = gw.mean(dims, keepdim=True) if centered else None
         mean_gwb = (gw * view(b.unpack())).mean(dims, keepdim=True)
-        grad_input = gw - mean_gw if gw is g else gw.sub_(mean_gw)
+        grad_input = gw if mean_gw is None else gw - mean_gw if gw is g else gw.sub_(mean_gw)
     a = view(a.unpack()) if need_input or need_weight else None
     if need_input:
-        grad_input = grad_input.sub_(a * mean_gwb).mul_(rstd).to(grad.dtype).reshape(shape)
+        # g may be the incoming gradient itself (RMS norm without a weight): never overwritten
+        grad_input = grad_input - a * mean_gwb if grad_input is g else grad_input.sub_(a * mean_gwb)
+        grad_input = grad_input.mul_(rstd).to(grad.dtype).reshape(shape)
     if need_weight:
         grad_weight = _sum(g * a, param_dims).to(weight.dtype).reshape(param_shape)
     if need_bias:
@@ -171,6 +188,56 @@ def layer_norm(
     if config.exact or not (needs and torch.is_grad_enabled()) or math.prod(shape) == 0:
         return _torch(F.layer_norm, input, shape, weight, bias, eps)
     return _LayerNorm.run(input, shape, weight, bias, eps, config)[0]
+
+
+class _RMSNorm(_LayerNorm):
+    """Layer norm's backward without centring; ``forward`` (the output's own code, or None) in the bias's place."""
+
+    @staticmethod
+    def forward(input, shape, weight, forward, eps, config):
+        dims = tuple(range(input.dim() - len(shape), input.dim()))
+        x = input.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+        rstd = x.square().mean(dims, keepdim=True).add_(eps).rsqrt_()
+        normalized = x * rstd
+        if forward is not None:
+            output = forward(input)
+        else:  # torch's rms_norm, operation for operation: the same bits
+            output = (normalized if weight is None else normalized * weight).to(input.dtype)
+        output, *sketches = _packed(output, normalized, config, input.dim() - len(shape), fresh=True, copies=2)
+        return output, rstd, *sketches
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        input, shape, weight, *_, config = inputs
+        _save_row_norm(ctx, input, shape, weight, config, outputs, centered=False)
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int] | int,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    config: SketchConfig = _DEFAULT,
+    forward: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """RAD ``F.rms_norm``: exact output, unbiased input and weight gradients.
+
+    Saves two independent sketches of the normalized input and the inverse
+    root mean square of each row (NOTE [Layer norm from two sketches]).
+    ``eps`` None is torch's default, the machine epsilon of the dtype the
+    norm is computed in (float32 for float16 and bfloat16 inputs).
+    ``forward``, if given, computes the output instead of torch's formula:
+    a model's own RMS normalization with ``weight`` and ``eps``, whose
+    output then stays bit for bit its own (:class:`radgrad.nn.RMSNormLike`).
+    """
+    _check_input("functional.rms_norm", input)
+    shape = list(normalized_shape) if not isinstance(normalized_shape, int) else [normalized_shape]
+    if eps is None:  # torch's: the epsilon of the dtype it computes in
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+    needs = input.requires_grad or (weight is not None and weight.requires_grad)
+    if config.exact or not (needs and torch.is_grad_enabled()) or math.prod(shape) == 0:
+        return _torch(forward, input) if forward is not None else _torch(F.rms_norm, input, shape, weight, eps)
+    return _RMSNorm.run(input, shape, weight, forward, eps, config)[0]
 
 
 class _BatchNorm(_RADFunction):
