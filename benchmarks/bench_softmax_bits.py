@@ -40,7 +40,7 @@ def _group(name: str) -> str:
     return next((group for key, group in _GROUPS if key in name), "head and other")
 
 
-def _trained(name: str, steps: int, lr: float, seed: int) -> tuple[nn.Module, real_models.Spec, object]:
+def trained(name: str, steps: int, lr: float, seed: int) -> tuple[nn.Module, real_models.Spec, object]:
     """The exact model after ``steps`` AdamW steps, and the next training batch."""
     model, spec = real_models.build(name, "exact", seed)
     data = real_models.load_data(spec.data)
@@ -63,7 +63,7 @@ def _squares(grads, names: list[str]) -> dict[str, float]:
 
 
 def measure(name: str, steps: int, lr: float, seed: int, draws: int, softmax_bits: list[int]) -> dict:
-    model, spec, batch = _trained(name, steps, lr, seed)
+    model, spec, batch = trained(name, steps, lr, seed)
     names = [n for n, _ in model.named_parameters()]
     exact_loss = spec.loss(model, batch)
     exact = torch.autograd.grad(exact_loss, list(model.parameters()))

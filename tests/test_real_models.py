@@ -171,7 +171,23 @@ def test_gated_products_are_routed_and_unbiased():
     samples = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad((rad(x) * weights).sum(),
                                                                                 rad.parameters())])
                            for _ in range(1500)])
-    assert_unbiased(samples, exact)
+    assert_unbiased(samples, exact)  # the down projection's weight gradient from the product's sketches
+
+
+@pytest.mark.parametrize("options, reused", [(QUANTIZE, True), (dict(keep=0.5), False)], ids=["quantize", "sample"])
+def test_the_layer_after_a_product_reads_the_products_sketches(options, reused):
+    # NOTE [A product's sketches serve the next layer]: quantized, the down projection saves nothing
+    rad = radgrad.convert(_GatedMLP(8), **options)
+    x = torch.randn(16, 8)
+    with radgrad.memory.record(rad) as rec:
+        rad(x).sum()
+    assert ("down" not in rec.by_module) == reused
+    assert rec.by_module[""] > 0  # the product's two sketches, saved by the model's own code
+    # and without saved-tensor hooks, as in training: the layer's backward node says which it read
+    seen = []
+    rad.down.register_forward_hook(lambda m, i, out: seen.append(type(out.grad_fn).__name__))
+    rad(x).sum().backward()
+    assert (seen == ["_LinearOfProductBackward"]) == reused
 
 
 class _Noisy(nn.Module):

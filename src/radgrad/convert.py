@@ -54,8 +54,8 @@ def convert(
 
     While the model trains with gradients on, its own calls to
     ``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``,
-    ``F.linear``, ``F.batch_norm``, ``F.layer_norm``, ``F.dropout``,
-    ``F.relu``, ``F.gelu/silu/mish``, ``torch.matmul``/``bmm``/``@``,
+    ``F.linear``, ``F.batch_norm``, ``F.layer_norm``, ``F.rms_norm``, ``F.dropout``,
+    ``F.relu``, ``F.gelu/silu/mish``, ``torch.matmul``/``bmm``/``@``, ``torch.mul``/``*``,
     ``softmax``, ``log_softmax`` and ``F.cross_entropy`` (functions or tensor
     methods) go to their RAD twins (:mod:`radgrad.route`); the calls of excluded modules, and of radgrad
     layers given their own settings, stay as they are. A model made only
@@ -66,7 +66,7 @@ def convert(
 
     What is exact and what is estimated: the forward pass is exact. Linear
     and convolution layers estimate their weight gradients only; activations,
-    layer norm, attention, products of two activations, softmax and the loss
+    layer and RMS norm, attention, products of two activations, softmax and the loss
     estimate gradients that flow
     on to earlier layers, so every gradient upstream of them is an estimate.
     Every estimate is unbiased. In eval mode the model computes exactly what

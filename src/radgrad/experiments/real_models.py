@@ -1,6 +1,6 @@
 """Models people train, with and without radgrad: does ``convert(model, method="quantize")`` train as well?
 
-Byte-level language models (Hugging Face GPT-2 and BERT, an
+Byte-level language models (Hugging Face GPT-2, BERT and Llama, an
 ``nn.TransformerEncoder``) on the Python standard library's own source, and
 image models (Hugging Face ViT and ResNet) on CIFAR-10, built from their
 configs with random weights. Each run trains one model ``steps`` steps with

@@ -24,6 +24,25 @@ NOTE [Products of two activations]
     ``act(gate(x)) * up(x)`` saves a sketch of each factor. An operand that
     broadcasts (a per-row scale, rotary embeddings' ``cos``) is smaller than
     the output and is saved as it is.
+
+NOTE [A product's sketches serve the next layer]
+    A gated MLP feeds ``x = a * b`` to its down projection, whose weight
+    gradient ``grad^T x`` needs an estimate of ``x``. The product already
+    saved independent sketches ``A`` of ``a`` and ``B`` of ``b`` for its own
+    backward, and ``A * B`` is an unbiased estimate of ``x`` (the two are
+    independent). So the layer saves nothing of its own and reads
+    ``grad^T (A * B)``. No gradient multiplies one sketch by itself: the
+    down projection's reads ``A`` and ``B`` once each; the gate's and the
+    up projection's come through the product's backward, ``dx * B`` and
+    ``dx * A``, where ``dx = grad W`` is exact. Quantized (every entry kept),
+    it is also the better estimate: a product of two activations has heavy
+    tails, and rounding it to 2 bits over its row's range is far noisier
+    than rounding each factor over its own (a trained Llama's down
+    projections: benchmarks/bench_gated_products.py). Sampled sketches are
+    not reused (two samples of a tenth overlap on a hundredth). The layer
+    finds them through its input's ``grad_fn``, the product's node, which
+    holds them while the graph lives: eagerly, for the product's very
+    output (a view or an in-place change has another node).
 """
 
 from __future__ import annotations
@@ -140,6 +159,9 @@ class _Mul(_RADFunction):
     @staticmethod
     def setup_context(ctx, inputs, outputs):
         _save_operands(ctx, inputs, outputs, lambda t: t)
+        # both factors quantized: a linear layer fed the product may read them (eagerly, where ctx
+        # is the output's grad_fn)
+        ctx.radgrad_factors = all(inputs[3]) and inputs[2].method == "quantize"
 
     @staticmethod
     def backward(ctx, grad, *_):
@@ -171,3 +193,17 @@ def mul(a: Tensor, b: Tensor, config: SketchConfig = _DEFAULT) -> Tensor:
     if not any(sketched) or a.dtype != b.dtype or len(shape) == 0 or math.prod(shape) == 0:
         return _torch(torch.mul, a, b)
     return _Mul.run(a, b, config, sketched)[0]  # autocast leaves mul alone: so does this
+
+
+def product_sketches(t: Tensor) -> tuple[Sketch, Sketch] | None:
+    """The sketches of the two factors of ``t``, if ``t`` is itself the output of :func:`mul` with both
+    factors quantized, read from the product's backward node (NOTE [A product's sketches serve the
+    next layer]); else None."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    node = t.grad_fn
+    if not getattr(node, "radgrad_factors", False):
+        return None
+    with torch.no_grad():  # read, not unpacked: no second derivative is built from them
+        a, b = saved_tensors(node, unpack=False)
+    return a, b
