@@ -17,13 +17,10 @@ sketch of the product for scale.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
 
 import radgrad
-from bench_softmax_bits import trained
+from bench_softmax_bits import trained, trained_model_parser
 from radgrad.experiments import real_models, report
 
 
@@ -65,23 +62,13 @@ def measure(name: str, steps: int, lr: float, seed: int, draws: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="llama", choices=list(real_models.MODELS))
-    parser.add_argument("--steps", type=int, default=150, help="exact training steps before measuring")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--draws", type=int, default=12, help="estimates per layer and way")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = parser.parse_args()
+    args = trained_model_parser(__doc__, "llama", "estimates per layer and way").parse_args()
     torch.set_num_threads(args.threads)
     result = measure(args.model, args.steps, args.lr, args.seed, args.draws)
     ways = [k for k in result["rows"][0] if k != "layer"]
     print(f"{args.model} after {args.steps} exact steps: relative squared error of the down projection's gradient")
-    print("| layer | " + " | ".join(ways) + " |")
-    print("|---" * (len(ways) + 1) + "|")
-    for row in result["rows"]:
-        print(f"| {row['layer']} | " + " | ".join(f"{row[w]:.3f}" for w in ways) + " |")
+    print(report.markdown(["layer", *ways], [[row["layer"], *(f"{row[w]:.3f}" for w in ways)]
+                                             for row in result["rows"]]))
     if args.out:
         report.write_json(args.out, vars(args), result)
 

@@ -84,25 +84,31 @@ def measure(name: str, steps: int, lr: float, seed: int, draws: int, softmax_bit
     return {"model": name, "exact_loss_at_batch": exact_loss.item(), "rows": rows}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit-eager", choices=list(real_models.MODELS))
+def trained_model_parser(doc: str, model: str, draws: str) -> argparse.ArgumentParser:
+    """The options of a measurement on a model trained by :func:`trained`: model, steps, rate, seed,
+    draws, threads and output file."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=model, choices=list(real_models.MODELS))
     parser.add_argument("--steps", type=int, default=150, help="exact training steps before measuring")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--draws", type=int, default=12, help="radgrad gradients per setting")
-    parser.add_argument("--softmax-bits", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--draws", type=int, default=12, help=draws)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    return parser
+
+
+def main() -> None:
+    parser = trained_model_parser(__doc__, "vit-eager", "radgrad gradients per setting")
+    parser.add_argument("--softmax-bits", type=int, nargs="+", default=[2, 4, 8])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result = measure(args.model, args.steps, args.lr, args.seed, args.draws, args.softmax_bits)
     groups = list(result["rows"][0]["relative_error"])
     print(f"{args.model} after {args.steps} exact steps: relative gradient error by softmax bits")
-    print("| softmax bits | " + " | ".join(groups) + " |")
-    print("|---" * (len(groups) + 1) + "|")
-    for row in result["rows"]:
-        print(f"| {row['softmax_bits']} | " + " | ".join(f"{row['relative_error'][g]:.3f}" for g in groups) + " |")
+    print(report.markdown(["softmax bits", *groups], [[row["softmax_bits"], *(f"{row['relative_error'][g]:.3f}"
+                                                                             for g in groups)]
+                                                       for row in result["rows"]]))
     if args.out:
         report.write_json(args.out, vars(args), result)
 
