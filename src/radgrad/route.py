@@ -87,13 +87,6 @@ def _rms_norm(config, input, normalized_shape, weight=None, eps=None):
     return RF.rms_norm(input, normalized_shape, weight, eps, config)
 
 
-def _mul(func, config, input, other, *, out=None):
-    # most products in a model's code scale by a number: they leave at the first test
-    if not isinstance(other, torch.Tensor) or out is not None or not _floating(input, other):
-        return func(input, other) if out is None else func(input, other, out=out)
-    return RF.mul(input, other, config)
-
-
 def _activation(name, config, input, *args, **kwargs):
     kwargs.pop("inplace", None)
     if name == "gelu" and (args[:1] == ("tanh",) or kwargs.get("approximate") == "tanh"):
@@ -106,10 +99,11 @@ def _floating(*tensors) -> bool:
     return all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in tensors)
 
 
-def _matmul(func, config, input, other, *, out=None):
+def _product(func, twin, config, input, other, *, out=None):
+    # most elementwise products in a model's code scale by a number: they leave at the first test
     if out is not None or not _floating(input, other):
         return func(input, other) if out is None else func(input, other, out=out)
-    return RF.matmul(input, other, config)
+    return twin(input, other, config)
 
 
 def _bmm(func, config, input, mat2, *, out=None):
@@ -153,9 +147,10 @@ ROUTED = {
     F.gelu: functools.partial(_activation, "gelu"),
     F.silu: functools.partial(_activation, "silu"),
     F.mish: functools.partial(_activation, "mish"),
-    **{func: functools.partial(_matmul, func) for func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)},
+    **{func: functools.partial(_product, func, RF.matmul)
+       for func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)},
     **{func: functools.partial(_bmm, func) for func in (torch.bmm, torch.Tensor.bmm)},
-    **{func: functools.partial(_mul, func) for func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__)},
+    **{func: functools.partial(_product, func, RF.mul) for func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__)},
     **{func: functools.partial(_softmax, func, log)
        for func, log in ((torch.softmax, False), (torch.Tensor.softmax, False),
                          (torch.log_softmax, True), (torch.Tensor.log_softmax, True))},

@@ -3,6 +3,8 @@ a product's output, from the product's sketches of its factors)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -13,7 +15,7 @@ from radgrad.functional._base import (
 from radgrad.functional._matmul import product_sketches
 from radgrad.functional._source import record
 from radgrad.saved import save_for_backward, saved_tensors
-from radgrad.sketch import SketchConfig, unpack_rows
+from radgrad.sketch import Sketch, SketchConfig, unpack_rows
 
 __all__ = ["linear"]
 
@@ -34,18 +36,7 @@ class _LinearOfProduct(_RADFunction):
     @staticmethod
     def backward(ctx, grad):
         a, b, weight = saved_tensors(ctx, unpack=False)
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad2d = grad.reshape(-1, grad.shape[-1])
-        grad_weight = None
-        if need_weight:
-            for lo, hi in _blocks(a, grad2d.shape[0], a.shape[-1]):
-                part = unpack_rows(a, lo, hi).mul_(unpack_rows(b, lo, hi))
-                if grad_weight is None:
-                    grad_weight = grad2d[lo:hi].t().mm(part)
-                else:
-                    grad_weight.addmm_(grad2d[lo:hi].t(), part)
-        return (grad.matmul(weight) if need_input else None, grad_weight,
-                grad2d.sum(0) if need_bias else None, None)
+        return _grads(ctx, grad, weight, a, lambda lo, hi: unpack_rows(a, lo, hi).mul_(unpack_rows(b, lo, hi)))
 
 
 class _Linear(_RADFunction):
@@ -62,20 +53,25 @@ class _Linear(_RADFunction):
     @staticmethod
     def backward(ctx, grad, *_):
         sketch, weight = saved_tensors(ctx, unpack=False)
-        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad2d = grad.reshape(-1, grad.shape[-1])
-        grad_input = grad.matmul(weight) if need_input else None
-        grad_weight = None
-        if need_weight:
-            rows, d = grad2d.shape[0], sketch.shape[-1]
-            for lo, hi in _blocks(sketch, rows, d):
-                part = unpack_rows(sketch, lo, hi)
-                if grad_weight is None:
-                    grad_weight = grad2d[lo:hi].t().mm(part)
-                else:
-                    grad_weight.addmm_(grad2d[lo:hi].t(), part)
-        grad_bias = grad2d.sum(0) if need_bias else None
-        return grad_input, grad_weight, grad_bias, None
+        return _grads(ctx, grad, weight, sketch, lambda lo, hi: unpack_rows(sketch, lo, hi))
+
+
+def _grads(ctx, grad: Tensor, weight: Tensor | None, sketch: Sketch, estimate: Callable[[int, int], Tensor]):
+    """A linear layer's (input, weight, bias, config) gradients; ``estimate(lo, hi)`` gives rows ``lo .. hi``
+    of the input's estimate, rebuilt a block at a time (blocks as for ``sketch``)."""
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    grad2d = grad.reshape(-1, grad.shape[-1])
+    grad_input = grad.matmul(weight) if need_input else None
+    grad_weight = None
+    if need_weight:
+        for lo, hi in _blocks(sketch, grad2d.shape[0], sketch.shape[-1]):
+            part = estimate(lo, hi)
+            if grad_weight is None:
+                grad_weight = grad2d[lo:hi].t().mm(part)
+            else:
+                grad_weight.addmm_(grad2d[lo:hi].t(), part)
+    grad_bias = grad2d.sum(0) if need_bias else None
+    return grad_input, grad_weight, grad_bias, None
 
 
 

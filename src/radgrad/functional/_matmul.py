@@ -75,14 +75,7 @@ def _rows_view(t: Tensor) -> tuple[Tensor, bool]:
 class _Matmul(_RADFunction):
     @staticmethod
     def forward(a, b, config, sketched):
-        output = torch.matmul(a, b)
-        parts: list[Tensor | None] = []
-        for t, sketch in zip((a, b), sketched):
-            if sketch:
-                view, _ = _rows_view(t)
-                output, *more = _packed(output, view, config, view.dim() - 1)
-                parts += more
-        return output, *parts
+        return _pack_operands(torch.matmul(a, b), a, b, config, sketched, lambda t: _rows_view(t)[0])
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
@@ -99,6 +92,18 @@ class _Matmul(_RADFunction):
         if ctx.needs_input_grad[1]:
             grad_b = torch.matmul(a.mT, grad).sum_to_size(ctx.shapes[1])
         return grad_a, grad_b, None, None
+
+
+def _pack_operands(output: Tensor, a: Tensor, b: Tensor, config: SketchConfig, sketched, rows) -> tuple:
+    """``output`` tied to a sketch of ``rows(operand)`` for each ``sketched`` operand, then the
+    sketches' tensors, three per operand (what :func:`_save_operands` reads)."""
+    parts: list[Tensor | None] = []
+    for t, sketch in zip((a, b), sketched):
+        if sketch:
+            view = rows(t)
+            output, *more = _packed(output, view, config, max(view.dim() - 1, 0))
+            parts += more
+    return output, *parts
 
 
 def _save_operands(ctx, inputs, outputs, rows) -> None:
@@ -148,13 +153,7 @@ def matmul(a: Tensor, b: Tensor, config: SketchConfig = _DEFAULT) -> Tensor:
 class _Mul(_RADFunction):
     @staticmethod
     def forward(a, b, config, sketched):
-        output = torch.mul(a, b)
-        parts: list[Tensor | None] = []
-        for t, sketch in zip((a, b), sketched):
-            if sketch:
-                output, *more = _packed(output, t, config, max(t.dim() - 1, 0))
-                parts += more
-        return output, *parts
+        return _pack_operands(torch.mul(a, b), a, b, config, sketched, lambda t: t)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from radgrad.estimators.quantize import compute_dtype
 from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from, _torch
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import Sketch, SketchConfig, plane_shape
@@ -196,7 +197,7 @@ class _RMSNorm(_LayerNorm):
     @staticmethod
     def forward(input, shape, weight, forward, eps, config):
         dims = tuple(range(input.dim() - len(shape), input.dim()))
-        x = input.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
+        x = input.to(compute_dtype(input.dtype))
         rstd = x.square().mean(dims, keepdim=True).add_(eps).rsqrt_()
         normalized = x * rstd
         if forward is not None:
@@ -233,7 +234,7 @@ def rms_norm(
     _check_input("functional.rms_norm", input)
     shape = list(normalized_shape) if not isinstance(normalized_shape, int) else [normalized_shape]
     if eps is None:  # torch's: the epsilon of the dtype it computes in
-        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+        eps = torch.finfo(compute_dtype(input.dtype)).eps
     needs = input.requires_grad or (weight is not None and weight.requires_grad)
     if config.exact or not (needs and torch.is_grad_enabled()) or math.prod(shape) == 0:
         return _torch(forward, input) if forward is not None else _torch(F.rms_norm, input, shape, weight, eps)
