@@ -96,20 +96,23 @@ def _assert_compiled_grads_equal_eager(model, x, backend="inductor", compiled=No
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("is_causal", [False, True], ids=["full", "causal"])
-def test_compiled_attention_without_dropout_is_one_graph(is_causal):
+@pytest.mark.parametrize("mask", ["full", "causal", "learned"])
+def test_compiled_attention_without_dropout_is_one_graph(mask):
     # eagerly its backward runs torch's fused kernels through torch.autograd.grad, which
     # dynamo cannot trace: compiled, that broke the graph of every attention layer (HF ViT)
     q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.randn(3, 5, 5, dtype=torch.float64, requires_grad=True)  # a learned position bias (Swin, T5)
     config = radgrad.SketchConfig(method="quantize", bits=2)
 
-    def attention(q, k, v):
-        return radgrad.functional.scaled_dot_product_attention(q, k, v, is_causal=is_causal, config=config)
+    def attention(q, k, v, bias):
+        return radgrad.functional.scaled_dot_product_attention(
+            q, k, v, bias if mask == "learned" else None, is_causal=mask == "causal", config=config)
 
     def grads(fn):
         torch.manual_seed(1)
-        out = fn(q, k, v)
-        return out, torch.autograd.grad(out.square().sum(), (q, k, v))
+        out = fn(q, k, v, bias)
+        inputs = (q, k, v, bias) if mask == "learned" else (q, k, v)
+        return out, torch.autograd.grad(out.square().sum(), inputs)
 
     out, got = grads(torch.compile(attention, fullgraph=True, backend="aot_eager"))
     want_out, want = grads(attention)

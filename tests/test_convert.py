@@ -1,3 +1,6 @@
+import copy
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -110,13 +113,49 @@ def test_a_checkpointed_module_is_routed_when_recomputed_a_bare_function_is_not(
         model(x).sum().backward()
 
 
-def test_converts_the_model_itself_and_skips_subclasses():
+class _DepthwiseConv(nn.Conv2d):
+    """A subclass computing with nn.Conv2d's code, as EfficientNet's depthwise convolution."""
+
+    def __init__(self, channels):
+        super().__init__(channels, channels, 3, padding=1, groups=channels)
+
+
+class _OwnForwardLinear(nn.Linear):
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def test_converts_the_model_itself_and_subclasses_that_keep_the_parents_forward():
     assert type(radgrad.convert(nn.Linear(2, 2))) is radgrad.nn.Linear
     attention = nn.MultiheadAttention(4, 2)
     radgrad.convert(attention)
     assert type(attention.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     pool = nn.MaxPool2d(2, return_indices=True)
     assert type(radgrad.convert(pool)) is nn.MaxPool2d
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_DepthwiseConv(3), nn.Flatten(), _OwnForwardLinear(48, 2))
+    plain = copy.deepcopy(model)
+    weight = model[0].weight
+    with pytest.warns(UserWarning, match=r"left exact: 2 \(_OwnForwardLinear, a subclass of Linear"):
+        radgrad.convert(model, method="quantize")
+    conv = model[0]
+    assert isinstance(conv, _DepthwiseConv) and isinstance(conv, radgrad.nn.Conv2d) and conv.weight is weight
+    assert type(conv).__name__ == "_DepthwiseConv" and conv.sketch == radgrad.SketchConfig(method="quantize")
+    assert type(model[2]) is _OwnForwardLinear
+    assert "_OwnForwardLinear, a subclass of Linear with its own forward" in radgrad.coverage(model).exact["2"]
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(model(x), plain(x))  # training forward: exact
+    with radgrad.memory.record(model) as converted:
+        model(x).sum().backward()
+    with radgrad.memory.record(plain) as exact:
+        plain(x)
+    assert converted.by_module["0"] < exact.by_module["0"] / 4
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(copied[0]) is type(conv) and copied[0].sketch == conv.sketch
+    with pytest.warns(UserWarning, match="left exact"):
+        radgrad.convert(model, keep=0.5)
+    assert type(model[0]) is type(conv) and conv.sketch == radgrad.SketchConfig(0.5)
 
 
 def test_bad_arguments():

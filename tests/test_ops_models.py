@@ -149,6 +149,38 @@ def test_attention_exact_output_unbiased_grads(config, mask):
     assert_unbiased(samples[:, :-n_v], exact[:-n_v])
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4], ids=["fused", "dropout"])
+def test_attention_learned_bias_gets_an_unbiased_gradient(dropout_p, n=1500):
+    # a position bias per head, broadcast over the batch (Swin's, T5's): dS summed over the batch
+    config = CONFIGS[0]
+    q, k, v = _attention_inputs()
+    bias = torch.randn(2, 4, 5, dtype=torch.float64, requires_grad=True)
+    scale = 1 / 3**0.5
+    samples, exacts = [], []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        samples.append(_grads(lambda q, k, b, v: RF.scaled_dot_product_attention(q, k, v, b, dropout_p, config=config),
+                              q, k, bias, v))
+        if dropout_p or seed == 0:
+            torch.manual_seed(seed)
+            probs = torch.softmax(q.detach() @ k.detach().transpose(-2, -1) * scale + bias.detach(), -1)
+            mask = torch.ops.aten.native_dropout(probs, dropout_p, True)[1].to(q.dtype) / (1 - dropout_p)
+            exacts.append(_grads(lambda q, k, b, v: (torch.softmax(q @ k.transpose(-2, -1) * scale + b, -1) * mask) @ v,
+                                 q, k, bias, v))
+    samples = torch.stack(samples)
+    exacts = torch.stack(exacts).expand(n, -1)
+    if not dropout_p:
+        assert_same_up_to_rounding(exacts[0], _grads(lambda q, k, b, v: F.scaled_dot_product_attention(q, k, v, b),
+                                                     q, k, bias, v))
+    n_v = v.numel()
+    assert_same_up_to_rounding(samples[:, -n_v:], exacts[:, -n_v:])  # value gradient exact
+    zero = torch.zeros(samples.shape[1] - n_v, dtype=samples.dtype)
+    estimated, exact = samples[:, :-n_v], exacts[:, :-n_v]
+    assert z_scores(estimated - exact, zero).max() < Z_BOUND
+    assert z_scores(0.9 * estimated - exact, zero).max() > Z_BOUND, "test too weak to detect a 10% bias"
+    assert (estimated[:, -bias.numel():] != exact[:, -bias.numel():]).any()  # the bias gradient is an estimate
+
+
 def test_attention_with_dropout_unbiased_for_each_mask():
     # Dropout makes torch's own gradient random. Each draw is compared with the
     # exact gradient for its own mask (the first thing drawn after seeding):

@@ -41,6 +41,26 @@ def _llama(dropout: float = 0.0) -> nn.Module:
     return transformers.LlamaForCausalLM(config)
 
 
+def _t5(dropout: float = 0.0) -> nn.Module:
+    """T5: relative position biases, learned, added to every attention's scores; an encoder and a decoder."""
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=24, num_layers=1, num_heads=4,
+                                   relative_attention_num_buckets=8, dropout_rate=dropout, decoder_start_token_id=0,
+                                   pad_token_id=0, eos_token_id=1)
+    return _LabelsAsDecoderInput(transformers.T5ForConditionalGeneration(config))
+
+
+class _LabelsAsDecoderInput(nn.Module):
+    """An encoder-decoder called as the language models here: ``model(x)``, the targets shifted in."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(input_ids=x, decoder_input_ids=x)
+
+
 def _encoder(dropout: float = 0.0) -> nn.Module:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout, batch_first=True, activation="gelu")
@@ -59,8 +79,8 @@ def test_gpt2_converts_its_conv1d_activations_norms_and_dropout_keeping_ties():
     assert all(a is b for a, b in zip(model.parameters(), params))
 
 
-@pytest.mark.parametrize("make", [_gpt2, _eager_gpt2, _llama, _encoder],
-                         ids=["gpt2", "gpt2-eager", "llama", "transformer-encoder"])
+@pytest.mark.parametrize("make", [_gpt2, _eager_gpt2, _llama, _t5, _encoder],
+                         ids=["gpt2", "gpt2-eager", "llama", "t5", "transformer-encoder"])
 def test_eval_outputs_bitwise_equal_after_convert(make):
     model = make(0.1).eval()
     hf = make is not _encoder
@@ -78,8 +98,8 @@ def _loss(model, x, y):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [_gpt2, _eager_gpt2, _llama, _encoder],
-                         ids=["gpt2", "gpt2-eager", "llama", "transformer-encoder"])
+@pytest.mark.parametrize("make", [_gpt2, _eager_gpt2, _llama, _t5, _encoder],
+                         ids=["gpt2", "gpt2-eager", "llama", "t5", "transformer-encoder"])
 def test_training_gradients_unbiased_and_outputs_exact(make):
     model = make().double().train()
     torch.manual_seed(1)
@@ -136,26 +156,32 @@ class _GatedMLP(nn.Module):
 
 
 def test_rms_norm_probe_converts_a_models_own_and_torchs():
-    model = nn.Sequential(_OwnRMSNorm(6), nn.RMSNorm(6), _OwnRMSNorm(6, offset=1.0), nn.LayerNorm(6))
+    model = nn.Sequential(_OwnRMSNorm(6), nn.RMSNorm(6), _OwnRMSNorm(6, offset=1.0), _OwnRMSNorm(6, offset=2.0),
+                          nn.LayerNorm(6))
     radgrad.convert(model, **QUANTIZE)
     assert isinstance(model[0], radgrad.nn.RMSNormLike) and isinstance(model[0], _OwnRMSNorm)
+    assert model[0].weight_offset == 0.0 and model[2].weight_offset == 1.0  # Gemma's (1 + weight)
     assert type(model[1]) is radgrad.nn.RMSNorm
-    assert not isinstance(model[2], radgrad.nn.RMSNormLike)  # weight offset by one (Gemma's): another formula
-    assert "not a module type radgrad converts" in radgrad.coverage(model).exact["2"]
+    assert not isinstance(model[3], radgrad.nn.RMSNormLike)  # an offset of two: no known formula
+    assert "not a module type radgrad converts" in radgrad.coverage(model).exact["3"]
     torch.manual_seed(0)
-    norms = nn.Sequential(_OwnRMSNorm(6), nn.RMSNorm(6)).double()
+    norms = nn.Sequential(_OwnRMSNorm(6), nn.RMSNorm(6), _OwnRMSNorm(6, offset=1.0)).double()
     with torch.no_grad():
         for norm in norms:
-            norm.weight.copy_(torch.rand(6) + 0.5)
+            norm.weight.copy_(torch.rand(6) - 0.5 * norm.offset if hasattr(norm, "offset") else torch.rand(6) + 0.5)
     exact_model = copy.deepcopy(norms)
     radgrad.convert(norms, **QUANTIZE)
     x = (torch.randn(4, 6, dtype=torch.float64) + 1).requires_grad_()
     weights = torch.linspace(-1, 1, x.numel(), dtype=x.dtype).view(x.shape)
     assert torch.equal(norms(x), exact_model(x))  # the model's own float32 code, bit for bit
-    (exact,) = torch.autograd.grad((exact_model(x) * weights).sum(), x)
-    samples = torch.stack([torch.autograd.grad((norms(x) * weights).sum(), x)[0].reshape(-1) for _ in range(3000)])
+
+    def gradient(model):
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad((model(x) * weights).sum(),
+                                                                      (x, *model.parameters()))])
+
+    samples = torch.stack([gradient(norms) for _ in range(3000)])
     # the own norm computes in float32: its exact gradient is float32's, far below the estimate's noise
-    assert_unbiased(samples, exact.reshape(-1))
+    assert_unbiased(samples, gradient(exact_model))
 
 
 def test_gated_products_are_routed_and_unbiased():

@@ -13,7 +13,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from radgrad import route
 from radgrad.coverage import coverage
-from radgrad.nn import CONVERSIONS, Activation, RMSNormLike, TransposedLinear, _Dynamic, rms_epsilon
+from radgrad.nn import CONVERSIONS, Activation, RMSNormLike, TransposedLinear, rms_epsilon
 from radgrad.sketch import SketchConfig
 
 __all__ = ["convert"]
@@ -46,9 +46,13 @@ def convert(
     *in place*: the
     module objects, their Parameter objects, buffers, hooks and ``state_dict``
     keys stay the same, so a pretrained model stays pretrained and an
-    optimizer built before the call stays valid. Subclasses of these torch
-    types (for example the output projection of ``nn.MultiheadAttention``) and
-    ``MaxPool2d(return_indices=True)`` and bidirectional RNNs are left alone.
+    optimizer built before the call stays valid. A subclass of these torch
+    types that computes with its parent's code (overriding neither
+    ``forward`` nor ``_conv_forward``, as EfficientNet's depthwise
+    convolution) becomes a subclass of both its class and the radgrad twin;
+    one with its own ``forward`` is left alone, as are the children of
+    ``nn.MultiheadAttention``, ``MaxPool2d(return_indices=True)`` and
+    bidirectional RNNs.
     Lazy modules (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) not yet
     materialized become RAD layers on their first forward.
 
@@ -109,8 +113,11 @@ def convert(
     }
     for name, module in model.named_modules(remove_duplicate=False):
         route.leave_alone(module, name in names or isinstance(module, types))
+    # nn.MultiheadAttention hands its children's weights to a routed call; it never calls them
+    inside_attention = {id(inner) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
+                        for inner in module.modules() if inner is not module}
     for module in model.modules():
-        if id(module) not in skipped:
+        if id(module) not in skipped and id(module) not in inside_attention:
             _convert_one(module, config)
     # modules whose own code may call what the route reroutes (NOTE [Routing recomputed layers])
     entries = [m for m in model.modules() if id(m) not in skipped
@@ -156,20 +163,33 @@ def _convert_one(module: nn.Module, config: SketchConfig) -> None:
         if rad_type is not None:
             rad_type.for_lazy(module, config)
         return
-    if isinstance(module, _Dynamic):
+    if hasattr(module, "_radgrad_mixin"):
         module._radgrad_mixin.from_torch(module, config)
         return
-    torch_type = _RAD_TYPES.get(type(module), type(module))
-    rad_type = CONVERSIONS.get(torch_type)
+    rad_type = CONVERSIONS.get(_RAD_TYPES.get(type(module), type(module))) or _subclass_conversion(type(module))
     if rad_type is not None:
         if rad_type.convertible(module):
             rad_type.from_torch(module, config)
     elif _is_transposed_linear(module):
         TransposedLinear.from_torch(module, config)
-    elif _is_rms_norm(module):
-        RMSNormLike.from_torch(module, config)
+    elif (offset := _rms_weight_offset(module)) is not None:
+        RMSNormLike.from_torch(module, config).weight_offset = offset
     elif _is_elementwise(module):
         Activation.from_torch(module, config)
+
+
+# What a torch type's forward pass calls on itself: a subclass overriding none of these computes as its parent.
+_FORWARD_METHODS = ("forward", "_conv_forward")
+
+
+def _subclass_conversion(cls: type) -> type[nn.Module] | None:
+    """The radgrad class for a subclass of a type in :data:`CONVERSIONS` that computes its output
+    with that type's own code (overriding neither ``forward`` nor what it calls), else None."""
+    for torch_type in cls.__mro__[1:]:
+        if torch_type in CONVERSIONS:
+            same = all(getattr(cls, name, None) is getattr(torch_type, name, None) for name in _FORWARD_METHODS)
+            return CONVERSIONS[torch_type] if same else None
+    return None
 
 
 def _is_transposed_linear(module: nn.Module) -> bool:
@@ -179,21 +199,22 @@ def _is_transposed_linear(module: nn.Module) -> bool:
     return conv1d is not None and type(module) is conv1d
 
 
-def _is_rms_norm(module: nn.Module) -> bool:
-    """Whether ``module`` is a model's own RMS normalization over its last dimension.
+def _rms_weight_offset(module: nn.Module) -> float | None:
+    """If ``module`` is a model's own RMS normalization over its last dimension, the offset its
+    weight is used with (0, or 1 for Gemma's ``(1 + weight)``); else None.
 
     It must hold one parameter, a 1-d ``weight``, and an epsilon attribute
     (:func:`radgrad.nn.rms_epsilon`), and a copy of it given a random weight
-    must compute ``F.rms_norm`` with them on a float32 probe (to float32
-    rounding: its own code runs in the forward pass, the formula only
-    serves the backward). A weight offset by one, as in Gemma's, fails.
+    must compute ``F.rms_norm`` with ``weight + offset`` and that epsilon on
+    a float32 probe (to float32 rounding: its own code runs in the forward
+    pass, the formula only serves the backward).
     """
     if any(True for _ in module.children()) or any(True for _ in module.buffers()):
-        return False
+        return None
     parameters = dict(module.named_parameters())
     weight, eps = parameters.get("weight"), rms_epsilon(module)
     if len(parameters) != 1 or weight is None or weight.dim() != 1 or eps is None or weight.is_meta:
-        return False
+        return None
     g = torch.Generator().manual_seed(0)
     d = weight.numel()
     try:
@@ -202,10 +223,19 @@ def _is_rms_norm(module: nn.Module) -> bool:
             probe.weight.copy_(torch.rand(d, generator=g) + 0.5)
             x = torch.randn(2, 3, d, generator=g)
             y = probe(x)
-            expected = nn.functional.rms_norm(x, (d,), probe.weight, eps)
     except Exception:  # a module that cannot take this probe is not converted
-        return False
-    return isinstance(y, torch.Tensor) and y.shape == x.shape and torch.allclose(y, expected, rtol=1e-5, atol=1e-6)
+        return None
+    if not (isinstance(y, torch.Tensor) and y.shape == x.shape):
+        return None
+    for offset in _RMS_WEIGHT_OFFSETS:
+        expected = nn.functional.rms_norm(x, (d,), probe.weight.detach() + offset, eps)
+        if torch.allclose(y, expected, rtol=1e-5, atol=1e-6):
+            return offset
+    return None
+
+
+# Offsets a model's RMS normalization may add to its weight: none, or Gemma's one.
+_RMS_WEIGHT_OFFSETS = (0.0, 1.0)
 
 
 # Parameter-free modules that need no probe: never elementwise, or exact already.

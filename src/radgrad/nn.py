@@ -41,8 +41,14 @@ class _Converted:
 
     @classmethod
     def from_torch(cls: type[M], module: nn.Module, config: SketchConfig) -> M:
-        """Turn ``module`` (an instance of the torch parent) into this class, in place."""
-        module.__class__ = cls
+        """Turn ``module`` (an instance of the torch parent, or of a subclass of it) into this class, in place.
+
+        An instance of a subclass becomes an instance of a class made from
+        both ``cls`` and its own class (once per pair), so ``isinstance``
+        checks of the model's code still pass and its other methods stay.
+        """
+        base = getattr(module, "_radgrad_base", type(module))
+        module.__class__ = cls if base in cls.__mro__ else _subclass(cls, base)
         return module
 
 
@@ -292,30 +298,24 @@ class _Dynamic(_Sketched):
     original class plus the mixin.
     """
 
-    @classmethod
-    def from_torch(cls, module: nn.Module, config: SketchConfig) -> nn.Module:
-        base = type(module)
-        if isinstance(module, _Dynamic):
-            base = module._radgrad_base
-        module.__class__ = _subclass(cls, base)
-        module.sketch = config
-        return module
-
-    def __reduce_ex__(self, protocol):
-        _, _, *rest = super().__reduce_ex__(max(protocol, 2))
-        return (_rebuild, (self._radgrad_mixin, self._radgrad_base), *rest)
-
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
 def _subclass(mixin: type, base: type) -> type:
+    """The class of a converted ``base`` instance: ``mixin`` first, then ``base``; it pickles and
+    deep-copies as the pair (:func:`_rebuild`)."""
     key = (mixin, base)
     if key not in _SUBCLASSES:
         _SUBCLASSES[key] = type(base.__name__, (mixin, base), {
             "_radgrad_mixin": mixin, "_radgrad_base": base, "__module__": base.__module__,
-            "__qualname__": f"{base.__qualname__}[radgrad.{mixin.__name__}]"})
+            "__qualname__": f"{base.__qualname__}[radgrad.{mixin.__name__}]", "__reduce_ex__": _reduce_ex})
     return _SUBCLASSES[key]
+
+
+def _reduce_ex(self: nn.Module, protocol: int):
+    _, _, *rest = object.__reduce_ex__(self, max(protocol, 2))
+    return (_rebuild, (self._radgrad_mixin, self._radgrad_base), *rest)
 
 
 def _rebuild(mixin: type, base: type) -> nn.Module:
@@ -358,16 +358,21 @@ class RMSNormLike(_Dynamic):
     Made by :func:`radgrad.convert` for a module with one parameter, a
     ``weight`` of the last dimension's size, and an ``eps`` (or
     ``variance_epsilon``) attribute, that a probe finds to compute
-    ``weight * x / sqrt(mean(x**2) + eps)``. Exact: the output, computed by
-    the module's own code. Estimated (unbiased): the input and weight
+    ``(weight + weight_offset) * x / sqrt(mean(x**2) + eps)``, with
+    ``weight_offset`` 0 or, as Gemma's norm, 1. Exact: the output, computed
+    by the module's own code. Estimated (unbiased): the input and weight
     gradients, from two sketches of the normalized input
     (:func:`radgrad.functional.rms_norm`).
     """
 
+    #: What the module adds to its weight before scaling (Gemma's norm: 1).
+    weight_offset: float = 0.0
+
     def forward(self, input: Tensor) -> Tensor:
         if not self.training or not isinstance(input, Tensor) or not input.is_floating_point():
             return super().forward(input)
-        return RF.rms_norm(input, input.shape[-1:], self.weight, float(rms_epsilon(self)), self.sketch,
+        weight = self.weight + self.weight_offset if self.weight_offset else self.weight
+        return RF.rms_norm(input, input.shape[-1:], weight, float(rms_epsilon(self)), self.sketch,
                            forward=super().forward)
 
 

@@ -10,7 +10,10 @@ NOTE [Attention from a sketch of V]
     exact and ``P`` is recomputed in the backward pass (as flash attention
     does) instead of being stored: no ``L x S`` tensor is saved. ``v``
     enters only ``dPd``, linearly, so a sketch of it (one row per key
-    position) gives unbiased ``dq`` and ``dk``; ``dv`` is exact. The dropout
+    position) gives unbiased ``dq`` and ``dk``; ``dv`` is exact. A float
+    ``attn_mask`` that needs a gradient (a learned position bias, as Swin's
+    or T5's) gets ``dS`` summed over the dimensions it was broadcast along:
+    linear in the sketch of v, so unbiased too. The dropout
     mask is kept as one bit per entry. Without dropout, the eager backward
     pass runs torch's own fused kernels (forward, then backward) on the
     estimate of ``v``: the same formulas, with ``rowsum(P * dP)`` computed
@@ -48,7 +51,7 @@ def _probabilities(q: Tensor, k: Tensor, bias: Tensor | None, scale: float, is_c
     if is_causal and q.shape[-2] <= k.shape[-2]:
         return torch.softmax(scores, -1)  # every row keeps its first key
     # torch's math path: a row with every key masked gives zeros, not NaN
-    return torch._safe_softmax(scores, -1)
+    return torch.ops.aten._safe_softmax(scores, -1)
 
 
 def _bias(attn_mask: Tensor | None, is_causal: bool, q: Tensor, k: Tensor) -> Tensor | None:
@@ -118,7 +121,7 @@ class _Attention(_RADFunction):
         dropout_p, is_causal, scale, groups = ctx.options
         if mask is None and not torch.compiler.is_compiling():
             return (*_fused_backward(grad, q, k, v.unpack(), attn_mask, is_causal, scale, groups,
-                                     ctx.needs_input_grad), None, None, None, None, None, None, None)
+                                     ctx.needs_input_grad[:4]), None, None, None, None, None, None)
         k = _repeat(k, groups)
         probs = _probabilities(q, k, _bias(attn_mask, is_causal, q, k), scale, is_causal)
         grad_probs = torch.matmul(grad, _repeat(v.unpack(), groups).transpose(-2, -1))
@@ -131,22 +134,25 @@ class _Attention(_RADFunction):
         grad_scores = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
         grad_q = torch.matmul(grad_scores, k).mul_(scale) if ctx.needs_input_grad[0] else None
         grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(scale) if ctx.needs_input_grad[1] else None
-        return grad_q, _fold(grad_k, groups), _fold(grad_v, groups), None, None, None, None, None, None, None
+        grad_mask = grad_scores.sum_to_size(attn_mask.shape) if ctx.needs_input_grad[3] else None
+        return grad_q, _fold(grad_k, groups), _fold(grad_v, groups), grad_mask, None, None, None, None, None, None
 
 
 def _fused_backward(grad, q, k, v_estimate, attn_mask, is_causal, scale, groups,
                     needs) -> tuple[Tensor | None, ...]:
     """Without dropout: torch's own attention kernels, run forward and backward on the estimate of v.
 
-    Its ``dv = P^T grad`` does not read v (exact); its ``dq`` and ``dk`` are
-    linear in v (unbiased). torch picks its fastest kernel for the device.
+    Its ``dv = P^T grad`` does not read v (exact); its ``dq``, ``dk`` and
+    mask gradient are linear in v (unbiased). torch picks its fastest kernel
+    for the device.
     """
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(need) for t, need in zip((q, k, v_estimate), needs)]
-        out = F.scaled_dot_product_attention(*leaves, attn_mask, 0.0, is_causal, scale=scale, enable_gqa=groups > 1)
-        wanted = [t for t in leaves if t.requires_grad]
+        leaves = [None if t is None else t.detach().requires_grad_(need)
+                  for t, need in zip((q, k, v_estimate, attn_mask), needs)]
+        out = F.scaled_dot_product_attention(*leaves, 0.0, is_causal, scale=scale, enable_gqa=groups > 1)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad))
-    return tuple(next(grads) if t.requires_grad else None for t in leaves)
+    return tuple(next(grads) if t is not None and t.requires_grad else None for t in leaves)
 
 
 def scaled_dot_product_attention(
@@ -164,25 +170,25 @@ def scaled_dot_product_attention(
 
     Exact: the output (torch's own kernel when ``dropout_p == 0``), the
     gradient with respect to ``value``. Estimated (unbiased): the gradients
-    with respect to ``query`` and ``key`` (NOTE [Attention from a sketch of
-    V]). The attention matrix is recomputed in the backward pass, never
+    with respect to ``query``, ``key`` and a float ``attn_mask`` that needs
+    one (NOTE [Attention from a sketch of V]). The attention matrix is recomputed in the backward pass, never
     stored; a dropout mask is stored as bits.
 
     With ``enable_gqa=True``, key and value may have fewer heads (dimension
     -3) than query, a divisor of them; they are stored at their own count.
     Runs torch's function unchanged when nothing needs a gradient, for an
-    exact config, with a mask that needs a gradient, or when the batch
-    dimensions of query, key and value differ otherwise.
+    exact config, or when the batch dimensions of query, key and value
+    differ otherwise.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_input(f"functional.scaled_dot_product_attention: {name}", t)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(
             f"radgrad.functional.scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
-    needs = any(t.requires_grad for t in (query, key, value)) and torch.is_grad_enabled()
+    needs = (any(t.requires_grad for t in (query, key, value, attn_mask) if t is not None)
+             and torch.is_grad_enabled())
     groups = _groups(query, key, value) if enable_gqa else 1
     plain = (config.exact or not needs or query.dim() < 2 or groups is None
-             or (attn_mask is not None and attn_mask.requires_grad)
              or not (groups > 1 or query.shape[:-2] == key.shape[:-2] == value.shape[:-2]))
     if plain:
         return _torch(F.scaled_dot_product_attention, query, key, value, attn_mask, dropout_p, is_causal,
