@@ -59,13 +59,13 @@ def _model_and_loss(name: str, method: str):
     return model, lambda m: spec.loss(m, batch)
 
 
-def _saved(model, loss) -> radgrad.memory.MemoryRecord:
+def saved(model, loss) -> radgrad.memory.MemoryRecord:
     with radgrad.memory.record(model) as rec:
         loss(model)
     return rec
 
 
-def _peak(model, loss) -> int:
+def peak(model, loss) -> int:
     return radgrad.memory.peak(lambda: loss(model).backward(), model).added
 
 
@@ -78,11 +78,11 @@ def _step_seconds(model, loss) -> float:
 def measure(name: str, rounds: int, compiled: bool) -> dict:
     plain, loss = _model_and_loss(name, "exact")
     rad, _ = _model_and_loss(name, "quantize")
-    saved = {k: _saved(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
-    peaks = {k: _peak(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
+    records = {k: saved(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
+    peaks = {k: peak(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
     times: dict[str, list[float]] = {"plain": [], "radgrad": []}
     if not rounds:  # memory only
-        return _memory_result(name, rad, saved, peaks)
+        return memory_result(name, rad, records, peaks)
     for m in (plain, rad):
         _step_seconds(m, loss)
     for i in range(rounds):
@@ -100,22 +100,23 @@ def measure(name: str, rounds: int, compiled: bool) -> dict:
             for k, m in order:
                 ctimes[k].append(_step_seconds(m, loss))
         result["compiled_step_ratio"] = statistics.median(ctimes["radgrad"]) / statistics.median(ctimes["plain"])
-    return {**_memory_result(name, rad, saved, peaks),
+    return {**memory_result(name, rad, records, peaks),
             "step_seconds": {k: statistics.median(v) for k, v in times.items()},
             "step_ratio": statistics.median(times["radgrad"]) / statistics.median(times["plain"]),
             **result}
 
 
-def _memory_result(name: str, rad: nn.Module, saved: dict, peaks: dict) -> dict:
+def memory_result(name: str, rad: nn.Module, records: dict, peaks: dict) -> dict:
+    """Saved and peak bytes, plain and converted, their ratios, and the module types holding the most."""
     holders = Counter()
-    for module, nbytes in saved["radgrad"].by_module.items():
+    for module, nbytes in records["radgrad"].by_module.items():
         holders[type(rad.get_submodule(module)).__name__ if module not in ("", radgrad.memory.OUTSIDE)
                 else module or "(model)"] += nbytes
-    total = saved["radgrad"].total
+    total = records["radgrad"].total
     return {
         "model": name,
-        "saved_bytes": {k: r.total for k, r in saved.items()},
-        "saved_ratio": total / saved["plain"].total,
+        "saved_bytes": {k: r.total for k, r in records.items()},
+        "saved_ratio": total / records["plain"].total,
         "peak_bytes": peaks,
         "peak_ratio": peaks["radgrad"] / peaks["plain"],
         "remaining_holders": {k: v / total for k, v in holders.most_common(4)},

@@ -150,7 +150,7 @@ def test_attention_exact_output_unbiased_grads(config, mask):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4], ids=["fused", "dropout"])
-def test_attention_learned_bias_gets_an_unbiased_gradient(dropout_p, n=1500):
+def test_attention_learned_bias_gets_an_unbiased_gradient(dropout_p, n=1000):
     # a position bias per head, broadcast over the batch (Swin's, T5's): dS summed over the batch
     config = CONFIGS[0]
     q, k, v = _attention_inputs()
@@ -302,7 +302,7 @@ def test_attention_rebuilds_projected_queries_and_keys_and_saves_their_input_onc
 
     rebuilt, rebuilt_saved = run(), saved()
     original = _attention.source
-    _attention.source = lambda t: None
+    _attention.source = lambda *t: None
     try:
         stored, stored_saved = run(), saved()
     finally:
@@ -311,6 +311,97 @@ def test_attention_rebuilds_projected_queries_and_keys_and_saves_their_input_onc
     assert all(torch.equal(a, b) for a, b in zip(rebuilt, stored))
     # q and k (each as large as h here) were saved; now h is, once
     assert stored_saved - rebuilt_saved == h.numel() * h.element_size()
+
+
+def _rotate_half(x):
+    return torch.cat((-x[..., x.shape[-1] // 2:], x[..., :x.shape[-1] // 2]), dim=-1)
+
+
+class _RotaryAttention(nn.Module):
+    """Attention as Llama writes it: scaled, rotated queries and keys; keys through an empty cache;
+    ``residual=True`` adds a full-size activation to the queries, which no recipe should replay."""
+
+    def __init__(self, residual=False):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(8, 8) for _ in range(3))
+        self.residual = residual
+
+    def forward(self, h):
+        heads = lambda t: t.view(*t.shape[:-1], 2, 4).transpose(-3, -2)  # noqa: E731
+        angles = torch.arange(h.shape[-2], dtype=h.dtype)[:, None] * torch.linspace(0.1, 1, 4, dtype=h.dtype)
+        cos, sin = angles.cos()[None, None], angles.sin()[None, None]
+        q, k, v = heads(self.q(h)) * 0.5, heads(self.k(h)), heads(self.v(h))
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        k = torch.cat([k.new_zeros(*k.shape[:-2], 0, 4), k], dim=-2)
+        if self.residual:
+            q = q + heads(h.tanh())  # an activation: saving it would cost what q costs
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["rotary", "rotary-residual"])
+def test_attention_rebuilds_rotated_queries_and_keys_from_the_projections_input(residual):
+    from radgrad.functional import _attention
+    torch.manual_seed(0)
+    model = radgrad.convert(_RotaryAttention(residual).double(), method="quantize")
+    h = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        torch.manual_seed(1)
+        with radgrad.memory.record(model) as rec:
+            out = model(h)
+        grads = torch.autograd.grad(out.pow(2).sum(), (h, *model.parameters()))
+        return torch.cat([g.reshape(-1) for g in grads]), rec.total
+
+    rebuilt, rebuilt_saved = run()
+    original = _attention.source
+    _attention.source = lambda *t: None
+    try:
+        stored, stored_saved = run()
+    finally:
+        _attention.source = original
+    assert torch.equal(rebuilt, stored)  # the same draws, q and k rebuilt bit for bit
+    bytes_of = h.numel() * h.element_size()  # q, k and h are each this large
+    # stored: q and k; rebuilt: h in their place (cos and sin are saved by the products either way);
+    # with the residual, q itself and h in k's place
+    assert stored_saved - rebuilt_saved == (0 if residual else bytes_of)
+
+
+def test_one_recipe_rebuilds_queries_and_keys_of_a_fused_projection_with_one_product():
+    from radgrad.functional._source import rebuild, source
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    fused = RF.linear(h, torch.randn(18, 6, dtype=torch.float64), None, SketchConfig(method="quantize"))
+    q, k, v = (t.view(2, 5, 2, 3).transpose(1, 2) for t in fused.split(6, dim=-1))
+    unknown = torch.randn(2, 2, 5, 3, dtype=torch.float64)
+    recipe = source(q, unknown, k)
+    steps, outputs = recipe.program
+    assert [step[0] for step in steps] == ["linear"] and outputs[1] is None  # the product computed once
+    rebuilt = rebuild(recipe.program, iter(recipe.tensors))
+    assert torch.equal(rebuilt[0], q) and rebuilt[1] is None and torch.equal(rebuilt[2], k)
+    assert source(unknown) is None
+
+
+def test_recipes_replay_short_chains_of_unmodified_tensors_only():
+    from radgrad.functional._source import MAX_STEPS, rebuild, record_op, source
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    chain = [RF.linear(h, torch.randn(6, 6, dtype=torch.float64), None, SketchConfig(method="quantize"))]
+    scale = torch.rand(6, dtype=torch.float64)
+    for _ in range(MAX_STEPS):
+        chain.append(chain[-1] * scale)
+        record_op(chain[-1], torch.mul, (chain[-2], scale), {})
+    recipe = source(chain[-2])  # the linear step and MAX_STEPS - 1 products
+    assert torch.equal(rebuild(recipe.program, iter(recipe.tensors))[0], chain[-2])
+    assert source(chain[-1]) is None  # one step too many
+    big = torch.randn(2, 5, 6, dtype=torch.float64)
+    summed = chain[1] + big
+    record_op(summed, torch.add, (chain[1], big), {})
+    assert source(summed) is None  # reads a tensor as large as its output: not recorded
+    halved = chain[1] / 2.0
+    record_op(halved, torch.div, (chain[1], 2.0), {})
+    assert source(halved) is not None
+    scale.mul_(2.0)  # a tensor a recipe reads, modified after the fact
+    assert source(chain[2]) is None
 
 
 def test_attention_saves_queries_modified_in_place_instead_of_rebuilding_them():

@@ -61,7 +61,10 @@ def convert(
     ``F.linear``, ``F.batch_norm``, ``F.layer_norm``, ``F.rms_norm``, ``F.dropout``,
     ``F.relu``, ``F.gelu/silu/mish``, ``torch.matmul``/``bmm``/``@``, ``torch.mul``/``*``,
     ``softmax``, ``log_softmax`` and ``F.cross_entropy`` (functions or tensor
-    methods) go to their RAD twins (:mod:`radgrad.route`); the calls of excluded modules, and of radgrad
+    methods) go to their RAD twins (:mod:`radgrad.route`), and its ``-``, ``+``, ``/``, ``torch.cat``
+    and products by a number are noted, so that attention can rebuild its
+    queries and keys from a projection's input (NOTE [Recomputing a
+    projection]); the calls of excluded modules, and of radgrad
     layers given their own settings, stay as they are. A model made only
     of radgrad layers and plain containers is not routed at all. Layers
     recomputed by non-reentrant activation checkpointing are routed again

@@ -21,6 +21,7 @@ with gradients on, which sends these calls to :mod:`radgrad.functional`:
     ``F.gelu``, ``F.silu``, ``F.mish``  sketch of the derivative
     ``torch.matmul``, ``bmm``, ``@``  a sketch of each operand but a parameter
     ``torch.mul``, ``*``              the same, for operands the size of the output
+    ``-``, ``+``, ``/``, ``torch.cat``  torch's op, noted when attention may rebuild its output
     ``softmax``                       two sketches of the output
     ``log_softmax``                   a sketch of ``exp`` of the output
     ``F.cross_entropy``               the same, with class-index targets
@@ -48,6 +49,7 @@ from radgrad import functional as RF
 from radgrad.functional import _base
 from radgrad.functional._base import routing_paused
 from radgrad.functional._elementwise import FUSED
+from radgrad.functional._source import record_op
 from radgrad.sketch import SketchConfig
 
 __all__ = ["Route", "ROUTED"]
@@ -106,6 +108,21 @@ def _product(func, twin, config, input, other, *, out=None):
     return twin(input, other, config)
 
 
+def _mul(func, config, input, other, *, out=None):
+    output = _product(func, RF.mul, config, input, other, out=out)
+    if out is None:
+        record_op(output, func, (input, other), {})
+    return output
+
+
+def _recorded(func, config, *args, **kwargs):
+    """``func`` as torch computes it, recorded for rebuilding when it reads a linear layer's output."""
+    output = func(*args, **kwargs)
+    if "out" not in kwargs:
+        record_op(output, func, args, kwargs)
+    return output
+
+
 def _bmm(func, config, input, mat2, *, out=None):
     if out is not None or not _floating(input, mat2) or not (
             input.dim() == mat2.dim() == 3 and input.shape[0] == mat2.shape[0]):
@@ -133,6 +150,12 @@ def _cross_entropy(config, input, target, weight=None, size_average=None, ignore
     return RF.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, config)
 
 
+# Ops whose output attention can rebuild from a linear layer's input (NOTE [Recomputing a projection]):
+# signs, sums, scalings and concatenations, as rotary position embeddings and scaled queries are made of.
+_CHEAP = (torch.neg, torch.Tensor.neg, torch.Tensor.__neg__, torch.add, torch.Tensor.add, torch.Tensor.__add__,
+          torch.Tensor.__radd__, torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__rsub__,
+          torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.cat, torch.concat)
+
 #: torch function -> RAD twin taking the config first; the table above.
 ROUTED = {
     F.linear: _linear,
@@ -150,7 +173,9 @@ ROUTED = {
     **{func: functools.partial(_product, func, RF.matmul)
        for func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)},
     **{func: functools.partial(_bmm, func) for func in (torch.bmm, torch.Tensor.bmm)},
-    **{func: functools.partial(_product, func, RF.mul) for func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__)},
+    **{func: functools.partial(_mul, func)
+       for func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)},
+    **{func: functools.partial(_recorded, func) for func in _CHEAP},
     **{func: functools.partial(_softmax, func, log)
        for func, log in ((torch.softmax, False), (torch.Tensor.softmax, False),
                          (torch.log_softmax, True), (torch.Tensor.log_softmax, True))},

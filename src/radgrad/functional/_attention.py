@@ -36,7 +36,7 @@ from torch import Tensor
 from radgrad import bits
 from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from, _torch
 from radgrad.functional._linear import linear
-from radgrad.functional._source import source
+from radgrad.functional._source import rebuild, source
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig
 
@@ -86,7 +86,7 @@ def _fold(grad: Tensor | None, groups: int) -> Tensor | None:
 
 class _Attention(_RADFunction):
     @staticmethod
-    def forward(q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipes, groups):
+    def forward(q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipe, groups):
         if dropout_p == 0.0:
             output = F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=scale,
                                                     enable_gqa=groups > 1)
@@ -100,7 +100,7 @@ class _Attention(_RADFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipes, groups = inputs
+        q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipe, groups = inputs
         *parts, mask = outputs[1:]
         ctx.options = (dropout_p, is_causal, scale, groups)
         sketch = _sketch_from(ctx, parts, v, config, v.dim() - 1)
@@ -108,16 +108,16 @@ class _Attention(_RADFunction):
             ctx.mark_non_differentiable(mask)
             mask = bits.pack(mask)
         # q and k themselves, or what rebuilds them (NOTE [Recomputing a projection])
-        ctx.recipes = recipes
-        exact = [_compact(t) if r is None else None for t, r in zip((q, k), recipes)]
-        operands = [t for r in recipes for t in (r.tensors() if r is not None else (None,) * 3)]
-        save_for_backward(ctx, *exact, sketch, attn_mask, mask, *operands)
+        ctx.program = None if recipe is None else recipe.program
+        rebuilt = (None, None) if recipe is None else recipe.program[1]
+        exact = [_compact(t) if r is None else None for t, r in zip((q, k), rebuilt)]
+        save_for_backward(ctx, *exact, sketch, attn_mask, mask, *(() if recipe is None else recipe.tensors))
 
     @staticmethod
     def backward(ctx, grad, *_):
         q, k, v, attn_mask, mask, *operands = saved_tensors(ctx, unpack=False)
-        q, k = (t if r is None else r.rebuild(*operands[3 * i:3 * i + 3])
-                for i, (t, r) in enumerate(zip((q, k), ctx.recipes)))
+        if ctx.program is not None:
+            q, k = (t if r is None else r for t, r in zip((q, k), rebuild(ctx.program, iter(operands))))
         dropout_p, is_causal, scale, groups = ctx.options
         if mask is None and not torch.compiler.is_compiling():
             return (*_fused_backward(grad, q, k, v.unpack(), attn_mask, is_causal, scale, groups,
@@ -196,8 +196,8 @@ def scaled_dot_product_attention(
     if is_causal and attn_mask is not None:
         raise ValueError("radgrad.functional.scaled_dot_product_attention: pass attn_mask or is_causal, not both")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    recipes = (source(query), source(key))
-    return _Attention.run(query, key, value, attn_mask, dropout_p, is_causal, scale, config, recipes, groups)[0]
+    recipe = source(query, key)
+    return _Attention.run(query, key, value, attn_mask, dropout_p, is_causal, scale, config, recipe, groups)[0]
 
 
 def _groups(query: Tensor, key: Tensor, value: Tensor) -> int | None:

@@ -53,6 +53,13 @@ def _check_input(name: str, input: Tensor) -> None:
         )
 
 
+def _lives_on(t: Tensor) -> bool:
+    """Whether ``t`` or the tensor it views is a parameter or a leaf that needs a gradient: its
+    storage lives on whatever is saved (NOTE [Products of two activations])."""
+    root = t if t._base is None else t._base
+    return isinstance(root, torch.nn.Parameter) or (root.is_leaf and root.requires_grad)
+
+
 def _cast(dtype: torch.dtype, *tensors: Tensor | None) -> list[Tensor | None]:
     # Autocast casts floating tensors other than float64 (see aten's cached_cast).
     return [

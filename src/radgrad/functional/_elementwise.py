@@ -58,12 +58,18 @@ def fused_derivative(fn: Callable[[Tensor], Tensor]) -> str | None:
     return None
 
 
+def _unhooked(t: Tensor) -> Tensor:
+    return t
+
+
 def _derivative_by_autograd(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     # torch.autograd.grad takes any function eagerly, but dynamo cannot trace it
     if torch.compiler.is_compiling():
         y, pull = torch.func.vjp(fn, x)
         return pull(_ones_like(y))[0]
-    with torch.enable_grad():
+    # the graph lives for this call only: what it saves must not reach a caller's saved-tensor
+    # hooks (an offload to CPU would copy it; radgrad.memory would count the input as saved)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_unhooked, _unhooked):
         leaf = x.detach().requires_grad_()
         y = fn(leaf)
         (derivative,) = torch.autograd.grad(y, leaf, _ones_like(y))

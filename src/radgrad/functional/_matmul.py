@@ -50,20 +50,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from radgrad.functional._base import _DEFAULT, _RADFunction, _apply, _check_input, _packed, _sketch_from, _torch
+from radgrad.functional._base import (_DEFAULT, _RADFunction, _apply, _check_input, _lives_on, _packed,
+                                     _sketch_from, _torch)
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import Sketch, SketchConfig
 
 __all__ = ["matmul", "mul"]
-
-
-def _lives_on(t: Tensor) -> bool:
-    """Whether ``t`` or the tensor it views is a parameter or a leaf that needs a gradient
-    (NOTE [Products of two activations])."""
-    root = t if t._base is None else t._base
-    return isinstance(root, nn.Parameter) or (root.is_leaf and root.requires_grad)
 
 
 def _rows_view(t: Tensor) -> tuple[Tensor, bool]:

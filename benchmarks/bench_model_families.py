@@ -1,0 +1,128 @@
+"""radgrad.convert(model, method="quantize") on Hugging Face model families nobody wrote radgrad for.
+
+Each family's model is built from its config with random weights at one
+small, common size (language models: 4 layers, 256 wide, vocabulary 256,
+batch 8 x 256 random tokens; image models: batch 16 of random 64 px images,
+the family's own small layout), trained-mode forward with a loss, once
+plain and once converted. Reported: the bytes saved for backward
+(radgrad.memory.measure) and the peak of a forward and backward pass above
+the weights (radgrad.memory.peak), converted over plain; the modules
+radgrad.coverage leaves exact; and the module types holding most of what is
+still saved. Random inputs stand in for data: no byte count depends on the
+values (quantized sketches and masks have fixed sizes).
+
+    python benchmarks/bench_model_families.py --out results/bench_model_families.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from bench_real_models import memory_result, peak, saved
+from torch import nn
+
+import radgrad
+from radgrad.experiments import report
+
+transformers.logging.set_verbosity_error()
+T = transformers
+BATCH, LENGTH, VOCABULARY, PIXELS, IMAGES = 8, 256, 256, 64, 16
+_LM = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=VOCABULARY)
+_ENCODER = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
+                vocab_size=VOCABULARY)
+_VIT = dict(image_size=PIXELS, patch_size=8, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+            num_attention_heads=4, num_labels=10)
+
+
+def _language(config: Callable, model: Callable, **options) -> Callable[[], tuple[nn.Module, dict]]:
+    def build():
+        ids = torch.randint(VOCABULARY, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
+        return model(config(**options)), dict(input_ids=ids, labels=ids)
+    return build
+
+
+def _image(config: Callable, model: Callable, **options) -> Callable[[], tuple[nn.Module, dict]]:
+    def build():
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(IMAGES, 3, PIXELS, PIXELS, generator=g), torch.randint(10, (IMAGES,), generator=g)
+        return model(config(num_labels=10, **options)), dict(pixel_values=x, labels=y)
+    return build
+
+
+FAMILIES: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
+    "mistral": _language(T.MistralConfig, T.MistralForCausalLM, num_key_value_heads=2, **_LM),
+    "qwen2": _language(T.Qwen2Config, T.Qwen2ForCausalLM, num_key_value_heads=2, **_LM),
+    "gemma": _language(T.GemmaConfig, T.GemmaForCausalLM, num_key_value_heads=2, head_dim=64, **_LM),
+    "phi3": _language(T.Phi3Config, T.Phi3ForCausalLM, pad_token_id=0, bos_token_id=0, eos_token_id=0, **_LM),
+    "phi": _language(T.PhiConfig, T.PhiForCausalLM, **_LM),
+    "gpt-neox": _language(T.GPTNeoXConfig, T.GPTNeoXForCausalLM, **_LM),
+    "opt": _language(T.OPTConfig, T.OPTForCausalLM, hidden_size=256, ffn_dim=1024, num_hidden_layers=4,
+                     num_attention_heads=4, vocab_size=VOCABULARY, word_embed_proj_dim=256),
+    "t5": _language(T.T5Config, T.T5ForConditionalGeneration, d_model=256, d_ff=1024, num_layers=4, num_heads=4,
+                    d_kv=64, vocab_size=VOCABULARY, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
+    "distilbert": _language(T.DistilBertConfig, T.DistilBertForMaskedLM, dim=256, hidden_dim=1024, n_layers=4,
+                            n_heads=4, vocab_size=VOCABULARY),
+    "roberta": _language(T.RobertaConfig, T.RobertaForMaskedLM, max_position_embeddings=LENGTH + 2, **_ENCODER),
+    "electra": _language(T.ElectraConfig, T.ElectraForMaskedLM, embedding_size=128, **_ENCODER),
+    "falcon": _language(T.FalconConfig, T.FalconForCausalLM, hidden_size=256, num_hidden_layers=4,
+                        num_attention_heads=4, vocab_size=VOCABULARY),
+    "bloom": _language(T.BloomConfig, T.BloomForCausalLM, hidden_size=256, n_layer=4, n_head=4,
+                       vocab_size=VOCABULARY),
+    "deit": _image(T.DeiTConfig, T.DeiTForImageClassification, **{k: v for k, v in _VIT.items() if k != "num_labels"}),
+    "dinov2": _image(T.Dinov2Config, T.Dinov2ForImageClassification,
+                     **{k: v for k, v in _VIT.items() if k not in ("num_labels", "intermediate_size")}),
+    "swin": _image(T.SwinConfig, T.SwinForImageClassification, image_size=PIXELS, patch_size=4, embed_dim=64,
+                   depths=[2, 2, 2], num_heads=[2, 4, 8], window_size=4),
+    "convnext": _image(T.ConvNextConfig, T.ConvNextForImageClassification, hidden_sizes=[64, 128, 256, 512],
+                       depths=[2, 2, 2, 2]),
+    "efficientnet": _image(T.EfficientNetConfig, T.EfficientNetForImageClassification, image_size=PIXELS),
+    "mobilenet-v2": _image(T.MobileNetV2Config, T.MobileNetV2ForImageClassification, image_size=PIXELS),
+    "regnet": _image(T.RegNetConfig, T.RegNetForImageClassification),
+}
+
+
+def measure(name: str) -> dict:
+    torch.manual_seed(0)
+    plain, inputs = FAMILIES[name]()
+    plain.train()
+    rad = radgrad.convert(copy.deepcopy(plain), method="quantize")
+
+    def loss(model):
+        return model(**inputs).loss
+
+    records = {k: saved(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
+    peaks = {k: peak(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
+    left = Counter(why.split(":")[0].split(",")[0] for why in radgrad.coverage(rad).exact.values())
+    return {**memory_result(name, rad, records, peaks), "model_class": type(plain).__name__,
+            "left_exact": dict(left)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results, rows = [], []
+    for name in args.families:
+        r = measure(name)
+        results.append(r)
+        left = ", ".join(f"{k} x{n}" for k, n in r["left_exact"].items()) or "none"
+        holders = ", ".join(f"{k} {v:.0%}" for k, v in r["remaining_holders"].items())
+        rows.append((name, r["model_class"], f"{r['saved_ratio']:.3f}", f"{r['peak_ratio']:.3f}", left, holders))
+        print(f"{name}: saved {r['saved_ratio']:.3f}, peak {r['peak_ratio']:.3f}", flush=True)
+    print(report.markdown(("family", "model", "saved ratio", "peak ratio", "modules left exact (coverage)",
+                           "what holds the remaining saved bytes"), rows))
+    if args.out:
+        report.write_json(args.out, vars(args), {"results": results}, transformers=transformers.__version__)
+
+
+if __name__ == "__main__":
+    main()
