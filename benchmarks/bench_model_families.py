@@ -7,7 +7,7 @@ the family's own small layout), trained-mode forward with a loss, once
 plain and once converted. Reported: the bytes saved for backward
 (radgrad.memory.measure) and the peak of a forward and backward pass above
 the weights (radgrad.memory.peak), converted over plain; the modules
-radgrad.coverage leaves exact; and the module types holding most of what is
+radgrad.coverage, given the batch, finds left exact; and the module types holding most of what is
 still saved. Random inputs stand in for data: no byte count depends on the
 values (quantized sketches and masks have fixed sizes).
 
@@ -98,7 +98,7 @@ def measure(name: str) -> dict:
 
     records = {k: saved(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
     peaks = {k: peak(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
-    left = Counter(why.split(":")[0].split(",")[0] for why in radgrad.coverage(rad).exact.values())
+    left = Counter(why.split(":")[0].split(",")[0] for why in radgrad.coverage(rad, **inputs).exact.values())
     return {**memory_result(name, rad, records, peaks), "model_class": type(plain).__name__,
             "left_exact": dict(left)}
 

@@ -203,6 +203,39 @@ def test_coverage_lists_what_was_converted_and_left_exact():
     assert "3 modules converted, 1 routed" in text and "left exact: 5: GRU" in text
 
 
+class _Bias(nn.Module):
+    """A learned offset: its addition saves nothing for backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.offset = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x):
+        return x + self.offset
+
+
+class _Bilinear(nn.Module):
+    """A product with a weight through torch.baddbmm, which radgrad does not route: saved exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, 8, 8))
+
+    def forward(self, x):
+        return torch.baddbmm(x, x, self.weight.expand(x.shape[0], -1, -1))
+
+
+def test_coverage_with_inputs_lists_only_modules_whose_own_saves_stayed_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(_Bias(), _OwnForwardLinear(8, 8), _Bilinear())
+    with pytest.warns(UserWarning, match="left exact"):
+        radgrad.convert(model, method="quantize")
+    assert set(radgrad.coverage(model).exact) == {"0", "1", "2"}  # without inputs: by module type only
+    report = radgrad.coverage(model, torch.randn(4, 8, 8))
+    # the bias saves nothing; the linear's `@` is routed (it saves a sketch); baddbmm saves x exactly
+    assert set(report.exact) == {"2"}
+
+
 def test_coverage_with_inputs_measures_saved_bytes_and_restores_settings():
     model = radgrad.convert(nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 4)), method="quantize").eval()
     report = radgrad.coverage(model, torch.randn(64, 32))

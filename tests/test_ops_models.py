@@ -690,3 +690,21 @@ def test_grouped_query_attention_stores_kv_heads_and_is_unbiased(dropout):
     n_v = v.numel()
     assert_same_up_to_rounding(samples[:, -n_v:], exact[-n_v:].expand(samples.shape[0], -1))  # value grad exact
     assert_unbiased(samples[:, :-n_v], exact[:-n_v])
+
+
+def test_multi_query_attention_by_broadcasting_stores_one_head_and_is_unbiased():
+    # one key and value head broadcast to every query head without enable_gqa, as Falcon calls it
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 1, 5, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 1, 5, 4, dtype=torch.float64, requires_grad=True)
+    config = SketchConfig(method="quantize", bits=2)
+    with radgrad.memory.record() as rec:
+        out = RF.scaled_dot_product_attention(q, k, v, is_causal=True, config=config)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))  # torch's broadcast call
+    assert rec.total <= (q.numel() + k.numel()) * 8 + v.numel() * 8 / 4
+    exact = _grads(lambda *t: F.scaled_dot_product_attention(*t, is_causal=True), q, k, v)
+    samples = _draws(lambda *t: RF.scaled_dot_product_attention(*t, is_causal=True, config=config), [q, k, v], 2000)
+    n_v = v.numel()
+    assert_same_up_to_rounding(samples[:, -n_v:], exact[-n_v:].expand(samples.shape[0], -1))  # value grad exact
+    assert_unbiased(samples[:, :-n_v], exact[:-n_v])

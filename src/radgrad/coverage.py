@@ -29,7 +29,9 @@ class Coverage:
     Attributes:
         converted: qualified name -> what it became (``"radgrad.nn.Linear"``, ...).
         routed: modules whose functional calls are routed while training (batch norm, multi-head attention).
-        exact: modules with parameters left exact -> why.
+        exact: modules with parameters left exact -> why. With inputs given, only those whose own
+            code saved bytes for backward with every sketch exact and no fewer as converted: one
+            that saves nothing (a learned offset), or whose calls radgrad routed, is not listed.
         parameter_share: trainable parameters in converted or routed modules, over all trainable
             parameters (embeddings, which save only indices, counted apart).
         saved_bytes: with inputs given, bytes saved for backward as converted and with every
@@ -111,6 +113,8 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
                 m.training = training
         report.saved_bytes = {"converted": converted.total, "exact": exact.total}
         report.holders = dict(sorted(converted.by_module.items(), key=lambda kv: -kv[1])[:top])
+        report.exact = {name: why for name, why in report.exact.items()
+                        if converted.by_module.get(name, 0) >= exact.by_module.get(name, 0) > 0}
     return report
 
 

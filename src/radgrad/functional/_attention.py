@@ -86,10 +86,10 @@ def _fold(grad: Tensor | None, groups: int) -> Tensor | None:
 
 class _Attention(_RADFunction):
     @staticmethod
-    def forward(q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipe, groups):
+    def forward(q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipe, groups, enable_gqa):
         if dropout_p == 0.0:
             output = F.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=scale,
-                                                    enable_gqa=groups > 1)
+                                                    enable_gqa=enable_gqa)
             mask = None
         else:
             probs = _probabilities(q, _repeat(k, groups), _bias(attn_mask, is_causal, q, k), scale, is_causal)
@@ -100,9 +100,9 @@ class _Attention(_RADFunction):
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipe, groups = inputs
+        q, k, v, attn_mask, dropout_p, is_causal, scale, config, recipe, groups, enable_gqa = inputs
         *parts, mask = outputs[1:]
-        ctx.options = (dropout_p, is_causal, scale, groups)
+        ctx.options = (dropout_p, is_causal, scale, groups, enable_gqa)
         sketch = _sketch_from(ctx, parts, v, config, v.dim() - 1)
         if mask is not None:
             ctx.mark_non_differentiable(mask)
@@ -118,10 +118,10 @@ class _Attention(_RADFunction):
         q, k, v, attn_mask, mask, *operands = saved_tensors(ctx, unpack=False)
         if ctx.program is not None:
             q, k = (t if r is None else r for t, r in zip((q, k), rebuild(ctx.program, iter(operands))))
-        dropout_p, is_causal, scale, groups = ctx.options
+        dropout_p, is_causal, scale, groups, enable_gqa = ctx.options
         if mask is None and not torch.compiler.is_compiling():
-            return (*_fused_backward(grad, q, k, v.unpack(), attn_mask, is_causal, scale, groups,
-                                     ctx.needs_input_grad[:4]), None, None, None, None, None, None)
+            return (*_fused_backward(grad, q, k, v.unpack(), attn_mask, is_causal, scale, enable_gqa,
+                                     ctx.needs_input_grad[:4]), None, None, None, None, None, None, None)
         k = _repeat(k, groups)
         probs = _probabilities(q, k, _bias(attn_mask, is_causal, q, k), scale, is_causal)
         grad_probs = torch.matmul(grad, _repeat(v.unpack(), groups).transpose(-2, -1))
@@ -135,10 +135,11 @@ class _Attention(_RADFunction):
         grad_q = torch.matmul(grad_scores, k).mul_(scale) if ctx.needs_input_grad[0] else None
         grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(scale) if ctx.needs_input_grad[1] else None
         grad_mask = grad_scores.sum_to_size(attn_mask.shape) if ctx.needs_input_grad[3] else None
-        return grad_q, _fold(grad_k, groups), _fold(grad_v, groups), grad_mask, None, None, None, None, None, None
+        return (grad_q, _fold(grad_k, groups), _fold(grad_v, groups), grad_mask,
+                None, None, None, None, None, None, None)
 
 
-def _fused_backward(grad, q, k, v_estimate, attn_mask, is_causal, scale, groups,
+def _fused_backward(grad, q, k, v_estimate, attn_mask, is_causal, scale, enable_gqa,
                     needs) -> tuple[Tensor | None, ...]:
     """Without dropout: torch's own attention kernels, run forward and backward on the estimate of v.
 
@@ -149,7 +150,7 @@ def _fused_backward(grad, q, k, v_estimate, attn_mask, is_causal, scale, groups,
     with torch.enable_grad():
         leaves = [None if t is None else t.detach().requires_grad_(need)
                   for t, need in zip((q, k, v_estimate, attn_mask), needs)]
-        out = F.scaled_dot_product_attention(*leaves, 0.0, is_causal, scale=scale, enable_gqa=groups > 1)
+        out = F.scaled_dot_product_attention(*leaves, 0.0, is_causal, scale=scale, enable_gqa=enable_gqa)
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad))
     return tuple(next(grads) if t is not None and t.requires_grad else None for t in leaves)
@@ -175,7 +176,8 @@ def scaled_dot_product_attention(
     stored; a dropout mask is stored as bits.
 
     With ``enable_gqa=True``, key and value may have fewer heads (dimension
-    -3) than query, a divisor of them; they are stored at their own count.
+    -3) than query, a divisor of them; they are stored at their own count,
+    as is a single key and value head broadcast to every query head.
     Runs torch's function unchanged when nothing needs a gradient, for an
     exact config, or when the batch dimensions of query, key and value
     differ otherwise.
@@ -187,7 +189,7 @@ def scaled_dot_product_attention(
             f"radgrad.functional.scaled_dot_product_attention: dropout_p must be in [0, 1), got {dropout_p}")
     needs = (any(t.requires_grad for t in (query, key, value, attn_mask) if t is not None)
              and torch.is_grad_enabled())
-    groups = _groups(query, key, value) if enable_gqa else 1
+    groups = _groups(query, key, value) if enable_gqa else _broadcast_heads(query, key, value)
     plain = (config.exact or not needs or query.dim() < 2 or groups is None
              or not (groups > 1 or query.shape[:-2] == key.shape[:-2] == value.shape[:-2]))
     if plain:
@@ -197,7 +199,17 @@ def scaled_dot_product_attention(
         raise ValueError("radgrad.functional.scaled_dot_product_attention: pass attn_mask or is_causal, not both")
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     recipe = source(query, key)
-    return _Attention.run(query, key, value, attn_mask, dropout_p, is_causal, scale, config, recipe, groups)[0]
+    return _Attention.run(query, key, value, attn_mask, dropout_p, is_causal, scale, config, recipe, groups,
+                          enable_gqa)[0]
+
+
+def _broadcast_heads(query: Tensor, key: Tensor, value: Tensor) -> int:
+    """Query heads per key and value head when one key and value head broadcasts to every query head
+    (multi-query attention written without ``enable_gqa``, as Falcon's), else 1."""
+    if query.dim() < 3 or not key.shape[-3] == value.shape[-3] == 1 or query.shape[:-3] != key.shape[:-3] \
+            or key.shape[:-2] != value.shape[:-2]:
+        return 1
+    return query.shape[-3]
 
 
 def _groups(query: Tensor, key: Tensor, value: Tensor) -> int | None:
