@@ -135,28 +135,31 @@ def record_op(output: Any, func: Callable, args: Sequence, kwargs: dict) -> None
             or output._base is not None or not _reads_recorded(args)):
         return
     limit = output.numel() // 2
-    sources = []
-
-    def argument(a: Any) -> Any:
-        if isinstance(a, (list, tuple)):
-            return [argument(x) for x in a]
-        if not isinstance(a, Tensor):
-            return a
-        entry = _OUTPUTS.get(_root(a))
-        if entry is not None and _root(a)._version == entry[1]:
-            sources.append(entry[0])
-            return _From(entry[0], _relative(a))
-        if a.numel() > limit and not _lives_on(a):
-            raise _NotRecorded
-        return _Held(a)
-
+    sources: list = []
     try:
-        recorded = [argument(a) for a in args]
-        recorded_kwargs = {name: argument(value) for name, value in kwargs.items()}
+        recorded = [_noted(a, limit, sources) for a in args]
+        recorded_kwargs = {name: _noted(value, limit, sources) for name, value in kwargs.items()}
     except _NotRecorded:
         return
     if sources:
         _OUTPUTS[output] = (_Op(func, tuple(recorded), recorded_kwargs), output._version)
+
+
+# Module-level rather than nested: a nested function calling itself is a reference cycle, which
+# would keep the tensors it closes over alive until the garbage collector runs.
+def _noted(a: Any, limit: int, sources: list) -> Any:
+    """How :func:`record_op` keeps argument ``a``; it appends a recorded node ``a`` reads to ``sources``."""
+    if isinstance(a, (list, tuple)):
+        return [_noted(x, limit, sources) for x in a]
+    if not isinstance(a, Tensor):
+        return a
+    entry = _OUTPUTS.get(_root(a))
+    if entry is not None and _root(a)._version == entry[1]:
+        sources.append(entry[0])
+        return _From(entry[0], _relative(a))
+    if a.numel() > limit and not _lives_on(a):
+        raise _NotRecorded
+    return _Held(a)
 
 
 class _NotRecorded(Exception):
@@ -222,24 +225,26 @@ def _compile(node: _Linear | _Op, steps: list, tensors: list, index: dict[int, i
             if isinstance(a, _From):
                 _compile(a.node, steps, tensors, index)
 
-        def argument(a: Any) -> Any:
-            if isinstance(a, list):
-                return ("list", [argument(x) for x in a])
-            if isinstance(a, _From):
-                return ("step", index[id(a.node)], a.view)
-            if isinstance(a, _Held):
-                tensor = a.get()
-                if tensor is None:
-                    raise _NotRecorded
-                tensors.append(tensor)
-                return ("tensor",)
-            return ("value", a)
-
-        step = ("op", node.func, [argument(a) for a in node.args],
-                {name: argument(value) for name, value in node.kwargs.items()})
+        step = ("op", node.func, [_spec(a, tensors, index) for a in node.args],
+                {name: _spec(value, tensors, index) for name, value in node.kwargs.items()})
     steps.append(step)
     index[id(node)] = len(steps) - 1
     return len(steps) - 1
+
+
+def _spec(a: Any, tensors: list, index: dict[int, int]) -> tuple:
+    """A recorded op's argument in a program; a tensor it reads is appended to ``tensors``."""
+    if isinstance(a, list):
+        return ("list", [_spec(x, tensors, index) for x in a])
+    if isinstance(a, _From):
+        return ("step", index[id(a.node)], a.view)
+    if isinstance(a, _Held):
+        tensor = a.get()
+        if tensor is None:
+            raise _NotRecorded
+        tensors.append(tensor)
+        return ("tensor",)
+    return ("value", a)
 
 
 def _flat(args: Sequence) -> Iterator[Any]:
@@ -256,14 +261,6 @@ def rebuild(program: tuple, tensors: Iterator[Tensor | None]) -> list[Tensor | N
     steps, outputs = program
     values: list[Tensor] = []
 
-    def argument(a: tuple) -> Any:
-        kind = a[0]
-        if kind == "list":
-            return [argument(x) for x in a[1]]
-        if kind == "step":
-            return _as(values[a[1]], a[2])
-        return next(tensors) if kind == "tensor" else a[1]
-
     with torch.no_grad():
         for step in steps:
             if step[0] == "linear":
@@ -273,8 +270,19 @@ def rebuild(program: tuple, tensors: Iterator[Tensor | None]) -> list[Tensor | N
                 values.append(F.linear(input, weight, bias))
             else:
                 _, func, args, kwargs = step
-                values.append(func(*[argument(a) for a in args], **{k: argument(v) for k, v in kwargs.items()}))
+                values.append(func(*[_value(a, values, tensors) for a in args],
+                                   **{k: _value(v, values, tensors) for k, v in kwargs.items()}))
     return [None if o is None else _as(values[o[0]], o[1]) for o in outputs]
+
+
+def _value(spec: tuple, values: list[Tensor], tensors: Iterator[Tensor | None]) -> Any:
+    """The argument ``spec`` (:func:`_spec`) stands for, from the steps' ``values`` and the saved ``tensors``."""
+    kind = spec[0]
+    if kind == "list":
+        return [_value(x, values, tensors) for x in spec[1]]
+    if kind == "step":
+        return _as(values[spec[1]], spec[2])
+    return next(tensors) if kind == "tensor" else spec[1]
 
 
 def _as(base: Tensor, view: _View) -> Tensor:
