@@ -179,7 +179,7 @@ def test_rms_norm_probe_converts_a_models_own_and_torchs():
         return torch.cat([g.reshape(-1) for g in torch.autograd.grad((model(x) * weights).sum(),
                                                                       (x, *model.parameters()))])
 
-    samples = torch.stack([gradient(norms) for _ in range(3000)])
+    samples = torch.stack([gradient(norms) for _ in range(1500)])
     # the own norm computes in float32: its exact gradient is float32's, far below the estimate's noise
     assert_unbiased(samples, gradient(exact_model))
 
