@@ -27,12 +27,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # Under pytest-xdist (`make test` runs two workers on a two-core machine) each worker gets one
     # torch thread: two workers of two threads each spin-wait on each other (the suite took 10.7
     # minutes so, 6.2 with one thread each, 12.8 on one process; a cold compile cache each time).
-    # A test that wants more threads still sets them itself. For the same reason inductor compiles
-    # in the worker itself rather than in a pool of compiling processes (test_compile.py with a cold
-    # cache: 4:54 so, 6:08 with inductor's default of one compiling process per core).
+    # A test that wants more threads still sets them itself.
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
-        os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 
 def _write_tiny_mnist(path: Path, n_train: int = 48, n_test: int = 16, seed: int = 0) -> Path:
