@@ -13,7 +13,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 
 from radgrad import route
 from radgrad.coverage import coverage
-from radgrad.nn import CONVERSIONS, Activation, RMSNormLike, TransposedLinear, rms_epsilon
+from radgrad.nn import CONVERSIONS, Activation, RMSNormLike, TransposedLinear, rms_epsilon, torch_parent
 from radgrad.sketch import SketchConfig
 
 __all__ = ["convert"]
@@ -188,11 +188,11 @@ _FORWARD_METHODS = ("forward", "_conv_forward")
 def _subclass_conversion(cls: type) -> type[nn.Module] | None:
     """The radgrad class for a subclass of a type in :data:`CONVERSIONS` that computes its output
     with that type's own code (overriding neither ``forward`` nor what it calls), else None."""
-    for torch_type in cls.__mro__[1:]:
-        if torch_type in CONVERSIONS:
-            same = all(getattr(cls, name, None) is getattr(torch_type, name, None) for name in _FORWARD_METHODS)
-            return CONVERSIONS[torch_type] if same else None
-    return None
+    torch_type = torch_parent(cls)
+    if torch_type is None or any(getattr(cls, name, None) is not getattr(torch_type, name, None)
+                                 for name in _FORWARD_METHODS):
+        return None
+    return CONVERSIONS[torch_type]
 
 
 def _is_transposed_linear(module: nn.Module) -> bool:

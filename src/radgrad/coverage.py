@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from radgrad import memory
-from radgrad.nn import CONVERSIONS, _Converted
+from radgrad.nn import CONVERSIONS, _Converted, torch_parent
 from radgrad.sketch import SketchConfig
 
 __all__ = ["Coverage", "coverage"]
@@ -93,7 +93,7 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
         elif own and type(module) in CONVERSIONS:
             report.exact[name] = (f"{type(module).__name__}: its settings are not supported by "
                                   f"radgrad.nn.{CONVERSIONS[type(module)].__name__}")
-        elif own and (parent := _convertible_parent(type(module))) is not None:
+        elif own and (parent := torch_parent(type(module))) is not None:
             report.exact[name] = (f"{type(module).__name__}, a subclass of {parent.__name__} with its own forward: "
                                   f"left as it is (its calls to torch functions radgrad routes are routed)")
         elif own:
@@ -139,7 +139,3 @@ def _all_exact(model: nn.Module) -> Iterator[None]:
 def _kind(module: nn.Module) -> str:
     mixin = getattr(module, "_radgrad_mixin", None)
     return (mixin or type(module)).__name__
-
-
-def _convertible_parent(cls: type) -> type | None:
-    return next((parent for parent in cls.__mro__[1:] if parent in CONVERSIONS), None)

@@ -416,3 +416,8 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.RMSNorm: RMSNorm,
     nn.Dropout: Dropout,
 }
+
+
+def torch_parent(cls: type) -> type[nn.Module] | None:
+    """The nearest base class of ``cls`` that :data:`CONVERSIONS` converts, if any."""
+    return next((parent for parent in cls.__mro__[1:] if parent in CONVERSIONS), None)
