@@ -20,6 +20,7 @@ with gradients on, which sends these calls to :mod:`radgrad.functional`:
     ``F.multi_head_attention_forward``  RAD projections and attention (``need_weights=False``)
     ``F.gelu``, ``F.silu``, ``F.mish``  sketch of the derivative
     ``torch.matmul``, ``bmm``, ``@``  a sketch of each operand but a parameter
+    ``torch.baddbmm``                 the same; the added tensor needs nothing
     ``torch.mul``, ``*``              the same, for operands the size of the output
     ``-``, ``+``, ``/``, ``torch.cat``  torch's op, noted when attention may rebuild its output
     ``softmax``                       two sketches of the output
@@ -130,6 +131,14 @@ def _bmm(func, config, input, mat2, *, out=None):
     return RF.matmul(input, mat2, config)
 
 
+def _baddbmm(func, config, input, batch1, batch2, *, beta=1, alpha=1, out=None):
+    if out is not None or not _floating(input, batch1, batch2) or not (
+            batch1.dim() == batch2.dim() == 3 and batch1.shape[0] == batch2.shape[0]):
+        kwargs = {} if out is None else {"out": out}
+        return func(input, batch1, batch2, beta=beta, alpha=alpha, **kwargs)
+    return RF.baddbmm(input, batch1, batch2, beta, alpha, config)
+
+
 def _softmax(func, log, config, input, dim=None, dtype=None):
     if not isinstance(dim, int) or not _floating(input):
         return func(input, dim, dtype=dtype)
@@ -173,6 +182,7 @@ ROUTED = {
     **{func: functools.partial(_product, func, RF.matmul)
        for func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)},
     **{func: functools.partial(_bmm, func) for func in (torch.bmm, torch.Tensor.bmm)},
+    **{func: functools.partial(_baddbmm, func) for func in (torch.baddbmm, torch.Tensor.baddbmm)},
     **{func: functools.partial(_mul, func)
        for func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)},
     **{func: functools.partial(_recorded, func) for func in _CHEAP},

@@ -11,8 +11,8 @@ Contract of every function here:
       estimate, computed from an unpacked sketch of the input
       (:mod:`radgrad.sketch`);
     * relu, pooling, dropout: everything exact (bit masks, offsets, shapes);
-    * elementwise, layer_norm, rms_norm, batch_norm, scaled_dot_product_attention, matmul, mul,
-      softmax, log_softmax, cross_entropy: the gradients
+    * elementwise, layer_norm, rms_norm, batch_norm, scaled_dot_product_attention, matmul, baddbmm,
+      mul, softmax, log_softmax, cross_entropy: the gradients
       that flow on to the inputs are estimates too (each function's
       docstring says which), built from independent sketches of the factors
       the backward pass multiplies, so every estimate is unbiased;
@@ -28,7 +28,7 @@ from radgrad.functional._attention import multi_head_attention_forward, scaled_d
 from radgrad.functional._conv import conv
 from radgrad.functional._elementwise import dropout, elementwise
 from radgrad.functional._linear import linear
-from radgrad.functional._matmul import matmul, mul
+from radgrad.functional._matmul import baddbmm, matmul, mul
 from radgrad.functional._norm import batch_norm, layer_norm, rms_norm
 from radgrad.functional._pool import avg_pool1d, avg_pool2d, max_pool2d, relu
 from radgrad.functional._recurrence import recurrence
@@ -37,5 +37,5 @@ from radgrad.functional._softmax import cross_entropy, log_softmax, softmax
 __all__ = [
     "linear", "conv", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d", "recurrence",
     "elementwise", "dropout", "layer_norm", "rms_norm", "batch_norm", "scaled_dot_product_attention",
-    "multi_head_attention_forward", "matmul", "mul", "softmax", "log_softmax", "cross_entropy",
+    "multi_head_attention_forward", "baddbmm", "matmul", "mul", "softmax", "log_softmax", "cross_entropy",
 ]

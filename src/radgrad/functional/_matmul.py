@@ -57,7 +57,7 @@ from radgrad.functional._base import (_DEFAULT, _RADFunction, _apply, _check_inp
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import Sketch, SketchConfig
 
-__all__ = ["matmul", "mul"]
+__all__ = ["baddbmm", "matmul", "mul"]
 
 
 def _rows_view(t: Tensor) -> tuple[Tensor, bool]:
@@ -67,25 +67,34 @@ def _rows_view(t: Tensor) -> tuple[Tensor, bool]:
 
 
 class _Matmul(_RADFunction):
+    """``a @ b``, or ``beta * base + alpha * (a @ b)`` as ``torch.baddbmm`` computes it when ``base`` is given."""
+
     @staticmethod
-    def forward(a, b, config, sketched):
-        return _pack_operands(torch.matmul(a, b), a, b, config, sketched, lambda t: _rows_view(t)[0])
+    def forward(a, b, config, sketched, base=None, beta=1, alpha=1):
+        output = torch.matmul(a, b) if base is None else torch.baddbmm(base, a, b, beta=beta, alpha=alpha)
+        return _pack_operands(output, a, b, config, sketched, lambda t: _rows_view(t)[0])
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
         ctx.transposed = [_rows_view(t)[1] for t in inputs[:2]]
         _save_operands(ctx, inputs, outputs, lambda t: _rows_view(t)[0])
+        base, ctx.beta, ctx.alpha = (*inputs[4:], None, 1, 1)[:3]
+        ctx.base_shape = None if base is None else base.shape
 
     @staticmethod
     def backward(ctx, grad, *_):
         a, b = (_estimate(t, transposed)
                 for t, transposed in zip(saved_tensors(ctx, unpack=False), ctx.transposed))
-        grad_a = grad_b = None
+        grad_a = grad_b = grad_base = None
+        scaled = grad if ctx.alpha == 1 else grad * ctx.alpha
         if ctx.needs_input_grad[0]:
-            grad_a = torch.matmul(grad, b.mT).sum_to_size(ctx.shapes[0])
+            grad_a = torch.matmul(scaled, b.mT).sum_to_size(ctx.shapes[0])
         if ctx.needs_input_grad[1]:
-            grad_b = torch.matmul(a.mT, grad).sum_to_size(ctx.shapes[1])
-        return grad_a, grad_b, None, None
+            grad_b = torch.matmul(a.mT, scaled).sum_to_size(ctx.shapes[1])
+        given = len(ctx.needs_input_grad)  # 4 for a matmul, 7 with a base
+        if given > 4 and ctx.needs_input_grad[4]:
+            grad_base = (grad if ctx.beta == 1 else grad * ctx.beta).sum_to_size(ctx.base_shape)
+        return (grad_a, grad_b, None, None, grad_base, None, None)[:given]
 
 
 def _pack_operands(output: Tensor, a: Tensor, b: Tensor, config: SketchConfig, sketched, rows) -> tuple:
@@ -103,7 +112,7 @@ def _pack_operands(output: Tensor, a: Tensor, b: Tensor, config: SketchConfig, s
 def _save_operands(ctx, inputs, outputs, rows) -> None:
     """Save for a product ``(a, b, config, sketched)`` each operand the other's gradient needs: the
     sketch of ``rows(operand)`` it returned (three outputs each, after the product) or the operand."""
-    a, b, config, sketched = inputs
+    a, b, config, sketched = inputs[:4]
     parts = iter([outputs[1:][i:i + 3] for i in range(0, len(outputs) - 1, 3)])
     saved: list[Tensor | Sketch | None] = []
     needed = (ctx.needs_input_grad[1], ctx.needs_input_grad[0])  # a serves b's gradient, b serves a's
@@ -142,6 +151,29 @@ def matmul(a: Tensor, b: Tensor, config: SketchConfig = _DEFAULT) -> Tensor:
     if not any(sketched):
         return _torch(torch.matmul, a, b)
     return _apply(lambda a, b, _, config: _Matmul.run(a, b, config, sketched), a, b, None, config)[0]
+
+
+def baddbmm(input: Tensor, batch1: Tensor, batch2: Tensor, beta: float = 1, alpha: float = 1,
+            config: SketchConfig = _DEFAULT) -> Tensor:
+    """RAD ``torch.baddbmm``: ``beta * input + alpha * (batch1 @ batch2)`` for batches of matrices.
+
+    Exact: the output (torch's own ``baddbmm``) and the gradient of
+    ``input``. Estimated (unbiased): the gradient of ``batch1`` from a sketch
+    of ``batch2`` and that of ``batch2`` from an independent sketch of
+    ``batch1``, as for :func:`matmul`. Bloom adds its position biases to its
+    attention scores this way. With an exact config, no product operand
+    needing a gradient, or nothing to sketch, ``torch.baddbmm`` runs unchanged.
+    """
+    for name, t in (("input", input), ("batch1", batch1), ("batch2", batch2)):
+        _check_input(f"functional.baddbmm: {name}", t)
+    need_a, need_b = batch1.requires_grad, batch2.requires_grad
+    if config.exact or not ((need_a or need_b) and torch.is_grad_enabled()) or batch1.dim() != 3:
+        return _torch(torch.baddbmm, input, batch1, batch2, beta=beta, alpha=alpha)
+    sketched = (need_b and not _lives_on(batch1), need_a and not _lives_on(batch2))
+    if not any(sketched):
+        return _torch(torch.baddbmm, input, batch1, batch2, beta=beta, alpha=alpha)
+    return _apply(lambda a, b, base, config: _Matmul.run(a, b, config, sketched, base, beta, alpha),
+                  batch1, batch2, input, config)[0]
 
 
 class _Mul(_RADFunction):
