@@ -1,5 +1,6 @@
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -137,13 +138,15 @@ def test_converts_the_model_itself_and_subclasses_that_keep_the_parents_forward(
     model = nn.Sequential(_DepthwiseConv(3), nn.Flatten(), _OwnForwardLinear(48, 2))
     plain = copy.deepcopy(model)
     weight = model[0].weight
-    with pytest.warns(UserWarning, match=r"left exact: 2 \(_OwnForwardLinear, a subclass of Linear"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the subclass's `@` is routed: nothing to warn about
         radgrad.convert(model, method="quantize")
     conv = model[0]
     assert isinstance(conv, _DepthwiseConv) and isinstance(conv, radgrad.nn.Conv2d) and conv.weight is weight
     assert type(conv).__name__ == "_DepthwiseConv" and conv.sketch == radgrad.SketchConfig(method="quantize")
     assert type(model[2]) is _OwnForwardLinear
-    assert "_OwnForwardLinear, a subclass of Linear with its own forward" in radgrad.coverage(model).exact["2"]
+    report = radgrad.coverage(model)
+    assert report.routed == ["2"] and report.exact == {} and report.parameter_share == 1.0
     x = torch.randn(2, 3, 4, 4)
     assert torch.equal(model(x), plain(x))  # training forward: exact
     with radgrad.memory.record(model) as converted:
@@ -153,8 +156,7 @@ def test_converts_the_model_itself_and_subclasses_that_keep_the_parents_forward(
     assert converted.by_module["0"] < exact.by_module["0"] / 4
     for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert type(copied[0]) is type(conv) and copied[0].sketch == conv.sketch
-    with pytest.warns(UserWarning, match="left exact"):
-        radgrad.convert(model, keep=0.5)
+    radgrad.convert(model, keep=0.5)
     assert type(model[0]) is type(conv) and conv.sketch == radgrad.SketchConfig(0.5)
 
 
@@ -225,15 +227,34 @@ class _Bilinear(nn.Module):
         return x + torch.einsum("bij,bjk->bik", x, self.weight.expand(x.shape[0], -1, -1))
 
 
+class _EinsumLinear(nn.Linear):
+    """A linear layer's subclass whose own forward calls nothing radgrad routes."""
+
+    def forward(self, x):
+        return torch.einsum("...i,oi->...o", x, self.weight)
+
+
 def test_coverage_with_inputs_lists_only_modules_whose_own_saves_stayed_exact():
     torch.manual_seed(0)
-    model = nn.Sequential(_Bias(), _OwnForwardLinear(8, 8), _Bilinear())
-    with pytest.warns(UserWarning, match="left exact"):
-        radgrad.convert(model, method="quantize")
-    assert set(radgrad.coverage(model).exact) == {"0", "1", "2"}  # without inputs: by module type only
+    model = nn.Sequential(_Bias(), _OwnForwardLinear(8, 8), _Bilinear(), _EinsumLinear(8, 8))
+    radgrad.convert(model, method="quantize")
+    static = radgrad.coverage(model)  # without inputs: by module type only
+    assert set(static.exact) == {"0", "2"} and static.routed == ["1", "3"]
     report = radgrad.coverage(model, torch.randn(4, 8, 8))
     # the bias saves nothing; the linear's `@` is routed (it saves a sketch); einsum saves x exactly
-    assert set(report.exact) == {"2"}
+    assert report.exact == {"2": "_Bilinear: not a module type radgrad converts",
+                            "3": "_EinsumLinear: its own code saved everything exactly "
+                                 "(it calls no torch function radgrad routes)"}
+    assert report.routed == ["1"]
+
+
+def test_coverage_names_excluded_modules():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(_OwnForwardLinear(8, 8), nn.BatchNorm1d(8)))
+    with pytest.warns(UserWarning, match=r"left exact: 1.0 \(_OwnForwardLinear"):
+        radgrad.convert(model, method="quantize", exclude=["1"])
+    report = radgrad.coverage(model)
+    assert report.routed == [] and report.exact == {"1.0": "_OwnForwardLinear: excluded from conversion",
+                                                    "1.1": "BatchNorm1d: excluded from conversion"}
 
 
 def test_coverage_with_inputs_measures_saved_bytes_and_restores_settings():

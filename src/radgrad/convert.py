@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from radgrad import route
-from radgrad.coverage import coverage
+from radgrad.coverage import coverage, routed_children
 from radgrad.nn import CONVERSIONS, Activation, RMSNormLike, TransposedLinear, rms_epsilon, torch_parent
 from radgrad.sketch import SketchConfig
 
@@ -116,9 +116,7 @@ def convert(
     }
     for name, module in model.named_modules(remove_duplicate=False):
         route.leave_alone(module, name in names or isinstance(module, types))
-    # nn.MultiheadAttention hands its children's weights to a routed call; it never calls them
-    inside_attention = {id(inner) for module in model.modules() if isinstance(module, nn.MultiheadAttention)
-                        for inner in module.modules() if inner is not module}
+    inside_attention = routed_children(model)  # nn.MultiheadAttention never calls its children
     for module in model.modules():
         if id(module) not in skipped and id(module) not in inside_attention:
             _convert_one(module, config)

@@ -28,10 +28,13 @@ class Coverage:
 
     Attributes:
         converted: qualified name -> what it became (``"radgrad.nn.Linear"``, ...).
-        routed: modules whose functional calls are routed while training (batch norm, multi-head attention).
+        routed: modules whose functional calls are routed while training: batch norm, multi-head
+            attention, and subclasses of the layers radgrad converts that have their own forward
+            (Falcon's ``FalconLinear``: its ``@`` is routed).
         exact: modules with parameters left exact -> why. With inputs given, only those whose own
             code saved bytes for backward with every sketch exact and no fewer as converted: one
-            that saves nothing (a learned offset), or whose calls radgrad routed, is not listed.
+            that saves nothing (a learned offset), or whose calls radgrad routed, is not listed; a
+            routed module whose own code saved everything exactly is (its calls were not routed).
         parameter_share: trainable parameters in converted or routed modules, over all trainable
             parameters (embeddings, which save only indices, counted apart).
         saved_bytes: with inputs given, bytes saved for backward as converted and with every
@@ -75,8 +78,9 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
     """
     report = Coverage()
     covered = total = 0
-    # the weights of a routed module's children (MultiheadAttention's out_proj) go through the routed call
-    inside_routed = {id(sub) for m in model.modules() if isinstance(m, _ROUTED) for sub in m.modules() if sub is not m}
+    inside_routed = routed_children(model)
+    # excluded from conversion: the route lets their calls through to torch
+    alone = {id(sub) for m in model.modules() if "_radgrad_alone" in m.__dict__ for sub in m.modules()}
     for name, module in model.named_modules():
         own = sum(p.numel() for p in module.parameters(recurse=False)
                   if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter))
@@ -84,22 +88,23 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
             covered += own
             total += own
             continue
+        routed = id(module) not in alone and (isinstance(module, _ROUTED) or (
+            own and type(module) not in CONVERSIONS and torch_parent(type(module)) is not None))
         if isinstance(module, _Converted):
             report.converted[name] = f"radgrad.nn.{_kind(module)}"
-        elif isinstance(module, _ROUTED):
+        elif routed:
             report.routed.append(name)
         elif own and isinstance(module, _NOTHING_TO_COMPRESS):
             continue
+        elif own and id(module) in alone:
+            report.exact[name] = f"{type(module).__name__}: excluded from conversion"
         elif own and type(module) in CONVERSIONS:
             report.exact[name] = (f"{type(module).__name__}: its settings are not supported by "
                                   f"radgrad.nn.{CONVERSIONS[type(module)].__name__}")
-        elif own and (parent := torch_parent(type(module))) is not None:
-            report.exact[name] = (f"{type(module).__name__}, a subclass of {parent.__name__} with its own forward: "
-                                  f"left as it is (its calls to torch functions radgrad routes are routed)")
         elif own:
             report.exact[name] = f"{type(module).__name__}: not a module type radgrad converts"
         total += own
-        covered += own if isinstance(module, (_Converted, *_ROUTED)) else 0
+        covered += own if isinstance(module, _Converted) or routed else 0
     report.parameter_share = covered / total if total else 1.0
     if inputs or kwargs:
         modes = {m: m.training for m in model.modules()}
@@ -113,9 +118,18 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
                 m.training = training
         report.saved_bytes = {"converted": converted.total, "exact": exact.total}
         report.holders = dict(sorted(converted.by_module.items(), key=lambda kv: -kv[1])[:top])
-        report.exact = {name: why for name, why in report.exact.items()
+        unrouted = {name: f"{type(model.get_submodule(name)).__name__}: its own code saved everything "
+                          f"exactly (it calls no torch function radgrad routes)" for name in report.routed}
+        report.exact = {name: why for name, why in {**report.exact, **unrouted}.items()
                         if converted.by_module.get(name, 0) >= exact.by_module.get(name, 0) > 0}
+        report.routed = [name for name in report.routed if name not in report.exact]
     return report
+
+
+def routed_children(model: nn.Module) -> set[int]:
+    """The ids of modules inside a module whose functional call radgrad routes, such as
+    ``nn.MultiheadAttention``'s ``out_proj``: their weights go through that call, never their own forward."""
+    return {id(sub) for m in model.modules() if isinstance(m, _ROUTED) for sub in m.modules() if sub is not m}
 
 
 @contextlib.contextmanager
