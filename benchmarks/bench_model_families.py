@@ -105,13 +105,13 @@ def measure(name: str) -> dict:
 
     records = {k: saved(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
     peaks = {k: peak(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
-    no_cache = None
+    off = None
     if "use_cache" in inspect.signature(plain.forward).parameters:
         off = {k: peak(m, lambda m: m(**inputs, use_cache=False).loss) for k, m in (("plain", plain), ("radgrad", rad))}
-        no_cache = off["radgrad"] / off["plain"]
     left = Counter(why.split(":")[0].split(",")[0] for why in radgrad.coverage(rad, **inputs).exact.values())
     return {**memory_result(name, rad, records, peaks), "model_class": type(plain).__name__,
-            "left_exact": dict(left), "peak_ratio_without_cache": no_cache}
+            "left_exact": dict(left), "peak_bytes_without_cache": off,
+            "peak_ratio_without_cache": off and off["radgrad"] / off["plain"]}
 
 
 def main() -> None:

@@ -34,7 +34,8 @@ def main(argv=None) -> list[float]:
     transformers.logging.set_verbosity_error()
     config = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=256, n_positions=args.context,
                                      bos_token_id=0, eos_token_id=0, resid_pdrop=args.dropout,
-                                     embd_pdrop=args.dropout, attn_pdrop=args.dropout)
+                                     embd_pdrop=args.dropout, attn_pdrop=args.dropout,
+                                     use_cache=False)  # a training-time cache would hold every layer's keys
     model = transformers.GPT2LMHeadModel(config).train()
     if not args.exact:
         radgrad.convert(model, method="quantize")  # the one call

@@ -11,7 +11,7 @@ def test_public_names_are_pinned():
     assert sorted(radgrad.functional.__all__) == sorted([
         "avg_pool1d", "avg_pool2d", "conv", "dropout", "elementwise", "layer_norm", "linear", "max_pool2d",
         "recurrence", "relu", "scaled_dot_product_attention", "batch_norm", "multi_head_attention_forward",
-        "matmul", "mul", "rms_norm", "softmax", "log_softmax", "cross_entropy"])
+        "baddbmm", "matmul", "mul", "rms_norm", "softmax", "log_softmax", "cross_entropy"])
     assert sorted(radgrad.METHODS) == ["norm", "project", "quantize", "sample"]
     assert radgrad.BITS == (1, 2, 4, 8)
 
