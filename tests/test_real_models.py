@@ -50,6 +50,22 @@ def _t5(dropout: float = 0.0) -> nn.Module:
     return _LabelsAsDecoderInput(transformers.T5ForConditionalGeneration(config))
 
 
+def _bloom(dropout: float = 0.0) -> nn.Module:
+    """Bloom: ALiBi position biases added to q @ k^T by torch.baddbmm, attention written with torch functions."""
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=32, hidden_size=16, n_layer=1, n_head=4, attention_dropout=dropout,
+                                      hidden_dropout=dropout, use_cache=False)
+    return transformers.BloomForCausalLM(config)
+
+
+def _falcon(dropout: float = 0.0) -> nn.Module:
+    """Falcon: one key and value head broadcast to four query heads, FalconLinear layers with their own forward."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=4,
+                                       attention_dropout=dropout, hidden_dropout=dropout, use_cache=False)
+    return transformers.FalconForCausalLM(config)
+
+
 class _LabelsAsDecoderInput(nn.Module):
     """An encoder-decoder called as the language models here: ``model(x)``, the targets shifted in."""
 
@@ -67,6 +83,11 @@ def _encoder(dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(16, 5))
 
 
+EVERY_MODEL = pytest.mark.parametrize(
+    "make", [_gpt2, _eager_gpt2, _llama, _t5, _bloom, _falcon, _encoder],
+    ids=["gpt2", "gpt2-eager", "llama", "t5", "bloom", "falcon", "transformer-encoder"])
+
+
 def test_gpt2_converts_its_conv1d_activations_norms_and_dropout_keeping_ties():
     model = _gpt2(0.1)
     params = list(model.parameters())
@@ -79,8 +100,7 @@ def test_gpt2_converts_its_conv1d_activations_norms_and_dropout_keeping_ties():
     assert all(a is b for a, b in zip(model.parameters(), params))
 
 
-@pytest.mark.parametrize("make", [_gpt2, _eager_gpt2, _llama, _t5, _encoder],
-                         ids=["gpt2", "gpt2-eager", "llama", "t5", "transformer-encoder"])
+@EVERY_MODEL
 def test_eval_outputs_bitwise_equal_after_convert(make):
     model = make(0.1).eval()
     hf = make is not _encoder
@@ -98,8 +118,7 @@ def _loss(model, x, y):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [_gpt2, _eager_gpt2, _llama, _t5, _encoder],
-                         ids=["gpt2", "gpt2-eager", "llama", "t5", "transformer-encoder"])
+@EVERY_MODEL
 def test_training_gradients_unbiased_and_outputs_exact(make):
     model = make().double().train()
     torch.manual_seed(1)
