@@ -421,8 +421,8 @@ def test_multihead_attention_is_routed_with_torch_outputs(masks):
 def test_real_model_runs_summarize_and_combine(tmp_path, capsys):
     from radgrad.experiments import real_models
 
-    def run(model, method, seed, level, lr=5e-4):
-        return {"model": model, "method": method, "seed": seed, "lr": lr,
+    def run(model, method, seed, level, lr=5e-4, bits=None):
+        return {"model": model, "method": method, "seed": seed, "lr": lr, "bits": bits,
                 "losses": [5.0] * 10 + [level, level + 0.2] * 5, "step_seconds": [0.1] * 20}
 
     first = [run("gpt2", "exact", 0, 2.0), run("gpt2", "quantize", 0, 2.02)]
@@ -440,12 +440,18 @@ def test_real_model_runs_summarize_and_combine(tmp_path, capsys):
     saved = json.loads((out / "real_models.json").read_text())
     assert len(saved["runs"]) == 4 and saved["config"]["seeds"] == [0, 1]
     assert saved["config"]["lr"] == 5e-4  # the runs' rate, not the option's default
+    assert saved["config"]["bits"] is None  # radgrad's per-op defaults
     assert (out / "real_models.png").stat().st_size > 0 and "+1.0%" in (out / "real_models.md").read_text()
     (tmp_path / "2.json").write_text(json.dumps({"config": {}, "runs": [run("gpt2", "exact", 2, 2.0, lr=1e-3)]}))
     with pytest.raises(SystemExit):
         real_models.main(["--combine", str(tmp_path / "0.json"), str(tmp_path / "2.json"), "--final", "10",
                           "--out", str(out)])
     assert "different learning rates [0.0005, 0.001]" in capsys.readouterr().err
+    (tmp_path / "3.json").write_text(json.dumps({"config": {}, "runs": [run("gpt2", "quantize", 3, 2.0, bits=4)]}))
+    with pytest.raises(SystemExit):
+        real_models.main(["--combine", str(tmp_path / "0.json"), str(tmp_path / "3.json"), "--final", "10",
+                          "--out", str(out)])
+    assert "different bits [4, None]" in capsys.readouterr().err
 
 
 def test_a_layer_set_exact_stays_exact_inside_a_routed_model():

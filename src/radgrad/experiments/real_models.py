@@ -190,21 +190,24 @@ def load_data(kind: str) -> Any:
     return (train_x - mean) / std, train_y
 
 
-def build(name: str, method: str, seed: int) -> tuple[nn.Module, Spec]:
-    """Model ``name`` initialised from ``seed``, converted for ``method="quantize"``."""
+def build(name: str, method: str, seed: int, bits: int | None = None) -> tuple[nn.Module, Spec]:
+    """Model ``name`` initialised from ``seed``, converted for ``method="quantize"`` (with ``bits``, if
+    given, for every sketch; else radgrad's per-op defaults)."""
     spec = MODELS[name]
     torch.manual_seed(seed)
     model = spec.build().train()
     if method == "quantize":
-        radgrad.convert(model, method="quantize")
+        radgrad.convert(model, method="quantize", bits=bits)
     return model, spec
 
 
-def train(name: str, method: str, seed: int, steps: int, lr: float = 1e-3, progress: bool = False) -> dict:
-    """Train model ``name`` with ``method`` ("exact" or "quantize") from ``seed``; per-step losses and times."""
+def train(name: str, method: str, seed: int, steps: int, lr: float = 1e-3, progress: bool = False,
+          bits: int | None = None) -> dict:
+    """Train model ``name`` with ``method`` ("exact" or "quantize", with ``bits`` as :func:`build`) from
+    ``seed``; per-step losses and times."""
     if method not in METHODS:
         raise ValueError(f"radgrad: method must be one of {METHODS}, got {method!r}")
-    model, spec = build(name, method, seed)
+    model, spec = build(name, method, seed, bits)
     data = load_data(spec.data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     batches = torch.Generator().manual_seed(seed)
@@ -218,7 +221,8 @@ def train(name: str, method: str, seed: int, steps: int, lr: float = 1e-3, progr
         optimizer.step()
         seconds.append(time.perf_counter() - start)
         losses.append(loss.item())
-    return {"model": name, "method": method, "seed": seed, "lr": lr, "losses": losses, "step_seconds": seconds}
+    return {"model": name, "method": method, "seed": seed, "lr": lr, "bits": bits if method == "quantize" else None,
+            "losses": losses, "step_seconds": seconds}
 
 
 def final_loss(run: dict, last: int) -> float:
@@ -279,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--bits", type=int, choices=radgrad.BITS,
+                        help="bits of every sketch (default: radgrad's per-op defaults)")
     parser.add_argument("--final", type=int, default=30, help="final loss: mean over this many last steps")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", type=Path, default=Path("docs/real_models"))
@@ -300,8 +306,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--combine: the runs were trained at different learning rates {sorted(rates)}")
         if rates:
             args.lr = rates.pop()
+        bits = {r.get("bits") for r in runs if r["method"] == "quantize"}
+        if len(bits) > 1:
+            parser.error(f"--combine: the runs were converted with different bits {sorted(bits, key=str)}")
+        args.bits = bits.pop() if bits else None
     else:
-        runs = [train(name, method, seed, args.steps, args.lr, progress=True)
+        runs = [train(name, method, seed, args.steps, args.lr, progress=True, bits=args.bits)
                 for name in args.models for seed in args.seeds for method in METHODS]
     md, rows = summarize(runs, args.final)
     config = {k: (str(v) if isinstance(v, Path) else [str(p) for p in v] if k == "combine" and v else v)
@@ -310,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
               f"Config: {json.dumps(config)}\n\n")
     report.write_outputs(args.out, "real_models", header + md, rows)
     (args.out / "real_models.json").write_text(json.dumps({"config": config, "runs": runs}))
-    title = f"radgrad convert(method='quantize') vs exact, {args.steps} steps, lr {args.lr:g}, seeds {args.seeds}"
+    setting = "method='quantize'" + ("" if args.bits is None else f", bits={args.bits}")
+    title = f"radgrad convert({setting}) vs exact, {args.steps} steps, lr {args.lr:g}, seeds {args.seeds}"
     figure(runs, title).savefig(args.out / "real_models.png", dpi=110)
     print(md)
 
