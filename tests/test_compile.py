@@ -190,6 +190,29 @@ def test_compiled_draws_stay_apart(kind, config):
     _assert_compiled_grads_equal_eager(model, x, backend)
 
 
+class _BiasedScores(nn.Module):
+    """Attention scores as Bloom makes them: a position bias plus scaled q @ k^T in one torch.baddbmm."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk = nn.Linear(8, 16)
+        self.bias = nn.Parameter(torch.randn(1, 1, 6))
+
+    def forward(self, h):
+        q, k = self.qk(h).chunk(2, -1)
+        return torch.baddbmm(self.bias, q, k.mT, beta=1.0, alpha=0.5).softmax(-1)
+
+
+def test_compiled_baddbmm_is_one_graph_drawing_what_eager_draws(monkeypatch):
+    calls = []
+    real = radgrad.functional.baddbmm
+    monkeypatch.setattr(radgrad.functional, "baddbmm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = radgrad.convert(_BiasedScores(), method="quantize").double()
+    _assert_compiled_grads_equal_eager(model, torch.randn(3, 6, 8, dtype=torch.float64), "aot_eager")
+    assert len(calls) == 2  # routed: traced once, run once eagerly
+
+
 def test_compiled_softmax_reads_its_own_bits():
     # the recommended setting: softmax's sketches in 4 bits, the products' operands in 2; one graph
     torch.manual_seed(0)
