@@ -9,7 +9,9 @@ plain and once converted. Reported: the bytes saved for backward
 the weights (radgrad.memory.peak), converted over plain; the modules
 radgrad.coverage, given the batch, finds left exact; and the module types holding most of what is
 still saved. Random inputs stand in for data: no byte count depends on the
-values (quantized sketches and masks have fixed sizes).
+values (quantized sketches and masks have fixed sizes). With ``--rounds``,
+also the eager step time (forward and backward), converted over plain,
+medians of that many interleaved rounds.
 
 A Hugging Face language model keeps a key-value cache in training too,
 unless called with ``use_cache=False``: the cache holds every layer's keys
@@ -17,7 +19,7 @@ and values until the forward pass returns, whatever radgrad saves in their
 place. For models that take ``use_cache``, the peak is also measured with
 it off (both models alike).
 
-    python benchmarks/bench_model_families.py --out results/bench_model_families.json
+    python benchmarks/bench_model_families.py --rounds 10 --out results/bench_model_families.json
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
+import statistics
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
-from bench_real_models import memory_result, peak, saved
+from bench_real_models import memory_result, peak, saved, step_times
 from torch import nn
 
 import radgrad
@@ -94,7 +97,7 @@ FAMILIES: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
 }
 
 
-def measure(name: str) -> dict:
+def measure(name: str, rounds: int = 0) -> dict:
     torch.manual_seed(0)
     plain, inputs = FAMILIES[name]()
     plain.train()
@@ -108,31 +111,39 @@ def measure(name: str) -> dict:
     off = None
     if "use_cache" in inspect.signature(plain.forward).parameters:
         off = {k: peak(m, lambda m: m(**inputs, use_cache=False).loss) for k, m in (("plain", plain), ("radgrad", rad))}
+    ratio = None
+    if rounds:
+        times = step_times({"plain": plain, "radgrad": rad}, loss, rounds)
+        ratio = statistics.median(times["radgrad"]) / statistics.median(times["plain"])
     left = Counter(why.split(":")[0].split(",")[0] for why in radgrad.coverage(rad, **inputs).exact.values())
     return {**memory_result(name, rad, records, peaks), "model_class": type(plain).__name__,
             "left_exact": dict(left), "peak_bytes_without_cache": off,
-            "peak_ratio_without_cache": off and off["radgrad"] / off["plain"]}
+            "peak_ratio_without_cache": off and off["radgrad"] / off["plain"], "step_ratio": ratio}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds of eager step timing (0: none)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     results, rows = [], []
     for name in args.families:
-        r = measure(name)
+        r = measure(name, args.rounds)
         results.append(r)
         left = ", ".join(f"{k} x{n}" for k, n in r["left_exact"].items()) or "none"
         holders = ", ".join(f"{k} {v:.0%}" for k, v in r["remaining_holders"].items())
         no_cache = "" if r["peak_ratio_without_cache"] is None else f"{r['peak_ratio_without_cache']:.3f}"
-        rows.append((name, r["model_class"], f"{r['saved_ratio']:.3f}", f"{r['peak_ratio']:.3f}", no_cache, left,
-                     holders))
-        print(f"{name}: saved {r['saved_ratio']:.3f}, peak {r['peak_ratio']:.3f}, without cache {no_cache}", flush=True)
+        step = "" if r["step_ratio"] is None else f"{r['step_ratio']:.2f}"
+        rows.append((name, r["model_class"], f"{r['saved_ratio']:.3f}", f"{r['peak_ratio']:.3f}", no_cache, step,
+                     left, holders))
+        print(f"{name}: saved {r['saved_ratio']:.3f}, peak {r['peak_ratio']:.3f}, without cache {no_cache}, "
+              f"step {step}", flush=True)
     print(report.markdown(("family", "model", "saved ratio", "peak ratio", "peak ratio, use_cache=False",
-                           "modules left exact (coverage)", "what holds the remaining saved bytes"), rows))
+                           "eager step ratio", "modules left exact (coverage)", "what holds the remaining saved bytes"),
+                          rows))
     if args.out:
         report.write_json(args.out, vars(args), {"results": results}, transformers=transformers.__version__)
 

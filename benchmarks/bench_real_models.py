@@ -75,30 +75,33 @@ def _step_seconds(model, loss) -> float:
     return time.perf_counter() - start
 
 
+def step_times(models: dict[str, nn.Module], loss, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each model's training step (forward and backward) over ``rounds`` rounds after one
+    warm-up step each, the order reversed every other round."""
+    for m in models.values():
+        _step_seconds(m, loss)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for i in range(rounds):
+        order = list(models.items()) if i % 2 == 0 else list(models.items())[::-1]
+        for k, m in order:
+            times[k].append(_step_seconds(m, loss))
+    return times
+
+
 def measure(name: str, rounds: int, compiled: bool) -> dict:
     plain, loss = _model_and_loss(name, "exact")
     rad, _ = _model_and_loss(name, "quantize")
     records = {k: saved(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
     peaks = {k: peak(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
-    times: dict[str, list[float]] = {"plain": [], "radgrad": []}
     if not rounds:  # memory only
         return memory_result(name, rad, records, peaks)
-    for m in (plain, rad):
-        _step_seconds(m, loss)
-    for i in range(rounds):
-        order = (("plain", plain), ("radgrad", rad)) if i % 2 == 0 else (("radgrad", rad), ("plain", plain))
-        for k, m in order:
-            times[k].append(_step_seconds(m, loss))
+    times = step_times({"plain": plain, "radgrad": rad}, loss, rounds)
     result = {}
     if compiled:
-        cp, cr = torch.compile(plain), torch.compile(rad)
-        for m in (cp, cr, cp, cr):  # compile, then warm up
+        compiled_models = {"plain": torch.compile(plain), "radgrad": torch.compile(rad)}
+        for m in compiled_models.values():  # compile; step_times warms up once more
             _step_seconds(m, loss)
-        ctimes: dict[str, list[float]] = {"plain": [], "radgrad": []}
-        for i in range(rounds):
-            order = (("plain", cp), ("radgrad", cr)) if i % 2 == 0 else (("radgrad", cr), ("plain", cp))
-            for k, m in order:
-                ctimes[k].append(_step_seconds(m, loss))
+        ctimes = step_times(compiled_models, loss, rounds)
         result["compiled_step_ratio"] = statistics.median(ctimes["radgrad"]) / statistics.median(ctimes["plain"])
     return {**memory_result(name, rad, records, peaks),
             "step_seconds": {k: statistics.median(v) for k, v in times.items()},
