@@ -59,7 +59,7 @@ def convert(
     While the model trains with gradients on, its own calls to
     ``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``,
     ``F.linear``, ``F.batch_norm``, ``F.layer_norm``, ``F.rms_norm``, ``F.dropout``,
-    ``F.relu``, ``F.gelu/silu/mish``, ``torch.matmul``/``bmm``/``@``, ``torch.mul``/``*``,
+    ``F.relu``, ``F.gelu/silu/mish``, ``torch.matmul``/``bmm``/``baddbmm``/``@``, ``torch.mul``/``*``,
     ``softmax``, ``log_softmax`` and ``F.cross_entropy`` (functions or tensor
     methods) go to their RAD twins (:mod:`radgrad.route`), and its ``-``, ``+``, ``/``, ``torch.cat``
     and products by a number are noted, so that attention can rebuild its

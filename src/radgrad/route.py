@@ -43,7 +43,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from radgrad import functional as RF
@@ -124,16 +124,19 @@ def _recorded(func, config, *args, **kwargs):
     return output
 
 
+def _batches(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` and ``b`` are batches of matrices as ``bmm`` takes them: 3-d, the same batch size."""
+    return a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0]
+
+
 def _bmm(func, config, input, mat2, *, out=None):
-    if out is not None or not _floating(input, mat2) or not (
-            input.dim() == mat2.dim() == 3 and input.shape[0] == mat2.shape[0]):
+    if out is not None or not _floating(input, mat2) or not _batches(input, mat2):
         return func(input, mat2) if out is None else func(input, mat2, out=out)
     return RF.matmul(input, mat2, config)
 
 
 def _baddbmm(func, config, input, batch1, batch2, *, beta=1, alpha=1, out=None):
-    if out is not None or not _floating(input, batch1, batch2) or not (
-            batch1.dim() == batch2.dim() == 3 and batch1.shape[0] == batch2.shape[0]):
+    if out is not None or not _floating(input, batch1, batch2) or not _batches(batch1, batch2):
         kwargs = {} if out is None else {"out": out}
         return func(input, batch1, batch2, beta=beta, alpha=alpha, **kwargs)
     return RF.baddbmm(input, batch1, batch2, beta, alpha, config)
