@@ -106,14 +106,15 @@ def measure(name: str, rounds: int = 0) -> dict:
     def loss(model):
         return model(**inputs).loss
 
-    records = {k: saved(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
-    peaks = {k: peak(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
+    models = {"plain": plain, "radgrad": rad}
+    records = {k: saved(m, loss) for k, m in models.items()}
+    peaks = {k: peak(m, loss) for k, m in models.items()}
     off = None
     if "use_cache" in inspect.signature(plain.forward).parameters:
-        off = {k: peak(m, lambda m: m(**inputs, use_cache=False).loss) for k, m in (("plain", plain), ("radgrad", rad))}
+        off = {k: peak(m, lambda model: model(**inputs, use_cache=False).loss) for k, m in models.items()}
     ratio = None
     if rounds:
-        times = step_times({"plain": plain, "radgrad": rad}, loss, rounds)
+        times = step_times(models, loss, rounds)
         ratio = statistics.median(times["radgrad"]) / statistics.median(times["plain"])
     left = Counter(why.split(":")[0].split(",")[0] for why in radgrad.coverage(rad, **inputs).exact.values())
     return {**memory_result(name, rad, records, peaks), "model_class": type(plain).__name__,
