@@ -220,7 +220,9 @@ def test_compiled_softmax_reads_its_own_bits():
     two_bits = radgrad.convert(_TorchFunctionAttention(), method="quantize", bits=2).double()
     x = torch.randn(2, 8, 8, dtype=torch.float64)
     assert radgrad.memory.saved_bytes(model, x) > radgrad.memory.saved_bytes(two_bits, x)
-    _assert_compiled_grads_equal_eager(model, x)
+    # AOTAutograd decides what is saved and drawn; inductor's kernels for every code width are
+    # held to the eager bytes by test_compiled_quantization_stores_the_eager_bytes
+    _assert_compiled_grads_equal_eager(model, x, "aot_eager")
 
 
 class _OwnRMSNorm(nn.Module):
