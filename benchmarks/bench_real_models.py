@@ -91,11 +91,12 @@ def step_times(models: dict[str, nn.Module], loss, rounds: int) -> dict[str, lis
 def measure(name: str, rounds: int, compiled: bool) -> dict:
     plain, loss = _model_and_loss(name, "exact")
     rad, _ = _model_and_loss(name, "quantize")
-    records = {k: saved(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
-    peaks = {k: peak(m, loss) for k, m in (("plain", plain), ("radgrad", rad))}
+    models = {"plain": plain, "radgrad": rad}
+    records = {k: saved(m, loss) for k, m in models.items()}
+    peaks = {k: peak(m, loss) for k, m in models.items()}
     if not rounds:  # memory only
         return memory_result(name, rad, records, peaks)
-    times = step_times({"plain": plain, "radgrad": rad}, loss, rounds)
+    times = step_times(models, loss, rounds)
     result = {}
     if compiled:
         compiled_models = {"plain": torch.compile(plain), "radgrad": torch.compile(rad)}

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from radgrad import memory
+from radgrad import memory, route
 from radgrad.nn import CONVERSIONS, _Converted, torch_parent
 from radgrad.sketch import SketchConfig
 
@@ -80,7 +80,7 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
     covered = total = 0
     inside_routed = routed_children(model)
     # excluded from conversion: the route lets their calls through to torch
-    alone = {id(sub) for m in model.modules() if "_radgrad_alone" in m.__dict__ for sub in m.modules()}
+    alone = {id(sub) for m in model.modules() if route.is_left_alone(m) for sub in m.modules()}
     for name, module in model.named_modules():
         own = sum(p.numel() for p in module.parameters(recurse=False)
                   if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter))
@@ -135,19 +135,19 @@ def routed_children(model: nn.Module) -> set[int]:
 @contextlib.contextmanager
 def _all_exact(model: nn.Module) -> Iterator[None]:
     configs = {m: m.sketch for m in model.modules() if isinstance(getattr(m, "sketch", None), SketchConfig)}
-    route = getattr(model, "_radgrad_route", None)
-    routed = route.config if route is not None else None
+    installed = getattr(model, "_radgrad_route", None)  # the model's route, if convert installed one
+    routed = installed.config if installed is not None else None
     try:
         for m in configs:
             m.sketch = _EXACT
-        if route is not None:
-            route.config = _EXACT
+        if installed is not None:
+            installed.config = _EXACT
         yield
     finally:
         for m, config in configs.items():
             m.sketch = config
-        if route is not None:
-            route.config = routed
+        if installed is not None:
+            installed.config = routed
 
 
 def _kind(module: nn.Module) -> str:

@@ -248,6 +248,11 @@ def leave_alone(module: nn.Module, alone: bool = True) -> None:
                                  module.register_forward_hook(_resume, always_call=True)]
 
 
+def is_left_alone(module: nn.Module) -> bool:
+    """Whether :func:`leave_alone` lets ``module``'s own calls through to torch."""
+    return "_radgrad_alone" in module.__dict__
+
+
 # NOTE [Routing recomputed layers]
 #   Activation checkpointing (torch.utils.checkpoint, Hugging Face's
 #   activation_checkpointing_enable) runs a layer's forward again in the
