@@ -122,6 +122,20 @@ def assert_unbiased(samples: torch.Tensor, exact: torch.Tensor) -> None:
     assert power > Z_BOUND, f"test too weak to detect a 10% bias (max z {power:.2f})"
 
 
+def assert_unbiased_paired(samples: torch.Tensor, exacts: torch.Tensor) -> None:
+    """:func:`assert_unbiased` where each draw has its own exact value (``exacts``, one row per
+    draw: dropout makes the exact gradient random): the differences must average to zero.
+    The power is judged on the entries where the estimate differs from its exact value."""
+    differences = samples - exacts
+    zero = torch.zeros(samples.shape[1], dtype=samples.dtype)
+    z = z_scores(differences, zero)
+    assert z.max() < Z_BOUND, f"max z-score {z.max():.2f} at entry {int(z.argmax())}"
+    estimated = differences.std(0) > 1e-12 * exacts.abs().max()
+    assert estimated.any(), "no entry varies: nothing here is estimated"
+    power = z_scores((0.9 * samples - exacts)[:, estimated], zero[estimated]).max()
+    assert power > Z_BOUND, f"test too weak to detect a 10% bias (max z {power:.2f})"
+
+
 def load_example(name: str):
     """Import ``examples/<name>.py`` as a module (the examples are scripts, not a package)."""
     import importlib.util
