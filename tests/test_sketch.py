@@ -36,8 +36,8 @@ def test_unpack_is_unbiased(config):
     assert _distance_to_levels(x.reshape(5, 12)) > 0.02
     # k = 3 of D = 12: one entry's sampled estimate has standard deviation sqrt(D/k - 1) |x| = 1.73 |x|,
     # so a 10% bias sits 0.1 sqrt(N) / 1.73 = 6.3 standard errors out at N = 12000 (assert_unbiased
-    # checks that power on the samples themselves). Rounding alone spreads at most half a step: a
-    # 10% bias sits 30 or more standard errors out at N = 3000, with 1 bit.
+    # checks that power on the samples themselves). Rounding alone spreads at most half a step: at
+    # N = 3000 a 10% bias sits 27 standard errors out with 1 bit, more with more bits.
     draws = 3000 if config.method == "quantize" else 12000
     samples = torch.stack([unpack(pack(x, config, batch_dims=1)).reshape(-1) for _ in range(draws)])
     assert_unbiased(samples, x.reshape(-1))
