@@ -114,12 +114,7 @@ def assert_unbiased(samples: torch.Tensor, exact: torch.Tensor) -> None:
     exactly would flag any bias of its own, and so would make a test of the random
     ones look strong whatever their number of samples.
     """
-    z = z_scores(samples, exact)
-    assert z.max() < Z_BOUND, f"max z-score {z.max():.2f} at entry {int(z.argmax())}"
-    estimated = samples.std(0) > 1e-12 * exact.abs().max()
-    assert estimated.any(), "no entry varies: nothing here is estimated"
-    power = z_scores(samples[:, estimated] * 0.9, exact[estimated]).max()
-    assert power > Z_BOUND, f"test too weak to detect a 10% bias (max z {power:.2f})"
+    _assert_unbiased_and_powerful(samples, exact, samples * 0.9, samples.std(0) > 1e-12 * exact.abs().max())
 
 
 def assert_unbiased_paired(samples: torch.Tensor, exacts: torch.Tensor) -> None:
@@ -128,11 +123,18 @@ def assert_unbiased_paired(samples: torch.Tensor, exacts: torch.Tensor) -> None:
     The power is judged on the entries where the estimate differs from its exact value."""
     differences = samples - exacts
     zero = torch.zeros(samples.shape[1], dtype=samples.dtype)
-    z = z_scores(differences, zero)
+    _assert_unbiased_and_powerful(differences, zero, 0.9 * samples - exacts,
+                                  differences.std(0) > 1e-12 * exacts.abs().max())
+
+
+def _assert_unbiased_and_powerful(samples: torch.Tensor, exact: torch.Tensor, biased: torch.Tensor,
+                                  estimated: torch.Tensor) -> None:
+    """``samples`` average to ``exact``, and ``biased`` (the samples with a 10% bias) would not,
+    in the ``estimated`` entries."""
+    z = z_scores(samples, exact)
     assert z.max() < Z_BOUND, f"max z-score {z.max():.2f} at entry {int(z.argmax())}"
-    estimated = differences.std(0) > 1e-12 * exacts.abs().max()
     assert estimated.any(), "no entry varies: nothing here is estimated"
-    power = z_scores((0.9 * samples - exacts)[:, estimated], zero[estimated]).max()
+    power = z_scores(biased[:, estimated], exact[estimated]).max()
     assert power > Z_BOUND, f"test too weak to detect a 10% bias (max z {power:.2f})"
 
 
