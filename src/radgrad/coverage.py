@@ -135,7 +135,7 @@ def routed_children(model: nn.Module) -> set[int]:
 @contextlib.contextmanager
 def _all_exact(model: nn.Module) -> Iterator[None]:
     configs = {m: m.sketch for m in model.modules() if isinstance(getattr(m, "sketch", None), SketchConfig)}
-    installed = getattr(model, "_radgrad_route", None)  # the model's route, if convert installed one
+    installed = route.installed(model)
     routed = installed.config if installed is not None else None
     try:
         for m in configs:

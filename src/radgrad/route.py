@@ -219,13 +219,19 @@ def install(model: nn.Module, config: SketchConfig, entries: Iterable[nn.Module]
     ``model`` whose code may make routed calls), starts a forward pass while
     nothing is routed yet (NOTE [Routing recomputed layers]).
     """
-    if getattr(model, "_radgrad_route", None) is not None:
-        model._radgrad_route.config = config
+    existing = installed(model)
+    if existing is not None:
+        existing.config = config
         return
     route = model._radgrad_route = _Installed(config)
     for module in {id(m): m for m in (model, *entries)}.values():
         route.handles += [module.register_forward_pre_hook(route.enter),
                           module.register_forward_hook(route.exit, always_call=True)]
+
+
+def installed(model: nn.Module) -> _Installed | None:
+    """The route :func:`install` put on ``model`` (its ``config`` may be changed), or None."""
+    return getattr(model, "_radgrad_route", None)
 
 
 def _pause(module: nn.Module, args) -> None:
