@@ -4,12 +4,13 @@ Statistical tests use fixed seeds and compare a Monte Carlo mean with the exact
 gradient within 5 standard errors *measured from the same samples*, per
 component (``problems.assert_unbiased``, which also checks that a 10% bias of
 the estimated components would be caught). The means are over many
-independent estimates (or over batch means of many paths), so by the central limit theorem ``(mean - exact) / SE`` is close
-to a t-distribution with dozens of degrees of freedom: a 5-SE deviation has
-probability below 1e-5 per component, so a failure points at a bias, not bad
-luck; a biased estimator (e.g. a sketch without the D/k rescaling) fails by
-far more than 5 SE. Components whose samples are all equal (SE = 0, e.g. an
-exact-zero gradient) must match to round-off.
+independent estimates (or over batch means of many paths), so by the central
+limit theorem ``(mean - exact) / SE`` is close to a t-distribution with dozens
+of degrees of freedom: a 5-SE deviation has probability below 1e-5 per
+component, so a failure points at a bias, not bad luck; a biased estimator
+(e.g. a sketch without the D/k rescaling) fails by far more than 5 SE.
+Components whose samples are all equal (SE = 0, e.g. an exact-zero gradient)
+must match to round-off.
 """
 
 from __future__ import annotations
