@@ -50,6 +50,29 @@ def test_elementwise_exact_output_unbiased_input_grad(act, config):
     assert_unbiased(_draws(lambda t: RF.elementwise(act, t, config), [x], _count(config)), exact)
 
 
+def _drop_path(x):
+    """A model's stochastic depth: each example kept whole (scaled by 2) or dropped, at random."""
+    kept = (torch.rand(x.shape[0], *[1] * (x.dim() - 1), dtype=x.dtype, device=x.device) + 0.5).floor_()
+    return x * kept * 2
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_random_elementwise_function_gets_the_derivative_of_its_own_draw(compiled):
+    # fn is called once: its output and the derivative saved come from one draw. Each example's
+    # derivative rows are constant (0 or 2), which quantization stores exactly.
+    torch.manual_seed(0)
+    x = (torch.rand(16, 3, 5, dtype=torch.float64) + 1).requires_grad_()
+    run = lambda t: RF.elementwise(_drop_path, t, CONFIGS[0])  # noqa: E731
+    if compiled:
+        run = torch.compile(run, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        y = run(x)
+        (grad,) = torch.autograd.grad(y.sum(), x)
+        kept = y[:, 0, 0] != 0
+        assert 0 < int(kept.sum()) < 16
+        assert torch.equal(grad, (y != 0).to(x.dtype) * 2)
+
+
 @pytest.mark.parametrize("config", [*CONFIGS, SketchConfig(1.0, bits=8)], ids=["quantize", "sample", "bits8"])
 def test_backward_can_run_twice(config):
     # backward passes overwrite the estimates they rebuild: the sketches themselves stay intact

@@ -62,25 +62,32 @@ def _unhooked(t: Tensor) -> Tensor:
     return t
 
 
-def _derivative_by_autograd(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+def _value_and_derivative(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    """``fn(x)`` and its derivative by autograd, from one call of ``fn``: a random ``fn`` (a model's
+    drop path, say) gets the derivative of the very draw its output was made with."""
     # torch.autograd.grad takes any function eagerly, but dynamo cannot trace it
     if torch.compiler.is_compiling():
-        y, pull = torch.func.vjp(fn, x)
-        return pull(_ones_like(y))[0]
+        # gradients are on inside vjp: a converted model's Route would send fn's own torch calls
+        # to their RAD twins (NOTE [No torch-function dispatch inside an op] in functional._base)
+        with torch._C.DisableTorchFunction():
+            y, pull = torch.func.vjp(fn, x)
+            return y, pull(_ones_like(y))[0]
     # the graph lives for this call only: what it saves must not reach a caller's saved-tensor
     # hooks (an offload to CPU would copy it; radgrad.memory would count the input as saved)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_unhooked, _unhooked):
         leaf = x.detach().requires_grad_()
         y = fn(leaf)
         (derivative,) = torch.autograd.grad(y, leaf, _ones_like(y))
-    return derivative
+    return y.detach(), derivative
 
 
 class _Elementwise(_RADFunction):
     @staticmethod
     def forward(input, fn, derivative, config):
-        output = fn(input)
-        d = derivative(input) if derivative is not None else _derivative_by_autograd(fn, input)
+        if derivative is None:
+            output, d = _value_and_derivative(fn, input)
+        else:
+            output, d = fn(input), derivative(input)
         return _packed(output, d.to(output.dtype), config, max(input.dim() - 1, 0), fresh=True)
 
     @staticmethod
@@ -103,16 +110,19 @@ class _Elementwise(_RADFunction):
 
 def elementwise(fn: Callable[[Tensor], Tensor], input: Tensor, config: SketchConfig = _DEFAULT,
                 derivative: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """``fn(input)`` for an elementwise, deterministic ``fn``, saving a sketch of ``fn'(input)``.
+    """``fn(input)`` for an elementwise ``fn``, saving a sketch of ``fn'(input)``.
 
     Exact: the output. Estimated (unbiased): the gradient with respect to
     ``input``, ``grad * fn'(input)`` with the derivative unpacked from its
     sketch (each position of the leading dimensions is a row). The
     derivative is ``derivative(input)`` if given (for example a kernel from
-    :func:`fused_derivative`), else computed by autograd in the forward pass.
-    ``fn`` must act entry by entry: :func:`radgrad.convert` checks a module's
-    Jacobian is diagonal before routing it here. With an exact config or no
-    gradient needed, ``fn(input)`` runs as it is.
+    :func:`fused_derivative`; ``fn`` must then be deterministic), else
+    computed by autograd in the forward pass from the same call of ``fn``
+    that made the output, so a random ``fn`` (a drop path) gets the
+    derivative of its own draw. ``fn`` must act entry by entry:
+    :func:`radgrad.convert` checks a module's Jacobian is diagonal before
+    routing it here. With an exact config or no gradient needed,
+    ``fn(input)`` runs as it is.
     """
     _check_input("functional.elementwise", input)
     if config.exact or not (input.requires_grad and torch.is_grad_enabled()):
