@@ -204,15 +204,16 @@ def _plane_codes(values: Tensor, group: int, lo: Tensor, inverse: Tensor, grid: 
     """
     rows, n = values.shape
     levels, width, groups = 2**bits - 1, packed_width(n, bits), rows // group
-    v = values.view(-1, group, n)
-    lo, inverse = lo.view(-1, 1, 1), inverse.view(-1, 1, 1)
+    # each piece below is formed once, not per plane: the traced graph (and its compilation)
+    # grows with the number of ops, while inductor fuses the same loops either way
+    fractions = _fractions(values.view(-1, group, n), lo.view(-1, 1, 1), inverse.view(-1, 1, 1))
+    # the grid's columns as (group, n): a group's rows side by side (NOTE [Stochastic rounding])
+    columns, row_parts = grid[groups:].view(group, n), grid[:groups, None, None]
     planes = []
     for first in range(0, n, width):  # the last planes may be padding only: zero codes, not formed
         last = min(n, first + width)
-        # the grid's columns as (group, n): a group's rows side by side (NOTE [Stochastic rounding])
-        columns = grid[groups:].view(group, n)[:, first:last]
-        uniforms = (grid[:groups, None, None] + columns).frac_()
-        codes = _codes(_fractions(v[..., first:last], lo, inverse), uniforms, levels)
+        uniforms = (row_parts + columns[:, first:last]).frac_()
+        codes = _codes(fractions[..., first:last], uniforms, levels, last=False)
         planes.append(F.pad(codes, (0, width - (last - first))) if last - first < width else codes)
     packed = planes[0]
     for i, plane in enumerate(planes[1:], 1):
@@ -293,13 +294,14 @@ def _scaled_planes(codes: Tensor, scale: Tensor, bits: int, group: int, lo: int,
         200 calls).
     """
     rows, width = codes.shape
-    data, mask = codes.to(_code_dtype()), 2**bits - 1
+    mask = 2**bits - 1
     if lo == 0 and known(rows == scale.shape[0] * group):  # whole groups, each one (lo, step)
         shape, step, offset = (-1, group, width), scale[:, 1, None, None], scale[:, 0, None, None]
     else:
         shape = (rows, width)
         step, offset = _per_row(scale[:, 1], group, lo, lo + rows), _per_row(scale[:, 0], group, lo, lo + rows)
-    planes = [(((data >> (bits * i)) & mask).to(scale.dtype).view(shape) * step + offset).view(rows, width)
+    data = codes.to(_code_dtype()).view(shape)  # viewed once, not per plane (see _plane_codes)
+    planes = [(((data >> (bits * i)) & mask).to(scale.dtype) * step + offset).view(rows, width)
               for i in range(used)]
     return torch.cat(planes, 1) if len(planes) > 1 else planes[0]
 
