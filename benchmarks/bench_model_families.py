@@ -20,6 +20,14 @@ place. For models that take ``use_cache``, the peak is also measured with
 it off (both models alike).
 
     python benchmarks/bench_model_families.py --rounds 10 --out results/bench_model_families.json
+
+With ``--compile-check BACKEND``, instead: each family, plain and converted,
+wrapped in ``torch.compile(backend=BACKEND)`` and run for two training steps
+(forward with its loss, backward): whether it compiles, its graph breaks
+(dynamo's count and reasons) and graphs, and the seconds of those two
+steps, nearly all of them compilation.
+
+    python benchmarks/bench_model_families.py --compile-check aot_eager --out results/bench_model_families_compile.json
 """
 
 from __future__ import annotations
@@ -28,14 +36,17 @@ import argparse
 import copy
 import inspect
 import statistics
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch._dynamo
 import transformers
 from bench_real_models import memory_result, peak, saved, step_times
 from torch import nn
+from torch._dynamo.utils import counters
 
 import radgrad
 from radgrad.experiments import report
@@ -122,14 +133,61 @@ def measure(name: str, rounds: int = 0) -> dict:
             "peak_ratio_without_cache": off and off["radgrad"] / off["plain"], "step_ratio": ratio}
 
 
+def compile_check(name: str, backend: str) -> dict:
+    """Two compiled training steps of the family, plain and converted: compiled or the error,
+    graph breaks, graphs, seconds."""
+    torch.manual_seed(0)
+    plain, inputs = FAMILIES[name]()
+    plain.train()
+    rad = radgrad.convert(copy.deepcopy(plain), method="quantize")
+    result = {"family": name, "model_class": type(plain).__name__}
+    for kind, model in (("plain", plain), ("radgrad", rad)):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend=backend)
+        start = time.perf_counter()
+        try:
+            for _ in range(2):
+                compiled(**inputs).loss.backward()
+        except Exception as e:  # recorded: what fails to compile is the finding
+            result[kind] = {"compiled": False, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            continue
+        result[kind] = {"compiled": True, "seconds": time.perf_counter() - start,
+                        "graph_breaks": sum(counters["graph_break"].values()),
+                        "break_reasons": list(counters["graph_break"])[:8],
+                        "graphs": counters["stats"]["unique_graphs"]}
+    return result
+
+
+def _compile_main(args: argparse.Namespace) -> None:
+    results, rows = [], []
+    for name in args.families:
+        r = compile_check(name, args.compile_check)
+        results.append(r)
+        cells = []
+        for kind in ("plain", "radgrad"):
+            k = r[kind]
+            cells += ([f"{k['seconds']:.0f}", str(k["graph_breaks"])] if k["compiled"] else ["fails", k["error"][:80]])
+        rows.append((name, *cells))
+        print(name, *cells, flush=True)
+    print(report.markdown(("family", "plain: seconds", "plain: graph breaks", "radgrad: seconds",
+                           "radgrad: graph breaks"), rows))
+    if args.out:
+        report.write_json(args.out, vars(args), {"results": results}, transformers=transformers.__version__)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds of eager step timing (0: none)")
+    parser.add_argument("--compile-check", metavar="BACKEND",
+                        help="instead: compile each family with this torch.compile backend (see above)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.compile_check:
+        return _compile_main(args)
     results, rows = [], []
     for name in args.families:
         r = measure(name, args.rounds)
