@@ -68,7 +68,8 @@ def _value_and_derivative(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Te
     # torch.autograd.grad takes any function eagerly, but dynamo cannot trace it
     if torch.compiler.is_compiling():
         # gradients are on inside vjp: a converted model's Route would send fn's own torch calls
-        # to their RAD twins (NOTE [No torch-function dispatch inside an op] in functional._base)
+        # to their RAD twins. _RADFunction.run turns the dispatch off for the whole op already
+        # (NOTE [No torch-function dispatch inside an op]); here it is what correctness needs
         with torch._C.DisableTorchFunction():
             y, pull = torch.func.vjp(fn, x)
             return y, pull(_ones_like(y))[0]
