@@ -65,14 +65,12 @@ def _unhooked(t: Tensor) -> Tensor:
 def _value_and_derivative(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
     """``fn(x)`` and its derivative by autograd, from one call of ``fn``: a random ``fn`` (a model's
     drop path, say) gets the derivative of the very draw its output was made with."""
-    # torch.autograd.grad takes any function eagerly, but dynamo cannot trace it
+    # torch.autograd.grad takes any function eagerly, but dynamo cannot trace it. Gradients are
+    # on inside either: fn's own torch calls escape a converted model's Route only because
+    # _RADFunction.run turns torch-function dispatch off (NOTE [No torch-function dispatch inside an op])
     if torch.compiler.is_compiling():
-        # gradients are on inside vjp: a converted model's Route would send fn's own torch calls
-        # to their RAD twins. _RADFunction.run turns the dispatch off for the whole op already
-        # (NOTE [No torch-function dispatch inside an op]); here it is what correctness needs
-        with torch._C.DisableTorchFunction():
-            y, pull = torch.func.vjp(fn, x)
-            return y, pull(_ones_like(y))[0]
+        y, pull = torch.func.vjp(fn, x)
+        return y, pull(_ones_like(y))[0]
     # the graph lives for this call only: what it saves must not reach a caller's saved-tensor
     # hooks (an offload to CPU would copy it; radgrad.memory would count the input as saved)
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_unhooked, _unhooked):
