@@ -1,6 +1,7 @@
 """radgrad under torch.compile, torch.func, the meta device and other devices; no host syncs."""
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -361,6 +362,29 @@ def test_compiled_routed_model_compiles_with_warnings_as_errors():
     _assert_compiled_grads_equal_eager(model, x, "aot_eager")  # dynamo's tracing was at fault
 
 
+# dynamo reads a non-leaf's .grad while compiling HF GPT-2, plain torch's model too
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_compiled_routed_quantization_reads_its_bits_from_the_route():
+    # routed calls read their bits from the route, a torch-function mode entered before the
+    # compiled forward starts: a nested compile region (NOTE [Traced once per shape]) once
+    # failed to re-read that origin in its reuse guards, and dynamo stopped (HF GPT-2)
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64)
+    model = radgrad.convert(transformers.GPT2LMHeadModel(config).train(), method="quantize").double()
+    ids = torch.randint(64, (2, 64))
+
+    def grads(fn):
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        fn(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(torch.compile(model, backend="aot_eager")), grads(model)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
 class _GatedOwnActivation(_Gated):
     """:class:`_Gated` with a model's own activation, whose derivative comes from ``torch.func.vjp``."""
 
@@ -405,6 +429,26 @@ def test_compiled_quantization_stores_the_eager_bytes(bits, shape, memory_format
     compiled = torch.compile(round_trip, fullgraph=True)(x)
     assert compiled[0].dtype == torch.uint8 and torch.equal(compiled[0], eager[0])
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_quantization_is_traced_once_per_shape():
+    # the quantization and the rebuild are nested compile regions (NOTE [Traced once per
+    # shape]): four layers of one shape trace one rebuild, not four; the first layer's
+    # quantization reads the compiled function's own input, whose guards differ, and dynamo
+    # inlines a region used once
+    torch.manual_seed(0)
+    model = radgrad.convert(nn.Sequential(*(nn.Linear(16, 16) for _ in range(4))), method="quantize")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(model, fullgraph=True, backend=backend)(torch.randn(32, 16)).sum().backward()
+    regions = Counter(node.args[1] for graph in graphs for module in graph.modules()
+                      if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes
+                      if node.target is torch.ops.higher_order.invoke_subgraph)
+    assert sorted(regions.values()) == [3, 4]
 
 
 @pytest.mark.parametrize("bits", radgrad.estimators.quantize.BITS)

@@ -63,9 +63,34 @@ NOTE [Code width under compilation]
     and 112 against 74). Under ``torch.compile`` codes are therefore int32
     (compiled step over plain: ResNet 1.46 -> 1.34, ViT 1.22 -> 1.05). Both
     widths hold the codes exactly: the stored bytes are the same.
+
+NOTE [Traced once per shape]
+    A converted model quantizes and rebuilds dozens of tensors, and the
+    per-plane forms above are dozens of graph nodes each: traced inline,
+    they made a compiled model's graph tens of times larger than plain
+    torch's and its compilation 5-28 times slower. Both are therefore
+    nested compile regions (``torch.compiler.nested_compile_region``):
+    dynamo traces each once per distinct input (shapes, dtypes, bits) and
+    every other call reuses that graph, as AOTAutograd and inductor do.
+    Measured (BENCHMARKS.md, "Compiling the quantization once per shape"):
+    the first compiled step takes 12-50% less time, and the compiled step
+    1-2.5% more, as inductor no longer fuses the rounding with the op that
+    made the values nor the rebuild with its consumer. Setting torch's
+    ``torch._dynamo.config.inline_invoke_subgraph`` trades back: dynamo
+    still traces each region once, inductor fuses as before.
+    The random draw stays outside the regions: a region is a deterministic
+    function of its inputs (NOTE [Draws are saved, never redrawn] in
+    :mod:`radgrad.rng`). Python ints enter a region as fresh ints: one read
+    from an attribute carries its origin into the region's reuse guards,
+    and dynamo cannot re-read every origin (a route's bits, an attribute of
+    a torch-function mode entered before the compiled frame, stopped the
+    compilation of HF GPT-2).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +108,18 @@ BITS = (1, 2, 4, 8)
 GROUP_ENTRIES = 256
 # Entries rounded at once: a few float temporaries of this size live while a tensor is quantized.
 _BLOCK = 2**18
+
+
+def _traced_once(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``fn`` as a nested compile region, its int arguments passed as fresh ints (NOTE [Traced once
+    per shape]); eagerly, ``fn`` itself."""
+    # a model holds many shapes: past the limit dynamo raises rather than tracing anew
+    region = torch.compiler.nested_compile_region(fn, max_reuse_entries=100_000)
+
+    @functools.wraps(fn)
+    def call(*args):
+        return region(*(int(a) if type(a) is int else a for a in args))
+    return call
 
 
 def packed_width(n: int, bits: int) -> int:
@@ -196,6 +233,7 @@ def _round(values: Tensor, lo: Tensor, inverse: Tensor, grids: list[Tensor], gro
     return [_pack_codes(c.view(rows, -1) if grouped else c, bits) for c in codes]
 
 
+@_traced_once
 def _plane_codes(values: Tensor, group: int, lo: Tensor, inverse: Tensor, grid: Tensor, bits: int) -> Tensor:
     """The packed codes of :func:`quantize` for whole groups of rows, formed plane by plane (compiled).
 
@@ -279,6 +317,7 @@ def dequantize(codes: Tensor, scale: Tensor, bits: int, n: int, dtype: torch.dty
     return (estimate if estimate.shape[1] == n else estimate[:, :n].contiguous()).to(dtype)
 
 
+@_traced_once
 def _scaled_planes(codes: Tensor, scale: Tensor, bits: int, group: int, lo: int, used: int) -> Tensor:
     """:func:`dequantize` under compilation, before the padding is cut: ``(rows, used * width)``, the
     first ``used`` planes.
