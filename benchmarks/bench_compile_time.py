@@ -36,10 +36,9 @@ import torch
 import torch._dynamo
 import torch._inductor.utils
 import transformers
-from bench_model_families import FAMILIES
+from bench_model_families import FAMILIES, build
 from bench_real_models import MODELS, _model_and_loss, step_times
 
-import radgrad
 from radgrad.estimators import quantize
 from radgrad.experiments import report
 
@@ -76,10 +75,8 @@ class _Inline(torch.nn.Module):
 def _build(name: str):
     """(plain model, converted model, loss of a model on one fixed batch), seed 0."""
     if name in FAMILIES:
-        torch.manual_seed(0)
-        plain, inputs = FAMILIES[name]()
-        plain.train()
-        return plain, radgrad.convert(copy.deepcopy(plain), method="quantize"), lambda m: m(**inputs).loss
+        plain, rad, inputs = build(name)
+        return plain, rad, lambda m: m(**inputs).loss
     plain, loss = _model_and_loss(name, "exact")
     return plain, _model_and_loss(name, "quantize")[0], loss
 

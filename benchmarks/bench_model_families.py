@@ -108,11 +108,16 @@ FAMILIES: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
 }
 
 
-def measure(name: str, rounds: int = 0) -> dict:
+def build(name: str) -> tuple[nn.Module, nn.Module, dict]:
+    """The family's model in training mode (seed 0), a converted copy (``method="quantize"``) and its inputs."""
     torch.manual_seed(0)
     plain, inputs = FAMILIES[name]()
     plain.train()
-    rad = radgrad.convert(copy.deepcopy(plain), method="quantize")
+    return plain, radgrad.convert(copy.deepcopy(plain), method="quantize"), inputs
+
+
+def measure(name: str, rounds: int = 0) -> dict:
+    plain, rad, inputs = build(name)
 
     def loss(model):
         return model(**inputs).loss
@@ -136,10 +141,7 @@ def measure(name: str, rounds: int = 0) -> dict:
 def compile_check(name: str, backend: str) -> dict:
     """Two compiled training steps of the family, plain and converted: compiled or the error,
     graph breaks, graphs, seconds."""
-    torch.manual_seed(0)
-    plain, inputs = FAMILIES[name]()
-    plain.train()
-    rad = radgrad.convert(copy.deepcopy(plain), method="quantize")
+    plain, rad, inputs = build(name)
     result = {"family": name, "model_class": type(plain).__name__}
     for kind, model in (("plain", plain), ("radgrad", rad)):
         torch._dynamo.reset()
