@@ -381,7 +381,8 @@ def test_compiled_routed_quantization_reads_its_bits_from_the_route():
         fn(input_ids=ids, labels=ids).loss.backward()
         return [p.grad.clone() for p in model.parameters()]
 
-    for a, b in zip(grads(torch.compile(model, backend="aot_eager")), grads(model)):
+    # dynamo's tracing was at fault: the eager backend shows it
+    for a, b in zip(grads(torch.compile(model, backend="eager")), grads(model)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
