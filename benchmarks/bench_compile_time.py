@@ -16,6 +16,10 @@ nested compile regions (NOTE [Traced once per shape] in
 radgrad.estimators.quantize), to measure what the regions change in one
 process.
 
+``--inline-only NAME`` traces only that one of the two inline (``_plane_codes``:
+the quantization, ``_scaled_planes``: the rebuild), the other staying a
+region, to see which of the two fusions the step time misses.
+
 With ``--inline-regions-after-tracing``, torch's
 ``torch._dynamo.config.inline_invoke_subgraph`` is set: dynamo still
 traces each region once, then inlines the regions into the graph it hands
@@ -47,11 +51,12 @@ _INLINE = False
 _REGIONS = {name: getattr(quantize, name) for name in ("_plane_codes", "_scaled_planes")}
 
 
-def _switchable(name: str):
+def _switchable(name: str, inline_in_model: bool):
+    """``name`` traced inline while the "inline" model runs (if ``inline_in_model``), else as a region."""
     region, inline = _REGIONS[name], _REGIONS[name].__wrapped__
 
     def call(*args):
-        return inline(*args) if _INLINE else region(*args)
+        return inline(*args) if _INLINE and inline_in_model else region(*args)
     return call
 
 
@@ -108,6 +113,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["gpt2", "vit", "resnet"], choices=[*MODELS, *FAMILIES])
     parser.add_argument("--inline", action="store_true",
                         help="also compile the converted model with the quantization traced inline")
+    parser.add_argument("--inline-only", choices=list(_REGIONS),
+                        help="with --inline, trace only this function inline; the other stays a region")
     parser.add_argument("--inline-regions-after-tracing", action="store_true",
                         help="set torch._dynamo.config.inline_invoke_subgraph")
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds of compiled step timing (0: none)")
@@ -118,8 +125,10 @@ def main() -> None:
         parser.error(f"--rounds must be >= 0, got {args.rounds}")
     torch.set_num_threads(args.threads)
     torch._dynamo.config.inline_invoke_subgraph = args.inline_regions_after_tracing
+    if args.inline_only and not args.inline:
+        parser.error("--inline-only needs --inline")
     for name in _REGIONS:
-        setattr(quantize, name, _switchable(name))
+        setattr(quantize, name, _switchable(name, args.inline_only in (None, name)))
     kinds = ["plain", "radgrad", *(["radgrad_inline"] if args.inline else [])]
     results, rows = [], []
     for name in args.models:
