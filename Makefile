@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # two worker processes, one per core of a 2-core machine: from a cold compile cache the suite takes
-# about 8.5 minutes that way
+# 8.5-10.5 minutes that way, most of it compiling for inductor
 test: setup
 	$(PY) -m pytest -q -n 2
 
