@@ -47,9 +47,7 @@ class _Quantize(nn.Module):
 
     def forward(self, values: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
         group = quantize.group_rows(values.shape[1])
-        lo, hi = quantize._group_extremes(values, group)
-        step = (hi - lo) / (2**self.bits - 1)
-        inverse = torch.where(step > 0, step.reciprocal(), 0)
+        lo, step, inverse = quantize._group_scales(values, group, self.bits)
         codes = quantize._plane_codes.__wrapped__(values, group, lo, inverse, grid, self.bits)
         return codes, torch.stack([lo, step], dim=1)
 

@@ -160,6 +160,15 @@ def _group_extremes(values: Tensor, group: int) -> tuple[Tensor, Tensor]:
     return torch.cat([grouped.amin(-1), tail.amin().view(1)]), torch.cat([grouped.amax(-1), tail.amax().view(1)])
 
 
+def _group_scales(values: Tensor, group: int, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each group's ``(lo, step, 1 / step)`` for ``bits``-bit codes, in :func:`compute_dtype`; a
+    constant group has step 0 and inverse 0."""
+    group_lo, group_hi = (t.to(compute_dtype(values.dtype)) for t in _group_extremes(values, group))
+    group_step = (group_hi - group_lo).div_(2**bits - 1)
+    # A constant row has step 0 and is stored as lo; a non-finite step makes the row NaN on unpacking.
+    return group_lo, group_step, torch.where(group_step > 0, group_step.reciprocal(), 0)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 for float64 tensors, float32 for the rest (float16 and bfloat16 are rounded in float32)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -185,13 +194,9 @@ def quantize_copies(values: Tensor, bits: int, after: Tensor, generator: torch.G
     and ``(values - lo) / step`` are computed once for all of them.
     """
     rows, n = values.shape
-    levels = 2**bits - 1
     dtype = compute_dtype(values.dtype)
     group = group_rows(n)
-    group_lo, group_hi = (t.to(dtype) for t in _group_extremes(values, group))
-    group_step = (group_hi - group_lo).div_(levels)
-    # A constant row has step 0 and is stored as lo; a non-finite step makes the row NaN on unpacking.
-    group_inverse = torch.where(group_step > 0, group_step.reciprocal(), 0)
+    group_lo, group_step, group_inverse = _group_scales(values, group, bits)
     scale = torch.stack([group_lo, group_step], dim=1)
     grids = rng.draw_grid(-(-rows // group), group * n, after, generator, dtype, copies)
     if torch.compiler.is_compiling() and known(rows % group == 0):
