@@ -186,3 +186,18 @@ def plan_target():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 5))
     return model, (torch.randn(40, 64), torch.randint(5, (40,)))
+
+
+class UNetBlock(nn.Module):
+    """A diffusion U-Net's pieces: group norms, SiLU as a function, a strided convolution down and a
+    transposed one up, an instance norm with running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.conv = nn.GroupNorm(2, 4), nn.Conv2d(4, 4, 3, padding=1)
+        self.down, self.up = nn.Conv2d(4, 8, 3, stride=2, padding=1), nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.out = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
+
+    def forward(self, x):
+        h = self.conv(nn.functional.silu(self.norm(x)))
+        return self.out(x + self.up(nn.functional.silu(self.down(h))))

@@ -6,11 +6,12 @@ def test_public_names_are_pinned():
         "BITS", "Coverage", "METHODS", "Sketch", "SketchConfig", "allocate", "convert", "coverage", "draw", "functional", "memory", "models", "nn",
         "pack", "save_for_backward", "saved_tensors", "tie", "unpack",
     ]
-    assert radgrad.nn.__all__ == ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN",
-                                  "LayerNorm", "RMSNorm", "Dropout", "Activation", "RMSNormLike", "TransposedLinear"]
+    assert radgrad.nn.__all__ == ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
+                                  "ConvTranspose3d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN", "LayerNorm", "RMSNorm", "Dropout", "Activation", "RMSNormLike", "TransposedLinear"]
     assert sorted(radgrad.functional.__all__) == sorted([
-        "avg_pool1d", "avg_pool2d", "conv", "dropout", "elementwise", "layer_norm", "linear", "max_pool2d",
-        "recurrence", "relu", "scaled_dot_product_attention", "batch_norm", "multi_head_attention_forward",
+        "avg_pool1d", "avg_pool2d", "conv", "conv_transpose", "dropout", "elementwise", "layer_norm", "linear", "max_pool2d",
+        "recurrence", "relu", "scaled_dot_product_attention", "batch_norm", "group_norm", "instance_norm",
+        "multi_head_attention_forward",
         "baddbmm", "matmul", "mul", "rms_norm", "softmax", "log_softmax", "cross_entropy"])
     assert sorted(radgrad.METHODS) == ["norm", "project", "quantize", "sample"]
     assert radgrad.BITS == (1, 2, 4, 8)

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import radgrad
 from radgrad import bits
 from radgrad.estimators import sample
-from problems import (QuickGELU, assert_unbiased, channels_last_convnet, config_id, load_example, options,
+from problems import (QuickGELU, UNetBlock, assert_unbiased, channels_last_convnet, config_id, load_example, options,
                       problem, weight_grads)
 
 # Ops whose result size or value the host must read: each is a device-to-host
@@ -129,6 +129,12 @@ def test_compiled_activation_without_a_fused_derivative_is_one_graph():
     model = radgrad.convert(nn.Sequential(nn.Linear(8, 16), QuickGELU(), nn.Linear(16, 4)), method="quantize")
     assert isinstance(model[1], radgrad.nn.Activation) and model[1].fused is None
     _assert_compiled_grads_equal_eager(model.double(), torch.randn(6, 8, dtype=torch.float64), "aot_eager")
+
+
+def test_compiled_group_norms_and_transposed_convolution_draw_what_eager_draws():
+    torch.manual_seed(0)
+    model = radgrad.convert(UNetBlock().double(), method="quantize")
+    _assert_compiled_grads_equal_eager(model, torch.randn(4, 4, 8, 8, dtype=torch.float64), "aot_eager")
 
 
 class _ThreeReaders(nn.Module):

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import radgrad
+from problems import UNetBlock
 
 
 def _model():
@@ -203,6 +204,26 @@ def test_coverage_lists_what_was_converted_and_left_exact():
     assert report.parameter_share == covered / (covered + gru)
     text = str(report)
     assert "3 modules converted, 1 routed" in text and "left exact: 5: GRU" in text
+
+
+def test_group_norms_and_transposed_convolutions_are_covered():
+    torch.manual_seed(0)
+    plain = UNetBlock()
+    model = radgrad.convert(copy.deepcopy(plain), method="quantize")
+    x = torch.randn(4, 4, 8, 8)
+    state, rng = copy.deepcopy(model.state_dict()), torch.random.get_rng_state()
+    report = radgrad.coverage(model, x)
+    # the report's forward passes leave the running statistics and torch's generator as they were
+    assert all(torch.equal(t, state[k]) for k, t in model.state_dict().items())
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert report.converted == {"conv": "radgrad.nn.Conv2d", "down": "radgrad.nn.Conv2d",
+                                "up": "radgrad.nn.ConvTranspose2d"}
+    assert report.routed == ["norm", "out"] and report.exact == {} and report.parameter_share == 1.0
+    assert report.saved_bytes["converted"] < 0.15 * report.saved_bytes["exact"]
+    for training in (True, False):
+        plain.train(training), model.train(training)
+        assert torch.equal(model(x), plain(x))  # the forward pass, and the running statistics, are torch's
+        assert torch.equal(model.out.running_mean, plain.out.running_mean)
 
 
 class _Bias(nn.Module):

@@ -134,6 +134,61 @@ def test_conv_weight_gradient_is_the_exact_formula_on_the_sketch(case, dims, con
     assert_same_up_to_rounding(got[1], formula)
 
 
+_TORCH_CONV_TRANSPOSE = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+@st.composite
+def conv_transpose_cases(draw):
+    dims = draw(st.sampled_from([1, 2, 3]))
+    groups = draw(st.sampled_from([1, 2]))
+    c_in, c_out = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    kernel, stride, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    size = draw(st.integers(1, 5 if dims < 3 else 3))
+    # padding as large as leaves an output of one position
+    padding = draw(st.integers(0, ((size - 1) * stride + dilation * (kernel - 1)) // 2))
+    output_size = None
+    if draw(st.booleans()):  # one of the sizes torch accepts: the smallest and up to stride - 1 more
+        smallest = (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + 1
+        output_size = [smallest + draw(st.integers(0, stride - 1))] * dims
+    options = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, bias=draw(st.booleans()))
+    batch = draw(st.sampled_from([(), (2,)]))  # unbatched or batched, as torch accepts
+    config = draw(st.sampled_from([*ESTIMATORS, radgrad.SketchConfig(1.0)]))
+    return dims, c_in, c_out, kernel, options, (*batch, c_in, *(size,) * dims), output_size, config
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_transpose_cases())
+def test_conv_transpose_matches_torch(case):
+    # Same draw (same seed): the RAD weight gradient is torch's with the input replaced by
+    # unpack(pack(input)), whose unbiasedness test_sketch.py tests; the rest is torch's, bitwise.
+    dims, c_in, c_out, kernel, module_options, shape, output_size, config = case
+    torch.manual_seed(0)
+    conv = _TORCH_CONV_TRANSPOSE[dims](c_in, c_out, kernel, **module_options).double()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    params = [x, *conv.parameters()]
+    out = conv(x, output_size)
+    grad = torch.randn_like(out)
+    expected = torch.autograd.grad(out, params, grad)
+    radgrad.convert(conv, **options(config))
+    assert isinstance(conv, getattr(radgrad.nn, f"ConvTranspose{dims}d"))
+    torch.manual_seed(1)
+    rad_out = conv(x, output_size)
+    got = torch.autograd.grad(rad_out, params, grad)
+    assert torch.equal(rad_out, out)
+    assert torch.equal(got[0], expected[0])  # input gradient
+    if module_options["bias"]:
+        assert torch.equal(got[2], expected[2])
+    torch.manual_seed(1)
+    batched = x.detach() if len(shape) == dims + 2 else x.detach().unsqueeze(0)
+    estimate = batched if config.exact else sketched(batched, config, batch_dims=2)
+    output_padding = conv._output_padding(x, output_size, conv.stride, conv.padding, conv.kernel_size, dims,
+                                          conv.dilation)
+    estimated_out = getattr(nn.functional, f"conv_transpose{dims}d")(
+        estimate, conv.weight, None, conv.stride, conv.padding, output_padding, conv.groups, conv.dilation)
+    (formula,) = torch.autograd.grad(estimated_out, conv.weight, grad.reshape(estimated_out.shape))
+    assert_same_up_to_rounding(got[1], formula)
+
+
 @st.composite
 def pool_cases(draw):
     kind = draw(st.sampled_from(["avg1d", "avg2d", "max2d"]))

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def strided(shape, layout, seed, order=None):
     """A float64 leaf tensor and a view of it with logical ``shape`` in the given layout."""
+    if layout == "channels_last":  # a feature map (N, C, H, W) stored as (N, H, W, C)
+        return strided(shape, "permuted", seed, order=[0, 2, 3, 1])
     g = torch.Generator().manual_seed(seed)
     n = len(shape)
     if layout == "permuted" and n > 1:
@@ -78,10 +80,7 @@ def test_relu_matches_torch_bitwise(shape, layout, seed):
        kernel=st.integers(1, 2), stride=st.integers(1, 2), seed=st.integers(0, 2**31))
 def test_pooling_matches_torch(layout, batch, size, kernel, stride, seed):
     shape = [batch, 2, size, size + 1]
-    if layout == "channels_last":
-        leaf, view = strided(shape, "permuted", seed, order=[0, 2, 3, 1])
-    else:
-        leaf, view = strided(shape, layout, seed)
+    leaf, view = strided(shape, layout, seed)
     for rad, torch_op in [(RF.avg_pool2d, F.avg_pool2d), (RF.max_pool2d, F.max_pool2d)]:
         want = grads_of(lambda x: torch_op(x, kernel, stride), leaf, view)
         got = grads_of(lambda x: rad(x, kernel, stride), leaf, view)
@@ -119,10 +118,7 @@ def test_linear_on_any_layout(layout, rows, features, config, seed):
 @example(layout="channels_last", batch=1, size=4, config=SketchConfig(method="quantize", bits=2), seed=0)
 def test_conv_on_any_layout(layout, batch, size, config, seed):
     shape = [batch, 2, size, size]
-    if layout == "channels_last":
-        leaf, view = strided(shape, "permuted", seed, order=[0, 2, 3, 1])
-    else:
-        leaf, view = strided(shape, layout, seed)
+    leaf, view = strided(shape, layout, seed)
     weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
     bias = torch.randn(3, dtype=torch.float64)
     got = grads_of(lambda x, w, b: RF.conv(x, w, b, padding=1, config=config), leaf, view, (weight, bias))
@@ -132,6 +128,39 @@ def test_conv_on_any_layout(layout, batch, size, config, seed):
     want = grads_of(lambda x, w, b: F.conv2d(x, w, b, padding=1), leaf, view, (weight, bias))
     # output, input and bias gradients are exact whatever keep is; the weight's at keep 1
     exact = [0, 1, 2, 3] if config.exact else [0, 1, 3]
+    assert_same([got[i] for i in exact], [want[i] for i in exact], exact=False)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layout=st.sampled_from(LAYOUTS + ["channels_last"]), batch=st.integers(0, 3), size=st.integers(1, 5),
+       op=st.sampled_from(["group_norm", "instance_norm", "conv_transpose"]), config=CONFIGS,
+       seed=st.integers(0, 2**31))
+def test_group_norms_and_transposed_conv_on_any_layout(layout, batch, size, op, config, seed):
+    shape = [batch, 4, size, size + 1]
+    leaf, view = strided(shape, layout, seed)
+    if op == "conv_transpose":
+        weight, bias = torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+        rad = lambda x, w, b: RF.conv_transpose(x, w, b, stride=2, groups=2, config=config)  # noqa: E731
+        plain = lambda x, w, b: F.conv_transpose2d(x, w, b, stride=2, groups=2)  # noqa: E731
+    else:
+        weight, bias = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+        rad, plain = {
+            "group_norm": (lambda x, w, b: RF.group_norm(x, 2, w, b, 1e-5, config),
+                           lambda x, w, b: F.group_norm(x, 2, w, b, 1e-5)),
+            "instance_norm": (lambda x, w, b: RF.instance_norm(x, None, None, w, b, True, 0.1, 1e-5, config),
+                              lambda x, w, b: F.instance_norm(x, None, None, w, b, True, 0.1, 1e-5)),
+        }[op]
+    if op == "instance_norm" and batch == 0:  # torch's instance norm refuses an empty batch; so does radgrad's
+        for fn in (plain, rad):
+            with pytest.raises(IndexError, match="out of range"):
+                grads_of(fn, leaf, view, (weight, bias))
+        return
+    got = grads_of(rad, leaf, view, (weight, bias))
+    contiguous = grads_of(lambda x, w, b: rad(x.contiguous(), w, b), leaf, view, (weight, bias))
+    assert_same(got, contiguous, exact=False)
+    want = grads_of(plain, leaf, view, (weight, bias))
+    # the output and the bias gradient are exact; the convolution's input gradient too; all at keep 1
+    exact = [0, 1, 2, 3] if config.exact else [0, 1, 3] if op == "conv_transpose" else [0, 3]
     assert_same([got[i] for i in exact], [want[i] for i in exact], exact=False)
 
 

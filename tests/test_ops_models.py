@@ -5,6 +5,8 @@ unbiased (mean of N draws within Z_BOUND measured standard errors of float64
 autograd, with a power check that a 10% bias would be caught).
 """
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,6 +259,61 @@ def test_batch_norm_exact_output_and_stats_unbiased_grads(config, shape):
     assert_unbiased(samples[:, :-c], exact[:-c])
 
 
+def _group_norms(kind, groups, config):
+    """(radgrad's, torch's) function of (input, weight, bias): group norm, or instance norm with its
+    input's statistics."""
+    if kind == "group":
+        return (lambda *t: RF.group_norm(t[0], groups, t[1], t[2], 1e-5, config),
+                lambda *t: F.group_norm(t[0], groups, t[1], t[2], 1e-5))
+    return (lambda *t: RF.instance_norm(t[0], None, None, t[1], t[2], True, 0.1, 1e-5, config),
+            lambda *t: F.instance_norm(t[0], None, None, t[1], t[2], True, 0.1, 1e-5))
+
+
+# Every estimator passes through the same reshaping into groups: sampling is tested on one case.
+@pytest.mark.parametrize("kind, shape, groups, config", [
+    ("group", (4, 6), 2, CONFIGS[0]), ("group", (3, 4, 5), 2, CONFIGS[0]), ("group", (2, 4, 8, 16), 2, CONFIGS[0]),
+    ("instance", (2, 6, 4, 3), 6, CONFIGS[0]), ("instance", (2, 6, 4, 3), 6, CONFIGS[1]),
+], ids=["group-no-positions", "group-1d", "group-2d-by-plane", "instance-2d", "instance-2d-sample"])
+def test_group_and_instance_norm_exact_output_unbiased_grads(kind, shape, groups, config):
+    torch.manual_seed(0)
+    x = (torch.randn(*shape, dtype=torch.float64) * 2 + 1).requires_grad_()
+    c = shape[1]
+    w, b = (torch.randn(c, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    rad, plain = _group_norms(kind, groups, config)
+    assert torch.equal(rad(x, w, b), plain(x, w, b))
+    exact = _grads(plain, x, w, b)
+    samples = _draws(rad, [x, w, b], _count(config))
+    # instance norm's statistics are computed apart from torch's output: its bias gradient is
+    # the same sum, read from the same upstream gradient
+    torch.testing.assert_close(samples[:, -c:], exact[-c:].expand(len(samples), -1), rtol=1e-12, atol=1e-14)
+    assert_unbiased(samples[:, :-c], exact[:-c])
+
+
+def test_instance_norm_updates_running_statistics_as_torch_does():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    stats = [torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)]
+    torch_stats = [t.clone() for t in stats]
+    out = RF.instance_norm(x, *stats, None, None, True, 0.1, 1e-5, CONFIGS[0])
+    assert torch.equal(out, F.instance_norm(x, *torch_stats, None, None, True, 0.1, 1e-5))
+    assert all(torch.equal(s, t) for s, t in zip(stats, torch_stats))
+    # with the running statistics it is torch's function: the same output, the same bytes saved
+    with radgrad.memory.record() as rad:
+        out = RF.instance_norm(x, *stats, None, None, False, 0.1, 1e-5, CONFIGS[0])
+    with radgrad.memory.record() as plain:
+        assert torch.equal(out, F.instance_norm(x, *stats, None, None, False, 0.1, 1e-5))
+    assert rad.total == plain.total > 0
+
+
+def test_group_norm_refuses_what_torch_refuses():
+    x = torch.randn(2, 6, 4, requires_grad=True)
+    for groups in (4, 0):
+        with pytest.raises(Exception) as want:
+            F.group_norm(x, groups)
+        with pytest.raises(want.type, match=re.escape(str(want.value))):
+            RF.group_norm(x, groups, config=CONFIGS[0])
+
+
 def test_layer_norm_over_every_dimension_is_unbiased():
     # no batch dimension: the weight gradient sums over none (Tensor.sum(()) would sum over all)
     torch.manual_seed(0)
@@ -272,7 +329,8 @@ def test_layer_norm_over_every_dimension_is_unbiased():
 
 @pytest.mark.parametrize("shape, normalized", [
     ((3, 2, 16, 8), None), ((2, 2, 4, 8, 4), None), ((2, 3, 8, 16), (8, 16)), ((4, 32), (4, 32)),
-], ids=["bn2d", "bn3d", "ln-two-dims", "ln-every-dim"])
+    ((2, 4, 8, 16), "groups"),
+], ids=["bn2d", "bn3d", "ln-two-dims", "ln-every-dim", "gn2d"])
 def test_normalization_read_by_code_planes_gives_the_input_shaped_gradient(shape, normalized, monkeypatch):
     # Rows of 128 entries over several dimensions fill four 2-bit code planes 32 wide and are
     # read in a planes shape (NOTE [Reading codes by plane]); after the same seed the gradients
@@ -281,10 +339,13 @@ def test_normalization_read_by_code_planes_gives_the_input_shaped_gradient(shape
 
     config = SketchConfig(method="quantize", bits=2)
     x = (torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 2 + 1)
-    w, b = (torch.randn(normalized or shape[1], dtype=torch.float64) for _ in range(2))
+    per_channel = normalized in (None, "groups")
+    w, b = (torch.randn(shape[1] if per_channel else normalized, dtype=torch.float64) for _ in range(2))
     x, w, b = (t.requires_grad_() for t in (x, w, b))
     if normalized is None:
         fn = lambda *t: RF.batch_norm(t[0], None, None, t[1], t[2], True, 0.1, 1e-5, config)  # noqa: E731
+    elif normalized == "groups":
+        fn = lambda *t: RF.group_norm(t[0], 2, t[1], t[2], 1e-5, config)  # noqa: E731
     else:
         fn = lambda *t: RF.layer_norm(t[0], normalized, t[1], t[2], 1e-5, config)  # noqa: E731
     used = []

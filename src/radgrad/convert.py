@@ -36,7 +36,7 @@ def convert(
 ) -> nn.Module:
     """Make ``model`` store randomized sketches for backward; return it.
 
-    Every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.RNN``, ``nn.ReLU``,
+    Every ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.RNN``, ``nn.ReLU``,
     ``nn.AvgPool1d``, ``nn.AvgPool2d``, ``nn.MaxPool2d``, ``nn.LayerNorm``,
     ``nn.RMSNorm`` and ``nn.Dropout`` in ``model`` (the model itself
     included) becomes its :mod:`radgrad.nn` twin, Hugging Face's ``Conv1D`` a
@@ -58,7 +58,8 @@ def convert(
 
     While the model trains with gradients on, its own calls to
     ``F.scaled_dot_product_attention``, ``F.multi_head_attention_forward``,
-    ``F.linear``, ``F.batch_norm``, ``F.layer_norm``, ``F.rms_norm``, ``F.dropout``,
+    ``F.linear``, ``F.batch_norm``, ``F.group_norm``, ``F.instance_norm``, ``F.layer_norm``, ``F.rms_norm``,
+    ``F.dropout``,
     ``F.relu``, ``F.gelu/silu/mish``, ``torch.matmul``/``bmm``/``baddbmm``/``@``, ``torch.mul``/``*``,
     ``softmax``, ``log_softmax`` and ``F.cross_entropy`` (functions or tensor
     methods) go to their RAD twins (:mod:`radgrad.route`), and its ``-``, ``+``, ``/``, ``torch.cat``

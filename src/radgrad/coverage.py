@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from radgrad import memory, route
@@ -16,7 +17,8 @@ from radgrad.sketch import SketchConfig
 __all__ = ["Coverage", "coverage"]
 
 # Modules whose functional calls radgrad routes while the model trains (radgrad.route).
-_ROUTED = (nn.modules.batchnorm._BatchNorm, nn.MultiheadAttention)
+_ROUTED = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+           nn.MultiheadAttention)
 # Modules that save nothing worth compressing: their backward reads indices or nothing.
 _NOTHING_TO_COMPRESS = (nn.Embedding, nn.EmbeddingBag)
 _EXACT = SketchConfig(keep=1.0)
@@ -28,8 +30,8 @@ class Coverage:
 
     Attributes:
         converted: qualified name -> what it became (``"radgrad.nn.Linear"``, ...).
-        routed: modules whose functional calls are routed while training: batch norm, multi-head
-            attention, and subclasses of the layers radgrad converts that have their own forward
+        routed: modules whose functional calls are routed while training: batch, group and instance
+            norm, multi-head attention, and subclasses of the layers radgrad converts that have their own forward
             (Falcon's ``FalconLinear``: its ``@`` is routed).
         exact: modules with parameters left exact -> why. With inputs given, only those whose own
             code saved bytes for backward with every sketch exact and no fewer as converted: one
@@ -74,7 +76,9 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
     (passed to ``model`` as ``model(*inputs, **kwargs)``) it also runs one
     forward pass in training mode twice, as converted and with every sketch
     made exact for the pass, and reports the bytes saved for backward and
-    the ``top`` modules holding the converted bytes.
+    the ``top`` modules holding the converted bytes. The model's buffers
+    (batch norms' running statistics) and torch's random state are left as
+    they were.
     """
     report = Coverage()
     covered = total = 0
@@ -108,14 +112,19 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
     report.parameter_share = covered / total if total else 1.0
     if inputs or kwargs:
         modes = {m: m.training for m in model.modules()}
+        buffers = [(b, b.clone()) for b in model.buffers()]
         model.train()
         try:
-            converted = memory.measure(model, *inputs, **kwargs)
-            with _all_exact(model):
-                exact = memory.measure(model, *inputs, **kwargs)
+            with torch.random.fork_rng():
+                converted = memory.measure(model, *inputs, **kwargs)
+                with _all_exact(model):
+                    exact = memory.measure(model, *inputs, **kwargs)
         finally:
             for m, training in modes.items():
                 m.training = training
+            with torch.no_grad():
+                for b, before in buffers:
+                    b.copy_(before)
         report.saved_bytes = {"converted": converted.total, "exact": exact.total}
         report.holders = dict(sorted(converted.by_module.items(), key=lambda kv: -kv[1])[:top])
         unrouted = {name: f"{type(model.get_submodule(name)).__name__}: its own code saved everything "

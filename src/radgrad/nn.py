@@ -3,7 +3,7 @@
 Each class has the very same parameters, buffers and ``state_dict`` keys as
 its torch parent; the sketch settings are a plain attribute, ``sketch``.
 
-In training mode with gradients on, ``Linear`` and ``Conv*`` store a random
+In training mode with gradients on, ``Linear``, ``Conv*`` and ``ConvTranspose*`` store a random
 sketch of their input (weight gradient: unbiased estimate; output, input
 gradient and bias gradient: exact), ``ReLU`` stores a 1-bit mask and the
 pooling layers store no input at all (everything exact). In eval mode, under
@@ -25,8 +25,9 @@ from radgrad import functional as RF
 from radgrad.functional._elementwise import FUSED, fused_derivative
 from radgrad.sketch import SketchConfig
 
-__all__ = ["Linear", "Conv1d", "Conv2d", "ReLU", "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN", "LayerNorm",
-           "RMSNorm", "Dropout", "Activation", "RMSNormLike", "TransposedLinear"]
+__all__ = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ReLU",
+           "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN", "LayerNorm", "RMSNorm", "Dropout", "Activation",
+           "RMSNormLike", "TransposedLinear"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -132,6 +133,55 @@ class Conv2d(_ConvNd, nn.Conv2d):
     Args:
         keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
         Other arguments as ``torch.nn.Conv2d``.
+    """
+
+
+class Conv3d(_ConvNd, nn.Conv3d):
+    """``nn.Conv3d`` whose weight gradient comes from a sketch of its input's positions.
+
+    Args:
+        keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
+        Other arguments as ``torch.nn.Conv3d``.
+    """
+
+
+class _ConvTransposeNd(_Sketched):
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if not self.training:
+            return super().forward(input, output_size)
+        if self.padding_mode != "zeros":  # torch's own error
+            return super().forward(input, output_size)
+        n = len(self.kernel_size)
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size,
+                                              n, self.dilation)
+        return RF.conv_transpose(input, self.weight, self.bias, self.stride, self.padding, output_padding,
+                                 self.groups, self.dilation, self.sketch)
+
+
+class ConvTranspose1d(_ConvTransposeNd, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` whose weight gradient comes from a sketch of its input's positions.
+
+    Args:
+        keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
+        Other arguments as ``torch.nn.ConvTranspose1d``.
+    """
+
+
+class ConvTranspose2d(_ConvTransposeNd, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` whose weight gradient comes from a sketch of its input's positions.
+
+    Args:
+        keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
+        Other arguments as ``torch.nn.ConvTranspose2d``.
+    """
+
+
+class ConvTranspose3d(_ConvTransposeNd, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` whose weight gradient comes from a sketch of its input's positions.
+
+    Args:
+        keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
+        Other arguments as ``torch.nn.ConvTranspose3d``.
     """
 
 
@@ -407,6 +457,10 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: Linear,
     nn.Conv1d: Conv1d,
     nn.Conv2d: Conv2d,
+    nn.Conv3d: Conv3d,
+    nn.ConvTranspose1d: ConvTranspose1d,
+    nn.ConvTranspose2d: ConvTranspose2d,
+    nn.ConvTranspose3d: ConvTranspose3d,
     nn.ReLU: ReLU,
     nn.AvgPool1d: AvgPool1d,
     nn.AvgPool2d: AvgPool2d,

@@ -3,7 +3,7 @@
 Module surgery reaches layers; it cannot reach the torch functions a model's
 own code calls (Hugging Face attention calls ``F.scaled_dot_product_attention``,
 ``nn.MultiheadAttention`` calls ``F.multi_head_attention_forward``,
-``nn.BatchNorm2d`` calls ``F.batch_norm``).
+``nn.BatchNorm2d`` calls ``F.batch_norm``, ``nn.GroupNorm`` ``F.group_norm``).
 :func:`radgrad.convert` therefore wraps the forward pass of the converted
 model in :class:`Route`, a ``TorchFunctionMode`` active only while it trains
 with gradients on, which sends these calls to :mod:`radgrad.functional`:
@@ -16,6 +16,7 @@ with gradients on, which sends these calls to :mod:`radgrad.functional`:
     ``F.dropout``                     mask as bits (exact)
     ``F.relu``                        mask as bits (exact)
     ``F.layer_norm``, ``F.batch_norm``  two sketches of the normalized input
+    ``F.group_norm``, ``F.instance_norm``  the same
     ``F.rms_norm``                    the same
     ``F.multi_head_attention_forward``  RAD projections and attention (``need_weights=False``)
     ``F.gelu``, ``F.silu``, ``F.mish``  sketch of the derivative
@@ -84,6 +85,15 @@ def _dropout(config, input, p=0.5, training=True, inplace=False):
 
 def _layer_norm(config, input, normalized_shape, weight=None, bias=None, eps=1e-5):
     return RF.layer_norm(input, normalized_shape, weight, bias, eps, config)
+
+
+def _group_norm(config, input, num_groups, weight=None, bias=None, eps=1e-5):
+    return RF.group_norm(input, num_groups, weight, bias, eps, config)
+
+
+def _instance_norm(config, input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                   momentum=0.1, eps=1e-5):
+    return RF.instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps, config)
 
 
 def _rms_norm(config, input, normalized_shape, weight=None, eps=None):
@@ -178,6 +188,8 @@ ROUTED = {
     F.rms_norm: _rms_norm,
     torch.rms_norm: _rms_norm,
     F.batch_norm: _batch_norm,
+    F.group_norm: _group_norm,
+    F.instance_norm: _instance_norm,
     F.multi_head_attention_forward: _mha,
     F.gelu: functools.partial(_activation, "gelu"),
     F.silu: functools.partial(_activation, "silu"),

@@ -2,8 +2,8 @@
 
 Byte-level language models (Hugging Face GPT-2, BERT and Llama, an
 ``nn.TransformerEncoder``) on the Python standard library's own source, and
-image models (Hugging Face ViT and ResNet) on CIFAR-10, built from their
-configs with random weights. Each run trains one model ``steps`` steps with
+image models (Hugging Face ViT and ResNet, a diffusion-style denoising
+U-Net) on CIFAR-10, built from their configs with random weights. Each run trains one model ``steps`` steps with
 AdamW from a seed; the plain and the converted model of one seed start from
 the same weights and see the same batches.
 
@@ -41,7 +41,7 @@ import radgrad
 from radgrad.experiments import plots, report
 from radgrad.experiments.data import byte_windows, load_cifar10, stdlib_bytes, to_tensors
 
-__all__ = ["MODELS", "DEFAULT_MODELS", "EncoderLM", "Spec", "build", "load_data", "train", "main"]
+__all__ = ["MODELS", "DEFAULT_MODELS", "EncoderLM", "DenoisingUNet", "Spec", "build", "load_data", "train", "main"]
 
 METHODS = ("exact", "quantize")
 
@@ -63,6 +63,52 @@ class EncoderLM(nn.Module):
         h = self.embed(x) + self.position(torch.arange(length, device=x.device))
         mask = nn.Transformer.generate_square_subsequent_mask(length, device=x.device, dtype=h.dtype)
         return self.head(self.encoder(h, mask=mask, is_causal=True))
+
+
+class _ResidualBlock(nn.Module):
+    """Group norm, SiLU and a 3x3 convolution, twice, around a skip connection (a diffusion U-Net's block)."""
+
+    def __init__(self, channels: int, out: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = nn.GroupNorm(8, channels), nn.Conv2d(channels, out, 3, padding=1)
+        self.norm2, self.conv2 = nn.GroupNorm(8, out), nn.Conv2d(out, out, 3, padding=1)
+        self.skip = nn.Conv2d(channels, out, 1) if channels != out else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.conv1(nn.functional.silu(self.norm1(x)))
+        return self.skip(x) + self.conv2(nn.functional.silu(self.norm2(h)))
+
+
+class DenoisingUNet(nn.Module):
+    """A diffusion model's U-Net in miniature: predicts the noise in an image from the image and its
+    noise level (a fourth input channel). Residual blocks of group norms, SiLU and convolutions at
+    32, 16 and 8 pixels, strided convolutions down, transposed convolutions up, skip connections by
+    concatenation, and self-attention at 8 pixels (``F.scaled_dot_product_attention``)."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Conv2d(4, w, 3, padding=1)
+        self.down1, self.pool1 = _ResidualBlock(w, w), nn.Conv2d(w, w, 3, stride=2, padding=1)
+        self.down2, self.pool2 = _ResidualBlock(w, 2 * w), nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1)
+        self.middle = _ResidualBlock(2 * w, 2 * w)
+        self.attention_norm, self.qkv = nn.GroupNorm(8, 2 * w), nn.Conv2d(2 * w, 6 * w, 1)
+        self.attention_out = nn.Conv2d(2 * w, 2 * w, 1)
+        self.up2, self.block2 = nn.ConvTranspose2d(2 * w, 2 * w, 2, stride=2), _ResidualBlock(4 * w, w)
+        self.up1, self.block1 = nn.ConvTranspose2d(w, w, 2, stride=2), _ResidualBlock(2 * w, w)
+        self.head = nn.Sequential(nn.GroupNorm(8, w), nn.SiLU(), nn.Conv2d(w, 3, 3, padding=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h1 = self.down1(self.stem(x))
+        h2 = self.down2(self.pool1(h1))
+        h = self.middle(self.pool2(h2))
+        b, c, height, width = h.shape
+        q, k, v = self.qkv(self.attention_norm(h)).flatten(2).transpose(1, 2).view(b, -1, 3, 4, c // 4).unbind(2)
+        a = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        h = h + self.attention_out(a.transpose(1, 2).reshape(b, height * width, c).transpose(1, 2)
+                                   .view(b, c, height, width))
+        h = self.block2(torch.cat([self.up2(h), h2], 1))
+        return self.head(self.block1(torch.cat([self.up1(h), h1], 1)))
 
 
 @dataclass(frozen=True)
@@ -139,6 +185,21 @@ def _images(data: tuple[Tensor, Tensor], g: torch.Generator) -> tuple[Tensor, Te
     return x[index], y[index]
 
 
+def _noised(data: tuple[Tensor, Tensor], g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """32 images, each mixed with Gaussian noise at a uniform level ``a``: ``(sqrt(1 - a) x + sqrt(a) noise``
+    with ``a`` as a fourth channel, ``noise)``."""
+    x, _ = _images(data, g)
+    level = torch.rand(x.shape[0], 1, 1, 1, generator=g)
+    noise = torch.randn(x.shape, generator=g)
+    noisy = (1 - level).sqrt() * x + level.sqrt() * noise
+    return torch.cat([noisy, level.expand(-1, 1, *x.shape[2:])], 1), noise
+
+
+def _noise_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, noise = batch
+    return nn.functional.mse_loss(model(x), noise)
+
+
 def _hf_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     x, y = batch
     key = "input_ids" if x.dtype == torch.long else "pixel_values"
@@ -162,6 +223,8 @@ MODELS: dict[str, Spec] = {
                                 _next_byte_loss),
     "vit": Spec("HF ViT, 32 px, patch 4, 4 layers, 256 wide, batch 32", "cifar", _vit, _images, _hf_loss),
     "resnet": Spec("HF ResNet, basic blocks 2-2-2-2, batch 32", "cifar", _resnet, _images, _hf_loss),
+    "unet": Spec("diffusion-style denoising U-Net, 32 wide, 32 px, batch 32", "cifar", DenoisingUNet, _noised,
+                 _noise_loss),
     "llama": Spec("HF Llama, 4 layers, 256 wide, 4 query and 2 key-value heads, batch 8 x 256 bytes", "text",
                   _llama, _gpt2_batch, _hf_loss),
     "llama-eager": Spec("llama with attn_implementation='eager'", "text", functools.partial(_llama, "eager"),

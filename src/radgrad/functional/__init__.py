@@ -6,13 +6,13 @@ Nothing here knows about modules: each public function takes tensors and a
 
 Contract of every function here:
     * the forward value is exactly torch's;
-    * linear, conv, recurrence: the input and bias gradients are exact (they
+    * linear, conv, conv_transpose, recurrence: the input and bias gradients are exact (they
       need the weight, never the input) and only the weight gradient is an
       estimate, computed from an unpacked sketch of the input
       (:mod:`radgrad.sketch`);
     * relu, pooling, dropout: everything exact (bit masks, offsets, shapes);
-    * elementwise, layer_norm, rms_norm, batch_norm, scaled_dot_product_attention, matmul, baddbmm,
-      mul, softmax, log_softmax, cross_entropy: the gradients
+    * elementwise, layer_norm, rms_norm, batch_norm, group_norm, instance_norm,
+      scaled_dot_product_attention, matmul, baddbmm, mul, softmax, log_softmax, cross_entropy: the gradients
       that flow on to the inputs are estimates too (each function's
       docstring says which), built from independent sketches of the factors
       the backward pass multiplies, so every estimate is unbiased;
@@ -25,17 +25,17 @@ for the torch op, and the op runs in that dtype.
 """
 
 from radgrad.functional._attention import multi_head_attention_forward, scaled_dot_product_attention
-from radgrad.functional._conv import conv
+from radgrad.functional._conv import conv, conv_transpose
 from radgrad.functional._elementwise import dropout, elementwise
 from radgrad.functional._linear import linear
 from radgrad.functional._matmul import baddbmm, matmul, mul
-from radgrad.functional._norm import batch_norm, layer_norm, rms_norm
+from radgrad.functional._norm import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
 from radgrad.functional._pool import avg_pool1d, avg_pool2d, max_pool2d, relu
 from radgrad.functional._recurrence import recurrence
 from radgrad.functional._softmax import cross_entropy, log_softmax, softmax
 
 __all__ = [
-    "linear", "conv", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d", "recurrence",
-    "elementwise", "dropout", "layer_norm", "rms_norm", "batch_norm", "scaled_dot_product_attention",
-    "multi_head_attention_forward", "baddbmm", "matmul", "mul", "softmax", "log_softmax", "cross_entropy",
+    "linear", "conv", "conv_transpose", "relu", "avg_pool1d", "avg_pool2d", "max_pool2d", "recurrence",
+    "elementwise", "dropout", "layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm",
+    "scaled_dot_product_attention", "multi_head_attention_forward", "baddbmm", "matmul", "mul", "softmax", "log_softmax", "cross_entropy",
 ]

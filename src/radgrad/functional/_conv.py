@@ -1,4 +1,5 @@
-"""RAD convolution: exact output and input gradient, weight gradient from a sketch of the input's positions."""
+"""RAD convolution and transposed convolution: exact output and input gradient, weight gradient from a sketch
+of the input's positions."""
 
 from __future__ import annotations
 
@@ -15,35 +16,35 @@ from radgrad.functional._base import (
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig, unpack_rows
 
-__all__ = ["conv"]
+__all__ = ["conv", "conv_transpose"]
 
 
 class _Conv(_RADFunction):
     @staticmethod
-    def forward(input, weight, bias, stride, padding, dilation, groups, config):
-        zeros = [0] * len(stride)
-        output = torch.convolution(input, weight, bias, stride, padding, dilation, False, zeros, groups)
+    def forward(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups, config):
+        output = torch.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding,
+                                   groups)
         return _packed(output, input, config, 2)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
-        input, weight, _, stride, padding, dilation, groups, config = inputs
-        ctx.options = (stride, padding, dilation, groups)
+        input, weight, _, *options, config = inputs
+        ctx.options = options
         save_for_backward(ctx, _sketch_from(ctx, outputs[1:], input, config, 2), weight)
 
     @staticmethod
     def backward(ctx, grad, *_):
         sketch, weight = saved_tensors(ctx, unpack=False)
-        stride, padding, dilation, groups = ctx.options
+        options = ctx.options  # stride, padding, dilation, transposed, output_padding, groups
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        options = (stride, padding, dilation, False, [0] * len(stride), groups)
-        bias_sizes = [weight.shape[0]] if need_bias else None
+        transposed, groups = options[3], options[5]
+        bias_sizes = ([weight.shape[1] * groups] if transposed else [weight.shape[0]]) if need_bias else None
         shape = sketch.shape
         blocks = _blocks(sketch, shape[0] * shape[1], math.prod(shape[2:]), unit=shape[1])
         if len(blocks) == 1:
             grads = torch.ops.aten.convolution_backward(
                 grad, sketch.unpack(), weight, bias_sizes, *options, [need_input, need_weight, need_bias])
-            return (*grads, None, None, None, None, None)
+            return (*grads, *[None] * (len(options) + 1))
         # NOTE [Unpacking in blocks], by examples. Each block's call also gives the input
         # gradient of its examples: one call for both is much faster than two (oneDNN).
         grad_input = grad_weight = grad_bias = None
@@ -72,7 +73,7 @@ class _Conv(_RADFunction):
                 grad_bias = g_bias if grad_bias is None else grad_bias.add_(g_bias)
         if input_blocks:
             grad_input = torch.cat(input_blocks)
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return (grad_input, grad_weight, grad_bias, *[None] * (len(options) + 1))
 
 
 def _layout(t: Tensor) -> torch.memory_format:
@@ -109,11 +110,43 @@ def conv(
         input = input.unsqueeze(0)
     stride, dilation = _tuple(stride, n), _tuple(dilation, n)
     input, padding = _explicit_padding(input, padding, weight, stride, dilation)
-    out = _apply(_Conv.run, input, weight, bias, stride, padding, dilation, groups, config)[0]
+    out = _apply(_Conv.run, input, weight, bias, stride, padding, dilation, False, [0] * n, groups, config)[0]
     return out.squeeze(0) if unbatched else out
 
 
 _TORCH_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def conv_transpose(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: Sequence[int] | int = 1,
+    padding: Sequence[int] | int = 0,
+    output_padding: Sequence[int] | int = 0,
+    groups: int = 1,
+    dilation: Sequence[int] | int = 1,
+    config: SketchConfig = _DEFAULT,
+) -> Tensor:
+    """RAD ``F.conv_transpose1d`` / ``2d`` / ``3d``, chosen by ``weight.dim()`` (arguments in their order).
+
+    As :func:`conv`: the sketch samples spatial positions of ``input``, every
+    (example, channel) pair a row; the output, input and bias gradients are
+    exact and the weight gradient an unbiased estimate.
+    """
+    _check_input("functional.conv_transpose", input)
+    n = weight.dim() - 2
+    if not _randomized(config, weight):
+        return _TORCH_CONV_TRANSPOSE[n](input, weight, bias, stride, padding, output_padding, groups, dilation)
+    unbatched = input.dim() == n + 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    options = [_tuple(option, n) for option in (stride, padding, dilation)]
+    out = _apply(_Conv.run, input, weight, bias, *options, True, _tuple(output_padding, n), groups, config)[0]
+    return out.squeeze(0) if unbatched else out
+
+
+_TORCH_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 

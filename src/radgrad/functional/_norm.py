@@ -18,6 +18,11 @@ NOTE [Layer norm from two sketches]
     ``xh = x * rstd``; its backward is the same without the ``mean(gw)``
     term, ``dx = rstd * (gw - xh * mean(gw * xh))``, read from the two
     sketches alike.
+
+    Group normalization is layer norm over each example's group of channels
+    (all their positions) with a weight per channel; instance normalization
+    is group normalization with a group per channel. Their sketches have a
+    row per example and channel, as a convolution's and batch norm's do.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _pack
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import Sketch, SketchConfig, plane_shape
 
-__all__ = ["layer_norm", "rms_norm", "batch_norm"]
+__all__ = ["layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm"]
 
 
 def _save_row_norm(ctx, input: Tensor, shape: Sequence[int], weight: Tensor | None, config: SketchConfig,
@@ -295,3 +300,111 @@ def batch_norm(
     if config.exact or not (training and needs and torch.is_grad_enabled()) or input.numel() == 0:
         return _torch(F.batch_norm, input, running_mean, running_var, weight, bias, training, momentum, eps)
     return _BatchNorm.run(input, weight, bias, running_mean, running_var, momentum, eps, config)[0]
+
+
+def _grouped_shape(shape: Sequence[int], groups: int) -> list[int]:
+    """``(N, C, *positions)`` as ``(N, groups, C / groups, *positions)``."""
+    return [shape[0], groups, shape[1] // groups, *shape[2:]]
+
+
+class _GroupNorm(_RADFunction):
+    """Group normalization whose output ``norm(input)`` computes: torch's group or instance norm."""
+
+    @staticmethod
+    def forward(input, groups, weight, bias, eps, config, norm):
+        output = norm(input)  # torch's output (and running statistics); those of the backward computed here
+        x = input.view(_grouped_shape(input.shape, groups)).to(compute_dtype(input.dtype))
+        var, mean = torch.var_mean(x, tuple(range(2, x.dim())), correction=0, keepdim=True)
+        rstd = var.add_(eps).rsqrt_()
+        normalized = (x - mean).mul_(rstd)
+        output, *sketches = _packed(output, normalized, config, _group_batch_dims(x.shape), fresh=True, copies=2)
+        return output, rstd, *sketches
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        input, groups, weight, _, _, config, _ = inputs
+        rstd = outputs[1]
+        ctx.mark_non_differentiable(rstd)
+        shape = _grouped_shape(input.shape, groups)
+        batch_dims = _group_batch_dims(shape)
+        a = _sketch_from(ctx, outputs[2:5], torch.Size(shape), config, batch_dims, rstd.dtype)
+        b = _sketch_from(ctx, outputs[5:8], torch.Size(shape), config, batch_dims, rstd.dtype)
+        ctx.input_shape, ctx.contiguous = input.shape, input.is_contiguous()
+        save_for_backward(ctx, a, b, rstd, weight)
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        a, b, rstd, weight = saved_tensors(ctx, unpack=False)
+        shape = a.shape
+        per_channel = [1, shape[1], shape[2]] + [1] * (len(shape) - 3)
+        needs = ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4]
+        grad_input, grad_weight, grad_bias = _backward(
+            grad.reshape(shape), a, b, rstd, None if weight is None else weight.view(per_channel),
+            tuple(range(2, len(shape))), (0, *range(3, len(shape))), needs, ctx.contiguous)
+        return (None if grad_input is None else grad_input.reshape(ctx.input_shape), None,
+                None if grad_weight is None else grad_weight.reshape(-1),
+                None if grad_bias is None else grad_bias.reshape(-1), None, None, None)
+
+
+def _group_batch_dims(shape: Sequence[int]) -> int:
+    """Rows of a grouped sketch: an example's channel, its positions the entries (a group when the
+    input has no positions)."""
+    return 3 if len(shape) > 3 else 2
+
+
+def group_norm(
+    input: Tensor,
+    num_groups: int,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    config: SketchConfig = _DEFAULT,
+) -> Tensor:
+    """RAD ``F.group_norm``: exact output and bias gradient, unbiased input and weight gradients.
+
+    Saves two independent sketches of the normalized input (a row per
+    example and channel) and the inverse standard deviation of each
+    example's group (NOTE [Layer norm from two sketches]).
+    """
+    _check_input("functional.group_norm", input)
+    needs = input.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
+    if config.exact or not (needs and torch.is_grad_enabled()) or input.dim() < 2 or input.numel() == 0 \
+            or not isinstance(num_groups, int) or num_groups <= 0 or input.shape[1] % num_groups:
+        # torch's own checks and messages for what it refuses
+        return _torch(F.group_norm, input, num_groups, weight, bias, eps)
+
+    def norm(x: Tensor) -> Tensor:
+        return _torch(F.group_norm, x, num_groups, weight, bias, eps)
+
+    return _GroupNorm.run(input, num_groups, weight, bias, eps, config, norm)[0]
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    config: SketchConfig = _DEFAULT,
+) -> Tensor:
+    """RAD ``F.instance_norm``: exact output, running statistics and bias gradient; unbiased input and
+    weight gradients.
+
+    With the input's statistics (``use_input_stats``), it is :func:`group_norm`
+    with a group per channel whose output and running statistics are torch's
+    own. With the running statistics it is torch's function: it saves
+    nothing randomized.
+    """
+    _check_input("functional.instance_norm", input)
+    needs = input.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
+
+    def norm(x: Tensor) -> Tensor:
+        return _torch(F.instance_norm, x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+    if config.exact or not (use_input_stats and needs and torch.is_grad_enabled()) or input.dim() < 3 \
+            or input.numel() == 0:
+        return norm(input)
+    return _GroupNorm.run(input, input.shape[1], weight, bias, eps, config, norm)[0]
