@@ -34,6 +34,17 @@ def test_allocation_fits_and_beats_every_uniform_setting(kind, budget):
     assert radgrad.memory.saved_bytes(model, x) == a.saved_bytes
 
 
+def test_transposed_convolutions_are_allocated_too():
+    torch.manual_seed(0)
+    model = radgrad.convert(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ConvTranspose2d(4, 3, 3, stride=2)),
+                            keep=1.0)
+    x = torch.randn(2, 3, 9, 9)
+    a = radgrad.allocate(model, lambda: model(x).square().mean(), 0.5, draws=2)
+    assert set(a.configs) == {"0", "1"}
+    a.apply(model)
+    assert radgrad.memory.saved_bytes(model, x) == a.saved_bytes <= a.budget_bytes
+
+
 def test_a_budget_below_the_least_sketch_is_refused():
     model, loss, _ = _calibration("mlp")
     with pytest.raises(ValueError, match=r"radgrad.allocate: budget 0.001 is below the least these candidates "

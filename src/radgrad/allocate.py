@@ -46,7 +46,8 @@ CANDIDATES: tuple[SketchConfig, ...] = (
     *(SketchConfig(keep, "sample", bits=b) for keep in (0.25, 0.5) for b in (2, 4, 8)),
 )
 
-_LAYERS = (rnn.Linear, rnn.Conv1d, rnn.Conv2d)
+_LAYERS = (rnn.Linear, rnn.Conv1d, rnn.Conv2d, rnn.Conv3d, rnn.ConvTranspose1d, rnn.ConvTranspose2d,
+           rnn.ConvTranspose3d)
 
 
 @dataclass
