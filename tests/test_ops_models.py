@@ -283,8 +283,7 @@ def test_group_and_instance_norm_exact_output_unbiased_grads(kind, shape, groups
     assert torch.equal(rad(x, w, b), plain(x, w, b))
     exact = _grads(plain, x, w, b)
     samples = _draws(rad, [x, w, b], _count(config))
-    # instance norm's statistics are computed apart from torch's output: its bias gradient is
-    # the same sum, read from the same upstream gradient
+    # the bias gradient is the upstream gradient's sum over examples and positions: exact
     torch.testing.assert_close(samples[:, -c:], exact[-c:].expand(len(samples), -1), rtol=1e-12, atol=1e-14)
     assert_unbiased(samples[:, :-c], exact[:-c])
 
