@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from radgrad.estimators.quantize import compute_dtype
-from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from, _torch
+from radgrad.functional._base import (
+    _DEFAULT, _RADFunction, _autocast_dtype, _check_input, _packed, _sketch_from, _torch,
+)
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import Sketch, SketchConfig, plane_shape
 
@@ -308,15 +310,24 @@ def _grouped_shape(shape: Sequence[int], groups: int) -> list[int]:
 
 
 class _GroupNorm(_RADFunction):
-    """Group normalization whose output ``norm(input)`` computes: torch's group or instance norm."""
+    """Group normalization whose output ``norm(input)`` computes (torch's group or instance norm), or
+    with ``norm`` None torch's group-norm kernel itself (a dense float32 or float64 input)."""
 
     @staticmethod
     def forward(input, groups, weight, bias, eps, config, norm):
-        output = norm(input)  # torch's output (and running statistics); those of the backward computed here
-        x = input.view(_grouped_shape(input.shape, groups)).to(compute_dtype(input.dtype))
-        var, mean = torch.var_mean(x, tuple(range(2, x.dim())), correction=0, keepdim=True)
-        rstd = var.add_(eps).rsqrt_()
-        normalized = (x - mean).mul_(rstd)
+        shape = _grouped_shape(input.shape, groups)
+        x = input.to(compute_dtype(input.dtype)).contiguous()
+        # torch's kernel gives each group's statistics in one pass (torch.var_mean took five times longer)
+        n, c, positions = shape[0], input.shape[1], math.prod(shape[3:])
+        if norm is None:
+            output, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, positions, groups, eps)
+        else:
+            output = norm(input)  # torch's output and running statistics
+            _, mean, rstd = torch.native_group_norm(x, None, None, n, c, positions, groups, eps)
+        x = x.view(shape)
+        stats = [n, groups] + [1] * (len(shape) - 2)
+        rstd = rstd.view(stats)
+        normalized = (x - mean.view(stats)).mul_(rstd)
         output, *sketches = _packed(output, normalized, config, _group_batch_dims(x.shape), fresh=True, copies=2)
         return output, rstd, *sketches
 
@@ -376,7 +387,10 @@ def group_norm(
     def norm(x: Tensor) -> Tensor:
         return _torch(F.group_norm, x, num_groups, weight, bias, eps)
 
-    return _GroupNorm.run(input, num_groups, weight, bias, eps, config, norm)[0]
+    # F.group_norm runs torch's kernel on a dense input, and casts first under autocast
+    own = input.is_contiguous() and input.dtype in (torch.float32, torch.float64) \
+        and _autocast_dtype(input.device.type) is None
+    return _GroupNorm.run(input, num_groups, weight, bias, eps, config, None if own else norm)[0]
 
 
 def instance_norm(
