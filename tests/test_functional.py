@@ -191,13 +191,13 @@ def test_conv_transpose_matches_torch(case):
 
 @st.composite
 def pool_cases(draw):
-    kind = draw(st.sampled_from(["avg1d", "avg2d", "max2d"]))
+    kind = draw(st.sampled_from(["avg1d", "avg2d", "max1d", "max2d"]))
     kernel = draw(st.integers(1, 4))
     stride = draw(st.one_of(st.none(), st.integers(1, 3)))
     padding = draw(st.integers(0, kernel // 2))
     ceil_mode = draw(st.booleans())
-    dims = 1 if kind == "avg1d" else 2
-    dilation = draw(st.integers(1, 2)) if kind == "max2d" else 1
+    dims = 1 if kind.endswith("1d") else 2
+    dilation = draw(st.integers(1, 2)) if kind.startswith("max") else 1
     size = draw(st.integers(dilation * (kernel - 1) + 1, 9))
     if kind == "avg1d":
         module = nn.AvgPool1d(kernel, stride, padding, ceil_mode, draw(st.booleans()))
@@ -205,7 +205,8 @@ def pool_cases(draw):
         module = nn.AvgPool2d(kernel, stride, padding, ceil_mode, draw(st.booleans()),
                               draw(st.sampled_from([None, 3])))
     else:
-        module = nn.MaxPool2d(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
+        pool = nn.MaxPool1d if dims == 1 else nn.MaxPool2d
+        module = pool(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
     batch = draw(st.sampled_from([(), (2,)]))  # unbatched or batched, as torch accepts
     return module, (*batch, 2, *(size,) * dims)
 
@@ -221,9 +222,19 @@ def test_pooling_and_relu_are_exact(case):
         grad = torch.randn_like(out)
         (expected,) = torch.autograd.grad(out, x, grad)
         radgrad.convert(layer)
+        assert type(layer).__module__ == "radgrad.nn"
         rad_out = layer(x)
         (got,) = torch.autograd.grad(rad_out, x, grad)
         assert torch.equal(rad_out, out) and torch.equal(got, expected)
+
+
+def test_max_pool1d_saves_one_byte_per_output():
+    # torch saves the input and int64 indices; radgrad an offset into each window
+    x = torch.randn(4, 3, 100, requires_grad=True)
+    pool = radgrad.convert(nn.MaxPool1d(4))
+    with radgrad.memory.record() as rec:
+        out = pool(x)
+    assert rec.total == out.numel()
 
 
 def test_relu_nan_and_zero_gradients_match_torch():

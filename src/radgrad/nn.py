@@ -26,7 +26,7 @@ from radgrad.functional._elementwise import FUSED, fused_derivative
 from radgrad.sketch import SketchConfig
 
 __all__ = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ReLU",
-           "AvgPool1d", "AvgPool2d", "MaxPool2d", "RNN", "LayerNorm", "RMSNorm", "Dropout", "Activation",
+           "AvgPool1d", "AvgPool2d", "MaxPool1d", "MaxPool2d", "RNN", "LayerNorm", "RMSNorm", "Dropout", "Activation",
            "RMSNormLike", "TransposedLinear"]
 
 M = TypeVar("M", bound=nn.Module)
@@ -218,16 +218,16 @@ class AvgPool2d(_Converted, nn.AvgPool2d):
                              self.count_include_pad, self.divisor_override)
 
 
-class MaxPool2d(_Converted, nn.MaxPool2d):
-    """``nn.MaxPool2d`` that saves one byte per output instead of its input and int64 indices (exact).
-
-    ``return_indices=True`` is not supported (:func:`radgrad.convert` leaves such modules alone).
-    """
+class _MaxPoolNd(_Converted):
+    """What :class:`MaxPool1d` and :class:`MaxPool2d` share."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if self.return_indices:
-            raise ValueError("radgrad.nn.MaxPool2d: return_indices=True is not supported")
+            raise ValueError(f"radgrad.nn.MaxPool{self._dims()}d: return_indices=True is not supported")
+
+    def _dims(self) -> int:
+        return 1 if isinstance(self, nn.MaxPool1d) else 2
 
     @classmethod
     def convertible(cls, module: nn.Module) -> bool:
@@ -236,8 +236,22 @@ class MaxPool2d(_Converted, nn.MaxPool2d):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return super().forward(input)
-        return RF.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
-                             self.ceil_mode)
+        pool = RF.max_pool1d if self._dims() == 1 else RF.max_pool2d
+        return pool(input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+
+
+class MaxPool1d(_MaxPoolNd, nn.MaxPool1d):
+    """``nn.MaxPool1d`` that saves one byte per output instead of its input and int64 indices (exact).
+
+    ``return_indices=True`` is not supported (:func:`radgrad.convert` leaves such modules alone).
+    """
+
+
+class MaxPool2d(_MaxPoolNd, nn.MaxPool2d):
+    """``nn.MaxPool2d`` that saves one byte per output instead of its input and int64 indices (exact).
+
+    ``return_indices=True`` is not supported (:func:`radgrad.convert` leaves such modules alone).
+    """
 
 
 class RNN(_Sketched, nn.RNN):
@@ -464,6 +478,7 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.ReLU: ReLU,
     nn.AvgPool1d: AvgPool1d,
     nn.AvgPool2d: AvgPool2d,
+    nn.MaxPool1d: MaxPool1d,
     nn.MaxPool2d: MaxPool2d,
     nn.RNN: RNN,
     nn.LayerNorm: LayerNorm,

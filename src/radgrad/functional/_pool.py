@@ -13,7 +13,7 @@ from radgrad import bits
 from radgrad.functional._base import _RADFunction, _tuple
 from radgrad.saved import save_for_backward, saved_tensors
 
-__all__ = ["relu", "avg_pool1d", "avg_pool2d", "max_pool2d"]
+__all__ = ["relu", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d"]
 
 
 class _ReLU(_RADFunction):
@@ -183,3 +183,18 @@ def max_pool2d(
         return F.max_pool2d(input, *options)
     return _MaxPool2d.run(input, *options)[0]
 
+
+def max_pool1d(
+    input: Tensor,
+    kernel_size: Sequence[int] | int,
+    stride: Sequence[int] | int | None = None,
+    padding: Sequence[int] | int = 0,
+    dilation: Sequence[int] | int = 1,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """Exact ``F.max_pool1d`` that saves one small offset per output, not the input: :func:`max_pool2d`
+    over windows one row high."""
+    stride = kernel_size if stride is None else stride
+    out = max_pool2d(input.unsqueeze(-2), [1, *_tuple(kernel_size, 1)], [1, *_tuple(stride, 1)],
+                     [0, *_tuple(padding, 1)], [1, *_tuple(dilation, 1)], ceil_mode)
+    return out.squeeze(-2)
