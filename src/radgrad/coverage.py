@@ -114,8 +114,11 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
         modes = {m: m.training for m in model.modules()}
         buffers = [(b, b.clone()) for b in model.buffers()]
         model.train()
+        # the generators of the model's accelerator (torch's default: CUDA) and the CPU's
+        device_type = next((p.device.type for p in model.parameters() if p.device.type not in ("cpu", "meta")),
+                           "cuda")
         try:
-            with torch.random.fork_rng():
+            with torch.random.fork_rng(device_type=device_type):
                 converted = memory.measure(model, *inputs, **kwargs)
                 with _all_exact(model):
                     exact = memory.measure(model, *inputs, **kwargs)
