@@ -3,9 +3,10 @@
 Byte-level language models (Hugging Face GPT-2, BERT and Llama, an
 ``nn.TransformerEncoder``) on the Python standard library's own source, and
 image models (Hugging Face ViT and ResNet, a diffusion-style denoising
-U-Net) on CIFAR-10, built from their configs with random weights. Each run trains one model ``steps`` steps with
-AdamW from a seed; the plain and the converted model of one seed start from
-the same weights and see the same batches.
+U-Net) on CIFAR-10, built from their configs with random weights. Each run
+trains one model ``steps`` steps with AdamW from a seed; the plain and the
+converted model of one seed start from the same weights and see the same
+batches.
 
     python -m radgrad.experiments.real_models --models gpt2 resnet --steps 300 --seeds 0 1 --out docs/real_models
 

@@ -171,6 +171,11 @@ def _same(t: Tensor) -> Tensor:
     return t
 
 
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether gradients are on and any of ``tensors`` (None for a missing weight or bias) needs one."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _sum(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     """``t`` summed over ``dims``; over none when ``dims`` is empty (``Tensor.sum(())`` sums all)."""
     return t.sum(dims) if dims else t
@@ -192,8 +197,7 @@ def layer_norm(
     """
     _check_input("functional.layer_norm", input)
     shape = list(normalized_shape) if not isinstance(normalized_shape, int) else [normalized_shape]
-    needs = input.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
-    if config.exact or not (needs and torch.is_grad_enabled()) or math.prod(shape) == 0:
+    if config.exact or not _needs_grad(input, weight, bias) or math.prod(shape) == 0:
         return _torch(F.layer_norm, input, shape, weight, bias, eps)
     return _LayerNorm.run(input, shape, weight, bias, eps, config)[0]
 
@@ -242,8 +246,7 @@ def rms_norm(
     shape = list(normalized_shape) if not isinstance(normalized_shape, int) else [normalized_shape]
     if eps is None:  # torch's: the epsilon of the dtype it computes in
         eps = torch.finfo(compute_dtype(input.dtype)).eps
-    needs = input.requires_grad or (weight is not None and weight.requires_grad)
-    if config.exact or not (needs and torch.is_grad_enabled()) or math.prod(shape) == 0:
+    if config.exact or not _needs_grad(input, weight) or math.prod(shape) == 0:
         return _torch(forward, input) if forward is not None else _torch(F.rms_norm, input, shape, weight, eps)
     return _RMSNorm.run(input, shape, weight, forward, eps, config)[0]
 
@@ -298,8 +301,7 @@ def batch_norm(
     statistics used), it is torch's function: it saves nothing randomized.
     """
     _check_input("functional.batch_norm", input)
-    needs = input.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
-    if config.exact or not (training and needs and torch.is_grad_enabled()) or input.numel() == 0:
+    if config.exact or not (training and _needs_grad(input, weight, bias)) or input.numel() == 0:
         return _torch(F.batch_norm, input, running_mean, running_var, weight, bias, training, momentum, eps)
     return _BatchNorm.run(input, weight, bias, running_mean, running_var, momentum, eps, config)[0]
 
@@ -378,8 +380,7 @@ def group_norm(
     example's group (NOTE [Layer norm from two sketches]).
     """
     _check_input("functional.group_norm", input)
-    needs = input.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
-    if config.exact or not (needs and torch.is_grad_enabled()) or input.dim() < 2 or input.numel() == 0 \
+    if config.exact or not _needs_grad(input, weight, bias) or input.dim() < 2 or input.numel() == 0 \
             or not isinstance(num_groups, int) or num_groups <= 0 or input.shape[1] % num_groups:
         # torch's own checks and messages for what it refuses
         return _torch(F.group_norm, input, num_groups, weight, bias, eps)
@@ -413,12 +414,11 @@ def instance_norm(
     nothing randomized.
     """
     _check_input("functional.instance_norm", input)
-    needs = input.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
 
     def norm(x: Tensor) -> Tensor:
         return _torch(F.instance_norm, x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
 
-    if config.exact or not (use_input_stats and needs and torch.is_grad_enabled()) or input.dim() < 3 \
+    if config.exact or not (use_input_stats and _needs_grad(input, weight, bias)) or input.dim() < 3 \
             or input.numel() == 0:
         return norm(input)
     return _GroupNorm.run(input, input.shape[1], weight, bias, eps, config, norm)[0]
