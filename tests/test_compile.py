@@ -137,6 +137,14 @@ def test_compiled_group_norms_and_transposed_convolution_draw_what_eager_draws()
     _assert_compiled_grads_equal_eager(model, torch.randn(4, 4, 8, 8, dtype=torch.float64), "aot_eager")
 
 
+def test_compiled_3d_convnet_draws_what_eager_draws():
+    torch.manual_seed(0)
+    model = radgrad.convert(nn.Sequential(
+        nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2), nn.AvgPool3d(2), nn.Flatten(), nn.Linear(32, 3),
+    ).double(), method="quantize")
+    _assert_compiled_grads_equal_eager(model, torch.randn(2, 2, 8, 8, 8, dtype=torch.float64), "aot_eager")
+
+
 class _ThreeReaders(nn.Module):
     """Three RAD layers reading one input, as attention's query, key and value projections."""
 

@@ -191,21 +191,21 @@ def test_conv_transpose_matches_torch(case):
 
 @st.composite
 def pool_cases(draw):
-    kind = draw(st.sampled_from(["avg1d", "avg2d", "max1d", "max2d"]))
+    kind = draw(st.sampled_from(["avg1d", "avg2d", "avg3d", "max1d", "max2d", "max3d"]))
     kernel = draw(st.integers(1, 4))
     stride = draw(st.one_of(st.none(), st.integers(1, 3)))
     padding = draw(st.integers(0, kernel // 2))
     ceil_mode = draw(st.booleans())
-    dims = 1 if kind.endswith("1d") else 2
+    dims = int(kind[-2])
     dilation = draw(st.integers(1, 2)) if kind.startswith("max") else 1
-    size = draw(st.integers(dilation * (kernel - 1) + 1, 9))
+    size = draw(st.integers(dilation * (kernel - 1) + 1, 9 if dims < 3 else 7))
     if kind == "avg1d":
         module = nn.AvgPool1d(kernel, stride, padding, ceil_mode, draw(st.booleans()))
-    elif kind == "avg2d":
-        module = nn.AvgPool2d(kernel, stride, padding, ceil_mode, draw(st.booleans()),
-                              draw(st.sampled_from([None, 3])))
+    elif kind.startswith("avg"):
+        pool = nn.AvgPool2d if dims == 2 else nn.AvgPool3d
+        module = pool(kernel, stride, padding, ceil_mode, draw(st.booleans()), draw(st.sampled_from([None, 3])))
     else:
-        pool = nn.MaxPool1d if dims == 1 else nn.MaxPool2d
+        pool = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[dims - 1]
         module = pool(kernel, stride, padding, dilation, ceil_mode=ceil_mode)
     batch = draw(st.sampled_from([(), (2,)]))  # unbatched or batched, as torch accepts
     return module, (*batch, 2, *(size,) * dims)
@@ -228,13 +228,23 @@ def test_pooling_and_relu_are_exact(case):
         assert torch.equal(rad_out, out) and torch.equal(got, expected)
 
 
-def test_max_pool1d_saves_one_byte_per_output():
+@pytest.mark.parametrize("shape, pool", [((4, 3, 100), nn.MaxPool1d(4)), ((2, 3, 8, 8, 8), nn.MaxPool3d(2))])
+def test_max_pool_saves_one_byte_per_output(shape, pool):
     # torch saves the input and int64 indices; radgrad an offset into each window
-    x = torch.randn(4, 3, 100, requires_grad=True)
-    pool = radgrad.convert(nn.MaxPool1d(4))
+    x = torch.randn(shape, requires_grad=True)
+    radgrad.convert(pool)
     with radgrad.memory.record() as rec:
         out = pool(x)
     assert rec.total == out.numel()
+
+
+def test_avg_pool3d_saves_nothing():
+    # torch saves the input
+    x = torch.randn(2, 3, 8, 8, 8, requires_grad=True)
+    pool = radgrad.convert(nn.AvgPool3d(2))
+    with radgrad.memory.record() as rec:
+        pool(x)
+    assert rec.total == 0
 
 
 def test_relu_nan_and_zero_gradients_match_torch():
@@ -245,26 +255,38 @@ def test_relu_nan_and_zero_gradients_match_torch():
     assert torch.equal(got, expected)
 
 
-def test_large_max_pool_windows_use_wider_offsets():
-    x = torch.randn(1, 1, 20, 20, dtype=torch.float64, requires_grad=True)
-    out = nn.functional.max_pool2d(x, 17, 1)
+@pytest.mark.parametrize("shape, kernel", [((1, 1, 20, 20), 17), ((1, 1, 8, 8, 8), 7)])  # 289, 343 entries
+def test_large_max_pool_windows_use_wider_offsets(shape, kernel):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    torch_pool, rad_pool = ((nn.functional.max_pool2d, radgrad.functional.max_pool2d) if len(shape) == 4 else
+                            (nn.functional.max_pool3d, radgrad.functional.max_pool3d))
+    out = torch_pool(x, kernel, 1)
     grad = torch.randn_like(out)
     (expected,) = torch.autograd.grad(out, x, grad)
-    (got,) = torch.autograd.grad(radgrad.functional.max_pool2d(x, 17, 1), x, grad)
+    with radgrad.memory.record() as rec:
+        rad_out = rad_pool(x, kernel, 1)
+    assert rec.total == 2 * out.numel()  # int16 offsets
+    (got,) = torch.autograd.grad(rad_out, x, grad)
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("width", [699_049, 699_051])  # planes of 3 x width: below and above 2**21
-def test_max_pool_offsets_are_exact_on_wide_planes(width):
+# planes of 3 x width and 2 x 3 x width entries: below and above 2**21
+@pytest.mark.parametrize("shape", [(1, 1, 3, 699_049), (1, 1, 3, 699_051), (1, 1, 2, 3, 349_525), (1, 1, 2, 3, 349_526)])
+def test_max_pool_offsets_are_exact_on_wide_planes(shape):
     # plane indices are divided in float32, or float64 for planes of 2**21 entries and
     # more (NOTE [Compact max-pool indices]): every position, windows dilated and
     # padded, ceil mode, up to the largest index float32 is used for
-    x = torch.randn(1, 1, 3, width, dtype=torch.float64, requires_grad=True)
-    options = dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1), dilation=(2, 3), ceil_mode=True)
-    out = nn.functional.max_pool2d(x, **options)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    if len(shape) == 4:
+        torch_pool, rad_pool = nn.functional.max_pool2d, radgrad.functional.max_pool2d
+        options = dict(kernel_size=(2, 3), stride=(1, 2), padding=(1, 1), dilation=(2, 3), ceil_mode=True)
+    else:
+        torch_pool, rad_pool = nn.functional.max_pool3d, radgrad.functional.max_pool3d
+        options = dict(kernel_size=(2, 2, 3), stride=(1, 1, 2), padding=(1, 1, 1), dilation=(1, 2, 3), ceil_mode=True)
+    out = torch_pool(x, **options)
     grad = torch.randn_like(out)
     (expected,) = torch.autograd.grad(out, x, grad)
-    (got,) = torch.autograd.grad(radgrad.functional.max_pool2d(x, **options), x, grad)
+    (got,) = torch.autograd.grad(rad_pool(x, **options), x, grad)
     assert torch.equal(got, expected)
 
 

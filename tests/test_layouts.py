@@ -26,8 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def strided(shape, layout, seed, order=None):
     """A float64 leaf tensor and a view of it with logical ``shape`` in the given layout."""
-    if layout == "channels_last":  # a feature map (N, C, H, W) stored as (N, H, W, C)
-        return strided(shape, "permuted", seed, order=[0, 2, 3, 1])
+    if layout == "channels_last":  # a feature map (N, C, *positions) stored as (N, *positions, C)
+        return strided(shape, "permuted", seed, order=[0, *range(2, len(shape)), 1])
     g = torch.Generator().manual_seed(seed)
     n = len(shape)
     if layout == "permuted" and n > 1:
@@ -76,16 +76,20 @@ def test_relu_matches_torch_bitwise(shape, layout, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(layout=st.sampled_from(LAYOUTS + ["channels_last"]), batch=st.integers(0, 3), size=st.integers(2, 7),
-       kernel=st.integers(1, 2), stride=st.integers(1, 2), seed=st.integers(0, 2**31))
-def test_pooling_matches_torch(layout, batch, size, kernel, stride, seed):
-    shape = [batch, 2, size, size + 1]
+@given(layout=st.sampled_from(LAYOUTS + ["channels_last"]), dims=st.sampled_from([2, 3]), batch=st.integers(0, 3),
+       size=st.integers(2, 6), kernel=st.integers(1, 2), stride=st.integers(1, 2), seed=st.integers(0, 2**31))
+def test_pooling_matches_torch(layout, dims, batch, size, kernel, stride, seed):
+    shape = [batch, 2, size, size + 1, size + 2][:dims + 2]
     leaf, view = strided(shape, layout, seed)
-    for rad, torch_op in [(RF.avg_pool2d, F.avg_pool2d), (RF.max_pool2d, F.max_pool2d)]:
+    ops = ([(RF.avg_pool2d, F.avg_pool2d), (RF.max_pool2d, F.max_pool2d)] if dims == 2 else
+           [(RF.avg_pool3d, F.avg_pool3d), (RF.max_pool3d, F.max_pool3d)])
+    for rad, torch_op in ops:
         want = grads_of(lambda x: torch_op(x, kernel, stride), leaf, view)
         got = grads_of(lambda x: rad(x, kernel, stride), leaf, view)
-        assert_same(got, want, exact=torch_op is F.avg_pool2d)
+        assert_same(got, want, exact=torch_op in (F.avg_pool2d, F.avg_pool3d))
         assert_same(got[:1], want[:1])  # forward values bitwise
+    if dims == 3:
+        return
     want = grads_of(lambda x: F.avg_pool1d(x.flatten(1, 2), kernel, stride), leaf, view)
     got = grads_of(lambda x: RF.avg_pool1d(x.flatten(1, 2), kernel, stride), leaf, view)
     assert_same(got, want)

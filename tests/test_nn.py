@@ -203,6 +203,6 @@ def test_bad_settings_are_clear_errors():
         radgrad.nn.Linear(3, 2, keep=0)
     with pytest.raises(ValueError, match="method must be one of"):
         radgrad.nn.Conv2d(1, 1, 1, method="sparse")
-    for dims in (1, 2):
+    for dims in (1, 2, 3):
         with pytest.raises(ValueError, match=f"radgrad.nn.MaxPool{dims}d: return_indices=True is not supported"):
             getattr(radgrad.nn, f"MaxPool{dims}d")(2, return_indices=True)

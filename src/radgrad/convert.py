@@ -37,7 +37,7 @@ def convert(
     """Make ``model`` store randomized sketches for backward; return it.
 
     Every ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d``, ``nn.RNN``, ``nn.ReLU``,
-    ``nn.AvgPool1d``, ``nn.AvgPool2d``, ``nn.MaxPool1d/2d``, ``nn.LayerNorm``,
+    ``nn.AvgPool1d/2d/3d``, ``nn.MaxPool1d/2d/3d``, ``nn.LayerNorm``,
     ``nn.RMSNorm`` and ``nn.Dropout`` in ``model`` (the model itself
     included) becomes its :mod:`radgrad.nn` twin, Hugging Face's ``Conv1D`` a
     :class:`radgrad.nn.TransposedLinear`, a model's own RMS normalization
@@ -51,7 +51,7 @@ def convert(
     ``forward`` nor ``_conv_forward``, as EfficientNet's depthwise
     convolution) becomes a subclass of both its class and the radgrad twin;
     one with its own ``forward`` is left alone, as are the children of
-    ``nn.MultiheadAttention``, ``MaxPool1d/2d(return_indices=True)`` and
+    ``nn.MultiheadAttention``, ``MaxPool1d/2d/3d(return_indices=True)`` and
     bidirectional RNNs.
     Lazy modules (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) not yet
     materialized become RAD layers on their first forward.

@@ -26,8 +26,8 @@ from radgrad.functional._elementwise import FUSED, fused_derivative
 from radgrad.sketch import SketchConfig
 
 __all__ = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ReLU",
-           "AvgPool1d", "AvgPool2d", "MaxPool1d", "MaxPool2d", "RNN", "LayerNorm", "RMSNorm", "Dropout", "Activation",
-           "RMSNormLike", "TransposedLinear"]
+           "AvgPool1d", "AvgPool2d", "AvgPool3d", "MaxPool1d", "MaxPool2d", "MaxPool3d", "RNN", "LayerNorm", "RMSNorm",
+           "Dropout", "Activation", "RMSNormLike", "TransposedLinear"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -208,18 +208,27 @@ class AvgPool1d(_Converted, nn.AvgPool1d):
                              self.count_include_pad)
 
 
-class AvgPool2d(_Converted, nn.AvgPool2d):
-    """``nn.AvgPool2d`` that saves only its input's shape (exact)."""
+class _AvgPoolNd(_Converted):
+    """What :class:`AvgPool2d` and :class:`AvgPool3d` share."""
 
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return super().forward(input)
-        return RF.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
-                             self.count_include_pad, self.divisor_override)
+        pool = RF.avg_pool2d if isinstance(self, nn.AvgPool2d) else RF.avg_pool3d
+        return pool(input, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
+                    self.divisor_override)
+
+
+class AvgPool2d(_AvgPoolNd, nn.AvgPool2d):
+    """``nn.AvgPool2d`` that saves only its input's shape (exact)."""
+
+
+class AvgPool3d(_AvgPoolNd, nn.AvgPool3d):
+    """``nn.AvgPool3d`` that saves only its input's shape (exact)."""
 
 
 class _MaxPoolNd(_Converted):
-    """What :class:`MaxPool1d` and :class:`MaxPool2d` share."""
+    """What :class:`MaxPool1d`, :class:`MaxPool2d` and :class:`MaxPool3d` share."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -227,7 +236,7 @@ class _MaxPoolNd(_Converted):
             raise ValueError(f"radgrad.nn.MaxPool{self._dims()}d: return_indices=True is not supported")
 
     def _dims(self) -> int:
-        return 1 if isinstance(self, nn.MaxPool1d) else 2
+        return 1 if isinstance(self, nn.MaxPool1d) else 2 if isinstance(self, nn.MaxPool2d) else 3
 
     @classmethod
     def convertible(cls, module: nn.Module) -> bool:
@@ -236,7 +245,7 @@ class _MaxPoolNd(_Converted):
     def forward(self, input: Tensor) -> Tensor:
         if not self.training:
             return super().forward(input)
-        pool = RF.max_pool1d if self._dims() == 1 else RF.max_pool2d
+        pool = (RF.max_pool1d, RF.max_pool2d, RF.max_pool3d)[self._dims() - 1]
         return pool(input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
 
 
@@ -249,6 +258,14 @@ class MaxPool1d(_MaxPoolNd, nn.MaxPool1d):
 
 class MaxPool2d(_MaxPoolNd, nn.MaxPool2d):
     """``nn.MaxPool2d`` that saves one byte per output instead of its input and int64 indices (exact).
+
+    ``return_indices=True`` is not supported (:func:`radgrad.convert` leaves such modules alone).
+    """
+
+
+class MaxPool3d(_MaxPoolNd, nn.MaxPool3d):
+    """``nn.MaxPool3d`` that saves one byte per output (windows up to 256 entries) instead of its input
+    and int64 indices (exact).
 
     ``return_indices=True`` is not supported (:func:`radgrad.convert` leaves such modules alone).
     """
@@ -478,8 +495,10 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.ReLU: ReLU,
     nn.AvgPool1d: AvgPool1d,
     nn.AvgPool2d: AvgPool2d,
+    nn.AvgPool3d: AvgPool3d,
     nn.MaxPool1d: MaxPool1d,
     nn.MaxPool2d: MaxPool2d,
+    nn.MaxPool3d: MaxPool3d,
     nn.RNN: RNN,
     nn.LayerNorm: LayerNorm,
     nn.RMSNorm: RMSNorm,

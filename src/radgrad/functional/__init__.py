@@ -30,12 +30,13 @@ from radgrad.functional._elementwise import dropout, elementwise
 from radgrad.functional._linear import linear
 from radgrad.functional._matmul import baddbmm, matmul, mul
 from radgrad.functional._norm import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
-from radgrad.functional._pool import avg_pool1d, avg_pool2d, max_pool1d, max_pool2d, relu
+from radgrad.functional._pool import avg_pool1d, avg_pool2d, avg_pool3d, max_pool1d, max_pool2d, max_pool3d, relu
 from radgrad.functional._recurrence import recurrence
 from radgrad.functional._softmax import cross_entropy, log_softmax, softmax
 
 __all__ = [
-    "linear", "conv", "conv_transpose", "relu", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d",
+    "linear", "conv", "conv_transpose", "relu", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d",
+    "max_pool3d",
     "recurrence",
     "elementwise", "dropout", "layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm",
     "scaled_dot_product_attention", "multi_head_attention_forward", "baddbmm", "matmul", "mul", "softmax", "log_softmax", "cross_entropy",

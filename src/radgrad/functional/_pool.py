@@ -13,7 +13,7 @@ from radgrad import bits
 from radgrad.functional._base import _RADFunction, _tuple
 from radgrad.saved import save_for_backward, saved_tensors
 
-__all__ = ["relu", "avg_pool1d", "avg_pool2d", "max_pool1d", "max_pool2d"]
+__all__ = ["relu", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d", "max_pool2d", "max_pool3d"]
 
 
 class _ReLU(_RADFunction):
@@ -40,10 +40,12 @@ def relu(input: Tensor) -> Tensor:
     return _ReLU.run(input)
 
 
-class _AvgPool2d(_RADFunction):
+class _AvgPool(_RADFunction):
+    """Average pooling over the last two or three dimensions (``len(options[0])``)."""
+
     @staticmethod
     def forward(input, options):
-        return F.avg_pool2d(input, *options)
+        return (F.avg_pool2d if len(options[0]) == 2 else F.avg_pool3d)(input, *options)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -52,9 +54,19 @@ class _AvgPool2d(_RADFunction):
 
     @staticmethod
     def backward(ctx, grad):
-        # avg_pool2d_backward reads only the input's shape: pass a stride-0 placeholder.
+        # the backward reads only the input's shape: pass a stride-0 placeholder.
         placeholder = grad.new_zeros(()).expand(ctx.shape)
-        return torch.ops.aten.avg_pool2d_backward(grad, placeholder, *ctx.options), None
+        backward = torch.ops.aten.avg_pool2d_backward if len(ctx.options[0]) == 2 else torch.ops.aten.avg_pool3d_backward
+        return backward(grad, placeholder, *ctx.options), None
+
+
+def _avg_pool(dims: int, input: Tensor, kernel_size, stride, padding, ceil_mode, count_include_pad,
+              divisor_override) -> Tensor:
+    options = (_tuple(kernel_size, dims), _tuple(kernel_size if stride is None else stride, dims),
+               _tuple(padding, dims), ceil_mode, count_include_pad, divisor_override)
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        return (F.avg_pool2d if dims == 2 else F.avg_pool3d)(input, *options)
+    return _AvgPool.run(input, options)
 
 
 def avg_pool2d(
@@ -67,11 +79,20 @@ def avg_pool2d(
     divisor_override: int | None = None,
 ) -> Tensor:
     """Exact ``F.avg_pool2d`` that saves nothing but the input's shape."""
-    options = (_tuple(kernel_size, 2), _tuple(kernel_size if stride is None else stride, 2),
-               _tuple(padding, 2), ceil_mode, count_include_pad, divisor_override)
-    if not (input.requires_grad and torch.is_grad_enabled()):
-        return F.avg_pool2d(input, *options)
-    return _AvgPool2d.run(input, options)
+    return _avg_pool(2, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
+
+
+def avg_pool3d(
+    input: Tensor,
+    kernel_size: Sequence[int] | int,
+    stride: Sequence[int] | int | None = None,
+    padding: Sequence[int] | int = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+) -> Tensor:
+    """Exact ``F.avg_pool3d`` that saves nothing but the input's shape."""
+    return _avg_pool(3, input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override)
 
 
 def avg_pool1d(
@@ -89,13 +110,13 @@ def avg_pool1d(
     return out.squeeze(-2)
 
 
-class _MaxPool2d(_RADFunction):
+class _MaxPool(_RADFunction):
+    """Max pooling over the last two or three dimensions (``len(kernel)``)."""
+
     @staticmethod
     def forward(input, kernel, stride, padding, dilation, ceil_mode):
-        output, index = torch.ops.aten.max_pool2d_with_indices(
-            input, kernel, stride, padding, dilation, ceil_mode
-        )
-        return output, index
+        pool = torch.ops.aten.max_pool2d_with_indices if len(kernel) == 2 else torch.ops.aten.max_pool3d_with_indices
+        return pool(input, kernel, stride, padding, dilation, ceil_mode)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
@@ -108,8 +129,9 @@ class _MaxPool2d(_RADFunction):
     def backward(ctx, grad, _):
         (offsets,) = ctx.saved_tensors
         index = _plane_index(offsets, ctx.shape, ctx.options)
-        planes, positions = math.prod(grad.shape[:-2]), grad.shape[-2] * grad.shape[-1]
-        grad_input = grad.new_zeros(planes, ctx.shape[-2] * ctx.shape[-1])
+        dims = len(ctx.options[0])
+        planes, positions = math.prod(grad.shape[:-dims]), math.prod(grad.shape[-dims:])
+        grad_input = grad.new_zeros(planes, math.prod(ctx.shape[-dims:]))
         grad_input.scatter_add_(1, index.reshape(planes, positions), grad.reshape(planes, positions))
         return grad_input.view(ctx.shape), None, None, None, None, None
 
@@ -117,7 +139,7 @@ class _MaxPool2d(_RADFunction):
 # NOTE [Compact max-pool indices]
 #   torch saves int64 indices into the input plane (plus the whole input).
 #   The backward pass needs only which element of its window each output took:
-#   an offset below kernel_h * kernel_w, one byte for windows up to 256
+#   an offset below the window's size, one byte for windows up to 256
 #   entries. The plane index is rebuilt from the output position.
 #   Both conversions divide by small integers in floating point, not int64: a
 #   CPU has no vectorized integer division (the stem pool of a ResNet at 32 px,
@@ -126,18 +148,22 @@ class _MaxPool2d(_RADFunction):
 #   ``i // w`` exactly while the product's relative error (two roundings) stays
 #   below the distance ``0.5 / (i + 0.5)`` from the quotient to an integer: for
 #   ``i < 2**21`` in float32, ``i < 2**50`` in float64. Planes and windows below
-#   2**21 entries (every index and offset is below one of the two) use float32:
-#   half the bytes, and the type every device has.
-def _window_origin(shape_out: torch.Size, options, device) -> tuple[Tensor, Tensor]:
+#   2**21 entries (every index and offset is below one of the two, and so is every
+#   quotient on the way from an index to its coordinates) use float32: half the
+#   bytes, and the type every device has.
+def _window_origin(shape_out: torch.Size, options, device) -> list[Tensor]:
+    """The first input position of each output's window, one column per pooled dimension, each shaped
+    to broadcast over the output's positions."""
     _, stride, padding, _ = options
-    rows = torch.arange(shape_out[-2], device=device).mul_(stride[0]).sub_(padding[0])
-    cols = torch.arange(shape_out[-1], device=device).mul_(stride[1]).sub_(padding[1])
-    return rows.unsqueeze(1), cols
+    dims = len(stride)
+    origins = [torch.arange(shape_out[i - dims], device=device).mul_(stride[i]).sub_(padding[i])
+               for i in range(dims)]
+    return [o.view([-1] + [1] * (dims - 1 - i)) if i < dims - 1 else o for i, o in enumerate(origins)]
 
 
-def _index_dtype(plane: torch.Size, kernel: tuple[int, int]) -> torch.dtype:
+def _index_dtype(plane: torch.Size, kernel: Sequence[int]) -> torch.dtype:
     """The float type that divides plane indices and window offsets exactly (NOTE [Compact max-pool indices])."""
-    return torch.float32 if max(plane[-2] * plane[-1], kernel[0] * kernel[1]) < 2**21 else torch.float64
+    return torch.float32 if max(math.prod(plane[-len(kernel):]), math.prod(kernel)) < 2**21 else torch.float64
 
 
 def _divmod(t: Tensor, divisor: int) -> tuple[Tensor, Tensor]:
@@ -147,25 +173,47 @@ def _divmod(t: Tensor, divisor: int) -> tuple[Tensor, Tensor]:
     return quotient, t.sub_(quotient * divisor)
 
 
+def _coordinates(flat: Tensor, sizes: Sequence[int]) -> list[Tensor]:
+    """The coordinates, one tensor per dimension, of row-major ``flat`` indices into an array of ``sizes``."""
+    coordinates = []
+    for size in reversed(sizes[1:]):
+        flat, coordinate = _divmod(flat, size)
+        coordinates.append(coordinate)
+    return [flat, *reversed(coordinates)]
+
+
 def _window_offsets(index: Tensor, plane: torch.Size, options) -> Tensor:
     kernel, _, _, dilation = options
-    top, left = _window_origin(index.shape, options, index.device)
-    row, col = _divmod(index.to(_index_dtype(plane, kernel)), plane[-1])
-    # the window's rows and columns are dilation apart: exact quotients
-    dr = row.sub_(top).div_(dilation[0])
-    dc = col.sub_(left).div_(dilation[1])
-    size = kernel[0] * kernel[1]
+    origins = _window_origin(index.shape, options, index.device)
+    coordinates = _coordinates(index.to(_index_dtype(plane, kernel)), plane[-len(kernel):])
+    offset = None
+    for coordinate, origin, size, step in zip(coordinates, origins, kernel, dilation):
+        # a window's entries are dilation apart: exact quotients
+        d = coordinate.sub_(origin).div_(step)
+        offset = d if offset is None else offset.mul_(size).add_(d)
+    size = math.prod(kernel)
     dtype = torch.uint8 if size <= 256 else torch.int16 if size <= 2**15 else torch.int32
     # through int32: converting a float to uint8 directly is several times slower on a CPU
-    return dr.mul_(kernel[1]).add_(dc).to(torch.int32).to(dtype)
+    return offset.to(torch.int32).to(dtype)
 
 
 def _plane_index(offsets: Tensor, plane: torch.Size, options) -> Tensor:
     kernel, _, _, dilation = options
-    top, left = _window_origin(offsets.shape, options, offsets.device)
-    dr, dc = _divmod(offsets.to(_index_dtype(plane, kernel)), kernel[1])
-    row = dr.mul_(dilation[0]).add_(top)
-    return row.mul_(plane[-1]).add_(dc.mul_(dilation[1]).add_(left)).to(torch.int64)
+    origins = _window_origin(offsets.shape, options, offsets.device)
+    index = None
+    for d, origin, size, step in zip(_coordinates(offsets.to(_index_dtype(plane, kernel)), kernel), origins,
+                                     plane[-len(kernel):], dilation):
+        coordinate = d.mul_(step).add_(origin)
+        index = coordinate if index is None else index.mul_(size).add_(coordinate)
+    return index.to(torch.int64)
+
+
+def _max_pool(dims: int, input: Tensor, kernel_size, stride, padding, dilation, ceil_mode) -> Tensor:
+    options = (_tuple(kernel_size, dims), _tuple(kernel_size if stride is None else stride, dims),
+               _tuple(padding, dims), _tuple(dilation, dims), ceil_mode)
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        return (F.max_pool2d if dims == 2 else F.max_pool3d)(input, *options)
+    return _MaxPool.run(input, *options)[0]
 
 
 def max_pool2d(
@@ -177,11 +225,19 @@ def max_pool2d(
     ceil_mode: bool = False,
 ) -> Tensor:
     """Exact ``F.max_pool2d`` that saves one small offset per output, not the input."""
-    options = (_tuple(kernel_size, 2), _tuple(kernel_size if stride is None else stride, 2),
-               _tuple(padding, 2), _tuple(dilation, 2), ceil_mode)
-    if not (input.requires_grad and torch.is_grad_enabled()):
-        return F.max_pool2d(input, *options)
-    return _MaxPool2d.run(input, *options)[0]
+    return _max_pool(2, input, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def max_pool3d(
+    input: Tensor,
+    kernel_size: Sequence[int] | int,
+    stride: Sequence[int] | int | None = None,
+    padding: Sequence[int] | int = 0,
+    dilation: Sequence[int] | int = 1,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """Exact ``F.max_pool3d`` that saves one small offset per output, not the input."""
+    return _max_pool(3, input, kernel_size, stride, padding, dilation, ceil_mode)
 
 
 def max_pool1d(
