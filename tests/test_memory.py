@@ -88,6 +88,43 @@ def test_peak_of_a_hand_computed_step():
     assert record.by_kind["parameters"] == 2_000_000 and sum(record.by_kind.values()) == record.peak
 
 
+class _FixedProjection(nn.Module):
+    """``x @ matrix.T`` with the matrix a buffer: what a frozen bias-free linear layer computes."""
+
+    def __init__(self, matrix):
+        super().__init__()
+        self.register_buffer("matrix", matrix)
+
+    def forward(self, x):
+        return x @ self.matrix.T
+
+
+def test_peak_of_a_model_with_frozen_parameters():
+    # fine-tuning a head on a frozen layer: the same tensors live as with that layer's weight a
+    # buffer, so the same peak, the frozen weight counted as a parameter and not as a buffer
+    torch.manual_seed(0)
+    frozen = nn.Linear(300, 200, bias=False).requires_grad_(False)
+    head = nn.Linear(200, 10)
+    x = torch.randn(50, 300)
+    records = []
+    for first in (frozen, _FixedProjection(frozen.weight.detach().clone())):
+        model = nn.Sequential(first, nn.ReLU(), head)
+        optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+
+        def step():
+            model(x).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        records.append(radgrad.memory.peak(step, model, optimizer))
+    with_parameter, with_buffer = records
+    assert with_parameter.peak == with_buffer.peak and with_parameter.at_start == with_buffer.at_start
+    assert with_parameter.by_kind["gradients"] == with_buffer.by_kind["gradients"]
+    assert with_parameter.by_kind["parameters"] - with_buffer.by_kind["parameters"] == 300 * 200 * 4
+    assert with_buffer.by_kind["buffers"] - with_parameter.by_kind["buffers"] == 300 * 200 * 4
+    assert not any(p._backward_hooks for p in (*frozen.parameters(), *head.parameters()))  # hooks removed
+
+
 @pytest.mark.parametrize("config", [radgrad.SketchConfig(0.1), radgrad.SketchConfig(method="quantize")],
                          ids=["sample", "quantize"])
 def test_peak_sees_the_saved_bytes_rad_drops(config):

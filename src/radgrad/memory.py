@@ -28,12 +28,14 @@ inside ``record`` an outer ``save_on_cpu`` is not applied.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 __all__ = ["MemoryRecord", "record", "measure", "saved_bytes", "PeakRecord", "peak"]
 
@@ -234,7 +236,18 @@ def peak(step: Callable[[], Any], *owners: nn.Module | torch.optim.Optimizer) ->
     except ImportError as err:
         raise RuntimeError("radgrad.memory.peak needs a torch built with torch.distributed "
                            f"(its MemTracker measures the peak): {err}") from None
-    tracker = MemTracker()
+
+    class _Tracker(MemTracker):
+        def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
+            # torch's hooks the gradient of every parameter a module holds, which raises for a
+            # frozen one (fine-tuning, a fixed embedding): a placeholder entry makes it skip those
+            _NO_HOOK = RemovableHandle(OrderedDict())
+            for param in module.parameters():
+                if not param.requires_grad:
+                    self._param_to_grad_hook_handles.setdefault(param, (_NO_HOOK, _NO_HOOK))
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+    tracker = _Tracker()
     tracker.track_external(*owners)
     with tracker:
         at_start = _total(tracker.get_tracker_snapshot("current"))
