@@ -145,6 +145,26 @@ def test_compiled_3d_convnet_draws_what_eager_draws():
     _assert_compiled_grads_equal_eager(model, torch.randn(2, 2, 8, 8, 8, dtype=torch.float64), "aot_eager")
 
 
+class _InPlaceOnOutputs(nn.Module):
+    """A model that writes into a linear layer's output (a time mask, a residual added in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h[:, 0] = 0.0
+        h += x
+        return self.b(torch.relu(h))
+
+
+def test_compiled_in_place_writes_into_outputs_draw_what_eager_draws():
+    torch.manual_seed(0)
+    model = radgrad.convert(_InPlaceOnOutputs().double(), method="quantize")
+    _assert_compiled_grads_equal_eager(model, torch.randn(4, 5, 8, dtype=torch.float64), "aot_eager")
+
+
 class _ThreeReaders(nn.Module):
     """Three RAD layers reading one input, as attention's query, key and value projections."""
 

@@ -381,3 +381,40 @@ def test_an_op_that_returns_no_gradient_stops_radgrad_ops_as_it_stops_torch():
         (_NoGradient.apply(m(x)).sum() + sum(p.sum() for p in m.parameters())).backward()
     for p, q in zip(model.parameters(), converted.parameters()):
         assert torch.equal(p.grad, q.grad) and torch.equal(q.grad, torch.ones_like(q))
+
+
+def _ops_on_batches():
+    """RAD ops on batched inputs, each a function of its inputs' tensors (float64) with its own config."""
+    config = radgrad.SketchConfig(method="quantize")
+    F, RF = nn.functional, radgrad.functional
+    return {
+        "linear": ([(2, 5, 8), (4, 8), (4,)], lambda x, w, b: RF.linear(x, w, b, config)),
+        "matmul": ([(2, 5, 8), (2, 8, 3)], lambda a, b: RF.matmul(a, b, config=config)),
+        "attention": ([(2, 3, 5, 4)] * 3, lambda q, k, v: RF.scaled_dot_product_attention(q, k, v, config=config)),
+        "layer_norm": ([(2, 5, 8), (8,), (8,)], lambda x, w, b: RF.layer_norm(x, [8], w, b, config=config)),
+        "softmax": ([(2, 5, 8)], lambda x: RF.softmax(x, -1, config=config)),
+        "gelu": ([(2, 5, 8)], lambda x: RF.elementwise(F.gelu, x, config=config)),
+        "conv1d": ([(2, 3, 9), (4, 3, 3)], lambda x, w: RF.conv(x, w, None, config=config)),
+        "relu": ([(2, 5, 8)], RF.relu),
+        "max_pool1d": ([(2, 5, 8)], lambda x: RF.max_pool1d(x, 2)),
+        "avg_pool1d": ([(2, 5, 8)], lambda x: RF.avg_pool1d(x, 2)),
+        "group_norm": ([(2, 4, 6), (4,), (4,)], lambda x, w, b: RF.group_norm(x, 2, w, b, config=config)),
+    }
+
+
+@pytest.mark.parametrize("op", list(_ops_on_batches()))
+def test_outputs_can_be_modified_in_place(op):
+    # as torch's own outputs can (NOTE [Outputs are not views]): a model's h[mask] = e or h += x
+    shapes, fn = _ops_on_batches()[op]
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in shapes]
+
+    def grads(in_place):
+        torch.manual_seed(1)
+        out = fn(*inputs)
+        mask = torch.arange(out.shape[-1]) % 3 == 0
+        out = out.masked_fill_(mask, 0.5).mul_(2) if in_place else out.masked_fill(mask, 0.5) * 2
+        return torch.autograd.grad(out.square().sum(), inputs)
+
+    for got, want in zip(grads(True), grads(False)):
+        assert torch.equal(got, want)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -130,6 +132,32 @@ def _sketch_from(ctx, parts: Sequence[Tensor | None], x: Tensor | torch.Size, co
     return Sketch(values, state, scale, shape, dtype, batch_dims, config)
 
 
+# NOTE [Outputs are not views]
+#   F.linear on a batch of rows (and so a RAD linear layer) returns a view of the
+#   product it computed. Autograd forbids modifying in place a view that a
+#   custom Function made inside its forward, which torch's own ops allow: a
+#   model's ``h[mask] = embedding`` (wav2vec2's time masking) or ``h += x`` on a
+#   converted layer's output would raise. Such an output is returned as a
+#   tensor of its own over the same memory (``_unsafe_view``, as ATen's matmul
+#   does): nothing else holds that view, so autograd loses nothing by not
+#   knowing it was one.
+def _owning(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward``, its main output never a view of a tensor it made (NOTE [Outputs are not views])."""
+
+    @functools.wraps(forward)
+    def owning(*args):
+        outputs = forward(*args)
+        if torch.compiler.is_compiling():  # traced, the views are functionalized away
+            return outputs
+        main = outputs[0] if isinstance(outputs, tuple) else outputs
+        if not (isinstance(main, Tensor) and main._is_view()) or any(
+                isinstance(a, Tensor) and main._base is (a._base if a._is_view() else a) for a in args):
+            return outputs
+        main = torch.ops.aten._unsafe_view(main, main.shape)
+        return (main, *outputs[1:]) if isinstance(outputs, tuple) else main
+    return owning
+
+
 class _RADFunction(Function):
     """Base of radgrad's autograd functions: ``forward``, ``setup_context`` and ``backward``.
 
@@ -162,6 +190,8 @@ class _RADFunction(Function):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            cls.forward = staticmethod(_owning(cls.__dict__["forward"].__func__))
 
         def forward(ctx, *args):
             if not cls._materialize_grads:
