@@ -454,6 +454,46 @@ def test_attention_rebuilds_rotated_queries_and_keys_from_the_projections_input(
     assert stored_saved - rebuilt_saved == (0 if residual else bytes_of)
 
 
+class _CopiedHeadsAttention(nn.Module):
+    """Attention as Whisper writes it: each projection scaled or not, split into heads and copied
+    (``contiguous()``, or ``clone()``) before attention reads it."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, h):
+        heads = lambda t: t.view(*t.shape[:-1], 2, 4).transpose(-3, -2)  # noqa: E731
+        q = heads(self.q(h) * 0.5).contiguous()
+        k = torch.clone(heads(self.k(h)), memory_format=torch.contiguous_format)
+        return F.scaled_dot_product_attention(q, k, heads(self.v(h)).contiguous())
+
+
+def test_attention_rebuilds_copied_queries_and_keys_from_the_projections_input():
+    from radgrad.functional import _attention
+    torch.manual_seed(0)
+    model = radgrad.convert(_CopiedHeadsAttention().double(), method="quantize")
+    h = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        torch.manual_seed(1)
+        with radgrad.memory.record(model) as rec:
+            out = model(h)
+        grads = torch.autograd.grad(out.pow(2).sum(), (h, *model.parameters()))
+        return torch.cat([g.reshape(-1) for g in grads]), rec.total
+
+    rebuilt, rebuilt_saved = run()
+    original = _attention.source
+    _attention.source = lambda *t: None
+    try:
+        stored, stored_saved = run()
+    finally:
+        _attention.source = original
+    assert torch.equal(rebuilt, stored)  # the same draws, q and k rebuilt bit for bit
+    # stored: q and k; rebuilt: h in their place
+    assert stored_saved - rebuilt_saved == h.numel() * h.element_size()
+
+
 def test_rebuilding_leaves_no_garbage_cycles():
     # a cycle holding the rebuilt queries and keys would keep them alive until the collector runs:
     # a higher peak, and one that changes from run to run

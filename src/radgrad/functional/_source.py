@@ -14,10 +14,11 @@ NOTE [Recomputing a projection]
     weak references to its operands (:func:`record`). Cheap ops applied to
     such an output are recorded too (:func:`record_op`, called by
     :mod:`radgrad.route` for ``-``, ``+``, ``*`` by a number or by a tensor
-    that needs no gradient, ``torch.cat``...): a rotary position embedding,
-    ``q * cos + rotate_half(q) * sin``, or a scaled query, ``q_proj(h) *
-    scale``, is then rebuilt from ``h``, the weights and the small ``cos``
-    and ``sin``. An op is recorded only when every other tensor it reads is
+    that needs no gradient, ``torch.cat``, a ``contiguous()`` or ``clone()``
+    copy...): a rotary position embedding, ``q * cos + rotate_half(q) *
+    sin``, or a scaled query copied per head, ``(q_proj(h) *
+    scale).view(...).transpose(1, 2).contiguous()``, is then rebuilt from
+    ``h``, the weights and the small ``cos`` and ``sin``. An op is recorded only when every other tensor it reads is
     at most half the size of its output (a broadcast ``cos``, not a
     residual stream: saving that would cost more than the output itself),
     and a recipe replays at most :data:`MAX_STEPS` steps per tensor.
@@ -25,9 +26,9 @@ NOTE [Recomputing a projection]
     An op given a tensor asks :func:`source` for a recipe: it exists when
     the tensor is a view of a recorded output (any view: split, ``view``,
     ``transpose``), nothing it was computed from was modified in place
-    since, and all of it is still alive. Anything else (a copy, a
-    ``contiguous()``, an op on a tensor that needs a gradient) has no recipe
-    and the op saves the tensor itself. Every tensor is held by weak
+    since, and all of it is still alive. Anything else (a copy made with
+    ``copy_``, an op on a tensor that needs a gradient) has no recipe and
+    the op saves the tensor itself. Every tensor is held by weak
     reference (a view by its base and its geometry), so recording never
     keeps an activation alive; nothing is recorded while compiling (graphs
     save what their partitioner chooses).
