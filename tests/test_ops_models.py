@@ -902,3 +902,67 @@ def test_multi_query_attention_by_broadcasting_stores_one_head_and_is_unbiased()
     n_v = v.numel()
     assert_same_up_to_rounding(samples[:, -n_v:], exact[-n_v:].expand(samples.shape[0], -1))  # value grad exact
     assert_unbiased(samples[:, :-n_v], exact[:-n_v])
+
+
+class _TorchFunctions(nn.Module):
+    """Elementwise torch functions as a model's own code calls them (Mamba's ``exp`` and
+    ``softplus``), one of them on a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_rate = nn.Parameter(torch.linspace(-1, 1, 64, dtype=torch.float64))
+
+    def forward(self, x):
+        rate = torch.exp(self.log_rate)  # a parameter's transform: nothing to gain, kept exact
+        h = torch.exp(x - rate) + x.tanh() + torch.sigmoid(x)
+        return F.softplus(h, beta=2.0) + F.softplus(x)
+
+
+def test_torch_elementwise_functions_are_routed_exact_forward_unbiased_gradients():
+    torch.manual_seed(0)
+    plain = _TorchFunctions()
+    with pytest.warns(UserWarning, match="only 0% of the model's trainable parameters"):  # its own parameter
+        model = radgrad.convert(_TorchFunctions(), method="quantize")
+    x = torch.randn(16, 64, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(model(x), plain(x))
+    saved, exact_saved = (radgrad.memory.measure(m, x).total for m in (model, plain))
+    assert saved < exact_saved / 4
+    exact = _grads(lambda *t: plain(t[0]), x, plain.log_rate)
+    draws = _draws(lambda *t: model(t[0]), [x, model.log_rate], N_QUANTIZED)
+    assert_unbiased(draws, exact)
+    # the parameter's own exp stays torch's: the share of its gradient through it is not estimated
+    rate_only = lambda m: torch.exp(m.log_rate).sum()  # noqa: E731
+    assert torch.equal(torch.autograd.grad(rate_only(model), model.log_rate)[0],
+                       torch.autograd.grad(rate_only(plain), plain.log_rate)[0])
+
+
+class _FunctionalConv(nn.Module):
+    """A convolution whose weight a model transforms before calling ``F.conv2d`` (weight standardization)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 2, 3, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True))
+        return F.conv2d(x, w, None, 1, 1)
+
+
+def test_functional_convolutions_are_routed_and_exact_layers_stay_exact():
+    torch.manual_seed(0)
+    model = radgrad.convert(nn.Sequential(_FunctionalConv(), nn.Conv2d(4, 4, 3, padding=1).double(),
+                                          nn.Flatten(), nn.Linear(1024, 2).double()), method="quantize")
+    x = torch.randn(8, 2, 16, 16, dtype=torch.float64)
+    plain = radgrad.memory.measure(nn.Conv2d(2, 4, 3, padding=1).double(), x).total
+    model[1].sketch = SketchConfig(1.0)  # made exact by hand, as radgrad.allocate may
+    saved = radgrad.memory.measure(model, x).by_module
+    assert saved["0"] < plain / 4  # routed: a 2-bit sketch of its input
+    assert saved["1"] == 2 * plain  # exact: its input, twice the channels of the first layer's
+    # the routed call is radgrad.functional.conv itself, under the same draw
+    torch.manual_seed(1)
+    (routed,) = torch.autograd.grad(model(x).sum(), model[0].weight)
+    torch.manual_seed(1)
+    w = model[0].weight
+    direct = RF.conv(x, w - w.mean((1, 2, 3), keepdim=True), None, 1, 1, config=SketchConfig(method="quantize"))
+    (want,) = torch.autograd.grad(model[3](model[2](model[1](direct))).sum(), w)
+    assert torch.equal(routed, want)

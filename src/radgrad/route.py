@@ -12,6 +12,7 @@ with gradients on, which sends these calls to :mod:`radgrad.functional`:
     torch function                    RAD twin (what it saves)
     ================================  ================================================
     ``F.linear``                      :func:`~radgrad.functional.linear` (sketch of the input)
+    ``F.conv1d``, ``conv2d``, ``conv3d``  :func:`~radgrad.functional.conv` (the same)
     ``F.scaled_dot_product_attention``  exact q, k; sketch of v; mask bits
     ``F.dropout``                     mask as bits (exact)
     ``F.relu``                        mask as bits (exact)
@@ -20,10 +21,13 @@ with gradients on, which sends these calls to :mod:`radgrad.functional`:
     ``F.rms_norm``                    the same
     ``F.multi_head_attention_forward``  RAD projections and attention (``need_weights=False``)
     ``F.gelu``, ``F.silu``, ``F.mish``  sketch of the derivative
+    ``torch.exp``, ``tanh``, ``sigmoid``  the same (torch's own on a parameter)
+    ``F.softplus``                    the same
     ``torch.matmul``, ``bmm``, ``@``  a sketch of each operand but a parameter
     ``torch.baddbmm``                 the same; the added tensor needs nothing
     ``torch.mul``, ``*``              the same, for operands the size of the output
     ``-``, ``+``, ``/``, ``torch.cat``  torch's op, noted when attention may rebuild its output
+    ``contiguous()``, ``clone()``     the same
     ``softmax``                       two sketches of the output
     ``log_softmax``                   a sketch of ``exp`` of the output
     ``F.cross_entropy``               the same, with class-index targets
@@ -75,6 +79,10 @@ def _mha(config, *args, **kwargs):
     return RF.multi_head_attention_forward(*args, **kwargs, config=config)
 
 
+def _conv(config, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return RF.conv(input, weight, bias, stride, padding, dilation, groups, config)
+
+
 def _relu(config, input, inplace=False):
     return RF.relu(input)
 
@@ -106,6 +114,27 @@ def _activation(name, config, input, *args, **kwargs):
         name = "gelu-tanh"
     forward, derivative = FUSED[name]
     return RF.elementwise(forward, input, config, derivative)
+
+
+def _function(name, func, config, input, *args, **kwargs):
+    """A torch elementwise function (``torch.exp``, ``torch.tanh``...) as :func:`RF.elementwise` with
+    its derivative from :data:`FUSED`; torch's own on a parameter (nothing to gain), with options or
+    ``out``."""
+    if args or kwargs or not _floating(input) or _parameter(input):
+        return func(input, *args, **kwargs)
+    forward, derivative = FUSED[name]
+    return RF.elementwise(forward, input, config, derivative)
+
+
+def _softplus(config, input, beta=1.0, threshold=20.0):
+    if not _floating(input) or _parameter(input):
+        return F.softplus(input, beta, threshold)
+    return RF.elementwise(lambda x: F.softplus(x, beta, threshold), input, config,
+                          lambda x: torch.ops.aten.softplus_backward(torch.ones_like(x), x, beta, threshold))
+
+
+def _parameter(t: Tensor) -> bool:
+    return isinstance(t if t._base is None else t._base, nn.Parameter)
 
 
 def _floating(*tensors) -> bool:
@@ -190,6 +219,7 @@ _CHEAP = (torch.neg, torch.Tensor.neg, torch.Tensor.__neg__, torch.add, torch.Te
 #: torch function -> RAD twin taking the config first; the table above.
 ROUTED = {
     F.linear: _linear,
+    **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d), _conv),
     F.scaled_dot_product_attention: _sdpa,
     F.dropout: _dropout,
     F.relu: _relu,
@@ -203,6 +233,11 @@ ROUTED = {
     F.gelu: functools.partial(_activation, "gelu"),
     F.silu: functools.partial(_activation, "silu"),
     F.mish: functools.partial(_activation, "mish"),
+    F.softplus: _softplus,
+    **{func: functools.partial(_function, name, func)
+       for name, funcs in (("exp", (torch.exp, torch.Tensor.exp)), ("tanh", (torch.tanh, torch.Tensor.tanh, F.tanh)),
+                           ("sigmoid", (torch.sigmoid, torch.Tensor.sigmoid, F.sigmoid)))
+       for func in funcs},
     **{func: functools.partial(_product, func, RF.matmul)
        for func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)},
     **{func: functools.partial(_bmm, func) for func in (torch.bmm, torch.Tensor.bmm)},

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from radgrad.functional._base import (
-    _DEFAULT, _RADFunction, _apply, _blocks, _check_input, _packed, _randomized, _sketch_from, _tuple,
+    _DEFAULT, _RADFunction, _apply, _blocks, _check_input, _packed, _randomized, _sketch_from, _torch,
+    _tuple,
 )
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig, unpack_rows
@@ -104,7 +105,7 @@ def conv(
     _check_input("functional.conv", input)
     n = weight.dim() - 2
     if not _randomized(config, weight):
-        return _TORCH_CONV[n](input, weight, bias, stride, padding, dilation, groups)
+        return _torch(_TORCH_CONV[n], input, weight, bias, stride, padding, dilation, groups)
     unbatched = input.dim() == n + 1
     if unbatched:
         input = input.unsqueeze(0)
@@ -137,7 +138,8 @@ def conv_transpose(
     _check_input("functional.conv_transpose", input)
     n = weight.dim() - 2
     if not _randomized(config, weight):
-        return _TORCH_CONV_TRANSPOSE[n](input, weight, bias, stride, padding, output_padding, groups, dilation)
+        return _torch(_TORCH_CONV_TRANSPOSE[n], input, weight, bias, stride, padding, output_padding, groups,
+                      dilation)
     unbatched = input.dim() == n + 1
     if unbatched:
         input = input.unsqueeze(0)

@@ -36,6 +36,8 @@ FUSED: dict[str, tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]] 
     "mish": (F.mish, lambda x: torch.ops.aten.mish_backward(_ones_like(x), x)),
     "tanh": (torch.tanh, lambda x: torch.ops.aten.tanh_backward(_ones_like(x), torch.tanh(x))),
     "sigmoid": (torch.sigmoid, lambda x: torch.ops.aten.sigmoid_backward(_ones_like(x), torch.sigmoid(x))),
+    "exp": (torch.exp, torch.exp),
+    "softplus": (F.softplus, lambda x: torch.ops.aten.softplus_backward(_ones_like(x), x, 1.0, 20.0)),
 }
 
 
