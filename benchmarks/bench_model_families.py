@@ -3,7 +3,9 @@
 Each family's model is built from its config with random weights at one
 small, common size (language models: 4 layers, 256 wide, vocabulary 256,
 batch 8 x 256 random tokens; image models: batch 16 of random 64 px images,
-the family's own small layout), trained-mode forward with a loss, once
+the family's own small layout; audio classifiers: batch 4 of one second of
+random 16 kHz audio; Whisper: 30 s of random log-mel features and 64 target
+tokens), trained-mode forward with a loss, once
 plain and once converted. Reported: the bytes saved for backward
 (radgrad.memory.measure) and the peak of a forward and backward pass above
 the weights (radgrad.memory.peak), converted over plain; the modules
@@ -76,6 +78,29 @@ def _image(config: Callable, model: Callable, **options) -> Callable[[], tuple[n
     return build
 
 
+def _audio(config: Callable, model: Callable, **options) -> Callable[[], tuple[nn.Module, dict]]:
+    """A classifier of one second of random 16 kHz audio per example (batch 4, two classes)."""
+    def build():
+        g = torch.Generator().manual_seed(0)
+        x, y = torch.randn(4, 16000, generator=g), torch.randint(2, (4,), generator=g)
+        return model(config(num_labels=2, **options)), dict(input_values=x, labels=y)
+    return build
+
+
+def _whisper() -> tuple[nn.Module, dict]:
+    """Speech to text: 30 s of random 80-bin log-mel features (1500 encoder positions), 64 target tokens."""
+    config = T.WhisperConfig(d_model=256, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                             decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
+                             vocab_size=VOCABULARY, pad_token_id=0, decoder_start_token_id=1)
+    g = torch.Generator().manual_seed(0)
+    features, ids = torch.randn(2, 80, 3000, generator=g), torch.randint(2, VOCABULARY, (2, 64), generator=g)
+    return T.WhisperForConditionalGeneration(config), dict(input_features=features, labels=ids)
+
+
+_AUDIO = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, conv_dim=(128,) * 7)
+_SEQ2SEQ = dict(d_model=256, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=1024, decoder_ffn_dim=1024, vocab_size=VOCABULARY, max_position_embeddings=LENGTH)
+
 FAMILIES: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
     "mistral": _language(T.MistralConfig, T.MistralForCausalLM, num_key_value_heads=2, **_LM),
     "qwen2": _language(T.Qwen2Config, T.Qwen2ForCausalLM, num_key_value_heads=2, **_LM),
@@ -105,6 +130,21 @@ FAMILIES: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
     "efficientnet": _image(T.EfficientNetConfig, T.EfficientNetForImageClassification, image_size=PIXELS),
     "mobilenet-v2": _image(T.MobileNetV2Config, T.MobileNetV2ForImageClassification, image_size=PIXELS),
     "regnet": _image(T.RegNetConfig, T.RegNetForImageClassification),
+    # the families below were added later (commands and figures in BENCHMARKS.md)
+    "whisper": _whisper,
+    "wav2vec2": _audio(T.Wav2Vec2Config, T.Wav2Vec2ForSequenceClassification, **_AUDIO),
+    "hubert": _audio(T.HubertConfig, T.HubertForSequenceClassification, **_AUDIO),
+    "bart": _language(T.BartConfig, T.BartForConditionalGeneration, **_SEQ2SEQ),
+    # transformers' reference selective scan, a Python loop over the tokens: 2 layers, 128 wide
+    "mamba": _language(T.MambaConfig, T.MambaForCausalLM, hidden_size=128, num_hidden_layers=2,
+                       vocab_size=VOCABULARY, state_size=16),
+    "clip": _image(T.CLIPConfig, T.CLIPForImageClassification, vision_config=dict(
+        image_size=PIXELS, patch_size=8, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+        num_attention_heads=4)),
+    "segformer": _image(T.SegformerConfig, T.SegformerForImageClassification),
+    "levit": _image(T.LevitConfig, T.LevitForImageClassification, image_size=PIXELS),
+    "mobilevit": _image(T.MobileViTConfig, T.MobileViTForImageClassification, image_size=PIXELS),
+    "poolformer": _image(T.PoolFormerConfig, T.PoolFormerForImageClassification),
 }
 
 
