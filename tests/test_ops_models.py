@@ -937,20 +937,23 @@ def test_torch_elementwise_functions_are_routed_exact_forward_unbiased_gradients
 
 
 class _FunctionalConv(nn.Module):
-    """A convolution whose weight a model transforms before calling ``F.conv2d`` (weight standardization)."""
+    """A convolution (or a transposed one) whose weight a model transforms before calling
+    ``F.conv2d`` (weight standardization)."""
 
-    def __init__(self):
+    def __init__(self, transposed):
         super().__init__()
+        self.transposed = transposed
         self.weight = nn.Parameter(torch.randn(4, 2, 3, 3, dtype=torch.float64))
 
     def forward(self, x):
         w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True))
-        return F.conv2d(x, w, None, 1, 1)
+        return F.conv_transpose2d(x, w.transpose(0, 1), None, 1, 1) if self.transposed else F.conv2d(x, w, None, 1, 1)
 
 
-def test_functional_convolutions_are_routed_and_exact_layers_stay_exact():
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "conv_transpose"])
+def test_functional_convolutions_are_routed_and_exact_layers_stay_exact(transposed):
     torch.manual_seed(0)
-    model = radgrad.convert(nn.Sequential(_FunctionalConv(), nn.Conv2d(4, 4, 3, padding=1).double(),
+    model = radgrad.convert(nn.Sequential(_FunctionalConv(transposed), nn.Conv2d(4, 4, 3, padding=1).double(),
                                           nn.Flatten(), nn.Linear(1024, 2).double()), method="quantize")
     x = torch.randn(8, 2, 16, 16, dtype=torch.float64)
     plain = radgrad.memory.measure(nn.Conv2d(2, 4, 3, padding=1).double(), x).total
@@ -958,11 +961,14 @@ def test_functional_convolutions_are_routed_and_exact_layers_stay_exact():
     saved = radgrad.memory.measure(model, x).by_module
     assert saved["0"] < plain / 4  # routed: a 2-bit sketch of its input
     assert saved["1"] == 2 * plain  # exact: its input, twice the channels of the first layer's
-    # the routed call is radgrad.functional.conv itself, under the same draw
+    # the routed call is radgrad.functional's own, under the same draw
     torch.manual_seed(1)
     (routed,) = torch.autograd.grad(model(x).sum(), model[0].weight)
     torch.manual_seed(1)
     w = model[0].weight
-    direct = RF.conv(x, w - w.mean((1, 2, 3), keepdim=True), None, 1, 1, config=SketchConfig(method="quantize"))
-    (want,) = torch.autograd.grad(model[3](model[2](model[1](direct))).sum(), w)
+    w = w - w.mean((1, 2, 3), keepdim=True)
+    config = SketchConfig(method="quantize")
+    direct = (RF.conv_transpose(x, w.transpose(0, 1), None, 1, 1, config=config) if transposed else
+              RF.conv(x, w, None, 1, 1, config=config))
+    (want,) = torch.autograd.grad(model[3](model[2](model[1](direct))).sum(), model[0].weight)
     assert torch.equal(routed, want)

@@ -13,6 +13,7 @@ with gradients on, which sends these calls to :mod:`radgrad.functional`:
     ================================  ================================================
     ``F.linear``                      :func:`~radgrad.functional.linear` (sketch of the input)
     ``F.conv1d``, ``conv2d``, ``conv3d``  :func:`~radgrad.functional.conv` (the same)
+    ``F.conv_transpose1d`` ... ``3d``  :func:`~radgrad.functional.conv_transpose` (the same)
     ``F.scaled_dot_product_attention``  exact q, k; sketch of v; mask bits
     ``F.dropout``                     mask as bits (exact)
     ``F.relu``                        mask as bits (exact)
@@ -81,6 +82,10 @@ def _mha(config, *args, **kwargs):
 
 def _conv(config, input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return RF.conv(input, weight, bias, stride, padding, dilation, groups, config)
+
+
+def _conv_transpose(config, input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    return RF.conv_transpose(input, weight, bias, stride, padding, output_padding, groups, dilation, config)
 
 
 def _relu(config, input, inplace=False):
@@ -220,6 +225,7 @@ _CHEAP = (torch.neg, torch.Tensor.neg, torch.Tensor.__neg__, torch.add, torch.Te
 ROUTED = {
     F.linear: _linear,
     **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d), _conv),
+    **dict.fromkeys((F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d), _conv_transpose),
     F.scaled_dot_product_attention: _sdpa,
     F.dropout: _dropout,
     F.relu: _relu,
