@@ -135,7 +135,8 @@ def _softplus(config, input, beta=1.0, threshold=20.0):
     if not _floating(input) or _parameter(input):
         return F.softplus(input, beta, threshold)
     return RF.elementwise(lambda x: F.softplus(x, beta, threshold), input, config,
-                          lambda x: torch.ops.aten.softplus_backward(torch.ones_like(x), x, beta, threshold))
+                          lambda x: torch.ops.aten.softplus_backward(x.new_ones(()).expand(x.shape), x, beta,
+                                                                     threshold))
 
 
 def _parameter(t: Tensor) -> bool:
