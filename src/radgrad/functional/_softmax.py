@@ -31,7 +31,7 @@ from torch import Tensor
 from radgrad.functional._base import _DEFAULT, _RADFunction, _autocast_dtype, _check_input, _packed, \
     _sketch_from, _torch
 from radgrad.saved import save_for_backward, saved_tensors
-from radgrad.sketch import SketchConfig
+from radgrad.sketch import Sketch, SketchConfig
 
 __all__ = ["softmax", "log_softmax", "cross_entropy"]
 
@@ -66,9 +66,16 @@ class _Softmax(_RADFunction):
         if ctx.log:
             grad_input = grad - scale(grad.sum(ctx.dim, keepdim=True))
         else:
-            weighted = (b[0].unpack() * grad).sum(ctx.dim, keepdim=True)
+            weighted = _weighted_sum(b[0], grad, ctx.dim)
             grad_input = scale(grad - weighted)
         return grad_input.to(ctx.input_dtype), None, None, None, None
+
+
+def _weighted_sum(sketch: Sketch, grad: Tensor, dim: int) -> Tensor:
+    """``(estimate * grad).sum(dim)``, the estimate multiplied in place when it is a rebuilt one (ours);
+    it is freed on return, before the caller allocates the input gradient."""
+    estimate = sketch.unpack()
+    return (estimate.mul(grad) if sketch.exact else estimate.mul_(grad)).sum(dim, keepdim=True)
 
 
 def _softmax(name: str, log: bool, input: Tensor, dim: int | None, dtype: torch.dtype | None,
