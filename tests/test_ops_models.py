@@ -426,12 +426,10 @@ class _RotaryAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-@pytest.mark.parametrize("residual", [False, True], ids=["rotary", "rotary-residual"])
-def test_attention_rebuilds_rotated_queries_and_keys_from_the_projections_input(residual):
+def _rebuilt_and_stored(model, h):
+    """``(gradients, saved bytes)`` of a step under one seed, with attention rebuilding its queries
+    and keys where it can, then with attention saving them."""
     from radgrad.functional import _attention
-    torch.manual_seed(0)
-    model = radgrad.convert(_RotaryAttention(residual).double(), method="quantize")
-    h = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
 
     def run():
         torch.manual_seed(1)
@@ -440,13 +438,21 @@ def test_attention_rebuilds_rotated_queries_and_keys_from_the_projections_input(
         grads = torch.autograd.grad(out.pow(2).sum(), (h, *model.parameters()))
         return torch.cat([g.reshape(-1) for g in grads]), rec.total
 
-    rebuilt, rebuilt_saved = run()
+    rebuilt = run()
     original = _attention.source
     _attention.source = lambda *t: None
     try:
-        stored, stored_saved = run()
+        return rebuilt, run()
     finally:
         _attention.source = original
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["rotary", "rotary-residual"])
+def test_attention_rebuilds_rotated_queries_and_keys_from_the_projections_input(residual):
+    torch.manual_seed(0)
+    model = radgrad.convert(_RotaryAttention(residual).double(), method="quantize")
+    h = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    (rebuilt, rebuilt_saved), (stored, stored_saved) = _rebuilt_and_stored(model, h)
     assert torch.equal(rebuilt, stored)  # the same draws, q and k rebuilt bit for bit
     bytes_of = h.numel() * h.element_size()  # q, k and h are each this large
     # stored: q and k; rebuilt: h in their place (cos and sin are saved by the products either way);
@@ -470,25 +476,10 @@ class _CopiedHeadsAttention(nn.Module):
 
 
 def test_attention_rebuilds_copied_queries_and_keys_from_the_projections_input():
-    from radgrad.functional import _attention
     torch.manual_seed(0)
     model = radgrad.convert(_CopiedHeadsAttention().double(), method="quantize")
     h = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
-
-    def run():
-        torch.manual_seed(1)
-        with radgrad.memory.record(model) as rec:
-            out = model(h)
-        grads = torch.autograd.grad(out.pow(2).sum(), (h, *model.parameters()))
-        return torch.cat([g.reshape(-1) for g in grads]), rec.total
-
-    rebuilt, rebuilt_saved = run()
-    original = _attention.source
-    _attention.source = lambda *t: None
-    try:
-        stored, stored_saved = run()
-    finally:
-        _attention.source = original
+    (rebuilt, rebuilt_saved), (stored, stored_saved) = _rebuilt_and_stored(model, h)
     assert torch.equal(rebuilt, stored)  # the same draws, q and k rebuilt bit for bit
     # stored: q and k; rebuilt: h in their place
     assert stored_saved - rebuilt_saved == h.numel() * h.element_size()
@@ -532,6 +523,16 @@ def test_one_recipe_rebuilds_queries_and_keys_of_a_fused_projection_with_one_pro
     rebuilt = rebuild(recipe.program, iter(recipe.tensors))
     assert torch.equal(rebuilt[0], q) and rebuilt[1] is None and torch.equal(rebuilt[2], k)
     assert source(unknown) is None
+
+
+def test_an_op_returning_its_argument_adds_no_step():
+    # contiguous() of a contiguous linear output is that output: nothing new to record
+    from radgrad.functional._source import record_op, source
+    h = torch.randn(2, 5, 6, dtype=torch.float64, requires_grad=True)
+    out = RF.linear(h, torch.randn(6, 6, dtype=torch.float64), None, SketchConfig(method="quantize"))
+    same = out.contiguous()
+    record_op(same, torch.Tensor.contiguous, (out,), {})
+    assert same is out and [step[0] for step in source(same).program[0]] == ["linear"]
 
 
 def test_recipes_replay_short_chains_of_unmodified_tensors_only():

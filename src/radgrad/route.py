@@ -169,15 +169,6 @@ def _recorded(func, config, *args, **kwargs):
     return output
 
 
-def _copied(func, config, input, *args, **kwargs):
-    """``input.contiguous()`` or a clone, recorded as :func:`_recorded` records: a copy of a rebuildable
-    tensor is rebuilt as one (Whisper's ``q_proj(h).view(...).transpose(1, 2).contiguous()``)."""
-    output = func(input, *args, **kwargs)
-    if output is not input:  # contiguous() returns a contiguous tensor itself
-        record_op(output, func, (input, *args), kwargs)
-    return output
-
-
 def _batches(a: Tensor, b: Tensor) -> bool:
     """Whether ``a`` and ``b`` are batches of matrices as ``bmm`` takes them: 3-d, the same batch size."""
     return a.dim() == b.dim() == 3 and a.shape[0] == b.shape[0]
@@ -217,10 +208,12 @@ def _cross_entropy(config, input, target, weight=None, size_average=None, ignore
 
 
 # Ops whose output attention can rebuild from a linear layer's input (NOTE [Recomputing a projection]):
-# signs, sums, scalings and concatenations, as rotary position embeddings and scaled queries are made of.
+# signs, sums, scalings and concatenations, as rotary position embeddings and scaled queries are made of,
+# and copies (Whisper's ``q_proj(h).view(...).transpose(1, 2).contiguous()``).
 _CHEAP = (torch.neg, torch.Tensor.neg, torch.Tensor.__neg__, torch.add, torch.Tensor.add, torch.Tensor.__add__,
           torch.Tensor.__radd__, torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__rsub__,
-          torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.cat, torch.concat)
+          torch.div, torch.Tensor.div, torch.Tensor.__truediv__, torch.cat, torch.concat,
+          torch.Tensor.contiguous, torch.clone, torch.Tensor.clone)
 
 #: torch function -> RAD twin taking the config first; the table above.
 ROUTED = {
@@ -252,7 +245,6 @@ ROUTED = {
     **{func: functools.partial(_mul, func)
        for func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)},
     **{func: functools.partial(_recorded, func) for func in _CHEAP},
-    **{func: functools.partial(_copied, func) for func in (torch.Tensor.contiguous, torch.clone, torch.Tensor.clone)},
     **{func: functools.partial(_softmax, func, log)
        for func, log in ((torch.softmax, False), (torch.Tensor.softmax, False),
                          (torch.log_softmax, True), (torch.Tensor.log_softmax, True))},

@@ -132,8 +132,9 @@ def record(output: Tensor, input: Tensor, weight: Tensor, bias: Tensor | None) -
 def record_op(output: Any, func: Callable, args: Sequence, kwargs: dict) -> None:
     """Note that ``output`` is ``func(*args, **kwargs)``, if it reads a recorded output and every other
     tensor it reads is at most half its size (NOTE [Recomputing a projection])."""
+    # an op that returned one of its arguments (``contiguous()`` of a contiguous tensor) made nothing
     if (not isinstance(output, Tensor) or torch.compiler.is_compiling() or not torch.is_grad_enabled()
-            or output._base is not None or not _reads_recorded(args)):
+            or output._base is not None or any(output is a for a in args) or not _reads_recorded(args)):
         return
     limit = output.numel() // 2
     sources: list = []
