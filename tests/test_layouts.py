@@ -5,6 +5,8 @@ compared with the same op on a contiguous copy under the same draw, which
 makes them the very estimate whose unbiasedness tests/test_sketch.py checks.
 """
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,6 +75,35 @@ def test_relu_matches_torch_bitwise(shape, layout, seed):
     got = grads_of(RF.relu, leaf, view)
     assert torch.equal(got[0].nan_to_num(7.0), want[0].nan_to_num(7.0))
     assert_same(got[1:], want[1:])
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=4), layout=st.sampled_from(LAYOUTS + ["channels_last"]),
+       chunk=st.sampled_from([8, 16, 40]), grad_like_output=st.booleans(), seed=st.integers(0, 2**31))
+def test_relu_masks_in_chunks_match_torch_bitwise(shape, layout, chunk, grad_like_output, seed):
+    # NOTE [Masks in chunks]: a mask of more than _CHUNK entries is packed and applied a chunk at a
+    # time; small chunks make every case here cross chunk boundaries, whole bytes or not
+    if layout == "channels_last" and len(shape) < 3:
+        layout = "permuted"
+    leaf, view = strided(shape, layout, seed)
+    leaf.view(-1)[::3] = torch.nan
+    x = view(leaf).detach().requires_grad_()
+    out = RF.relu(x)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    if grad_like_output:  # in the mask's own layout: the chunked path
+        upstream = torch.empty_like(out).copy_(upstream)
+    with mock.patch.object(radgrad.bits, "_CHUNK", chunk):
+        packed = radgrad.bits.pack(out.detach())  # what RF.relu saves
+        mask = radgrad.bits.unpack(packed)
+        got = radgrad.bits.masked_grad(upstream, packed)
+    whole = radgrad.bits.pack(out.detach())
+    assert torch.equal(packed.data, whole.data) and packed.order == whole.order
+    assert torch.equal(mask.bool(), out.detach() != 0)
+    want = torch.autograd.grad(torch.relu(x), x, upstream)[0]
+    assert torch.equal(got, want)
+    if grad_like_output:  # in the layout of the gradient (and mask) it was given
+        assert [stride for n, stride in zip(got.shape, got.stride()) if n > 1] == \
+            [stride for n, stride in zip(upstream.shape, upstream.stride()) if n > 1]
 
 
 @settings(max_examples=40, deadline=None)
