@@ -7,7 +7,7 @@ import torch
 
 import radgrad
 from radgrad import rng
-from radgrad.estimators import quantize
+from radgrad.estimators import quantize, sample
 from radgrad.sketch import SketchConfig, pack, unpack
 from problems import assert_unbiased
 
@@ -201,6 +201,17 @@ def test_state_must_fit():
         with pytest.raises(ValueError, match=r"state= gives the positions or signs of method 'sample' or "
                                              r"'project' with keep < 1; this config .* draws none ahead"):
             pack(torch.randn(5, 30), config, batch_dims=1, state=a.state)
+
+
+@pytest.mark.parametrize("d,dtype", [(d, torch.int16) for d in (1, 2, 7, 784, 2**15 - 1, 2**15)]
+                         + [(d, torch.int32) for d in (1, 784, 2**15, 2**15 + 1, 2**20)])
+def test_sample_indices_are_the_sum_mod_d(d, dtype):
+    # NOTE [Sampling with shared offsets]: (a + o) mod D, computed with shifts in the state's own
+    # type, at the edges of that type (int16 states are drawn for D <= 2**15, int32 above and compiled)
+    g = torch.Generator().manual_seed(d)
+    bases, offsets = (torch.randint(0, d, (n,), generator=g, dtype=dtype) for n in (40, 30))
+    bases[:2], offsets[:2] = torch.tensor([0, d - 1]), torch.tensor([0, d - 1])
+    assert torch.equal(sample._indices(bases, offsets, d), (bases.long()[:, None] + offsets.long()) % d)
 
 
 def test_sample_indices_are_uniform_and_pairwise_independent():
