@@ -94,21 +94,26 @@ def _memory_order(t: Tensor) -> tuple[int, ...] | None:
 
 # NOTE [Masks in chunks]
 #   Packing a mask and masking a gradient with it each make temporaries the
-#   size of the tensor (its bools, their int64 products; threshold_backward
-#   casts the mask's bytes to the gradient's dtype). On a CPU, glibc's malloc
-#   hands allocations that large back to the system when they are freed, and
-#   takes them again page by page: on the paper's convnet (maps of 4.9M
-#   entries), ReLU's masks cost 2-4% of the eager step that way. So on a CPU
-#   a mask of more than _CHUNK entries is packed, and a gradient masked, a
-#   chunk of _CHUNK entries (a multiple of 8: whole bytes) at a time, into one
-#   output; the temporaries stay small and are reused. Elsewhere (a GPU's
-#   caching allocator keeps its blocks) one call does the whole tensor.
+#   size of the tensor: its bools and their int64 products, the unpacked
+#   bytes, and inside threshold_backward their cast to the gradient's dtype.
+#   They raised the step's peak: on the paper's convnet at batch 150 (maps of
+#   4.9M entries), radgrad.memory.peak (which does not see the cast) found
+#   53.3 MB of live tensors with whole masks and 43.1 MB with chunks, the
+#   exact model 66.2 (benchmarks/bench_mask_chunks.py); the step time did not
+#   change beyond the machine's noise. So a mask of more than _CHUNK entries
+#   is packed, and a gradient masked, a chunk at a time into one output:
+#   chunks of _CHUNK entries (a multiple of 8: whole bytes), or of an eighth
+#   of the tensor when that is more, so that a GPU launches a few kernels
+#   per chunk for at most 8 chunks.
 _CHUNK = 2**20
 
 
 def _chunk(t: Tensor) -> int | None:
-    """The chunk size for ``t``'s mask, or None for one call (NOTE [Masks in chunks])."""
-    return _CHUNK if t.device.type == "cpu" and t.numel() > _CHUNK else None
+    """Entries per chunk of ``t``'s mask, or None for one call (NOTE [Masks in chunks])."""
+    n = t.numel()
+    if not known(n > _CHUNK):  # a symbolic size (under compilation the planes above are used)
+        return None
+    return max(_CHUNK, -(-n // 64) * 8)
 
 
 def _pad_to_bytes(flat: Tensor) -> Tensor:

@@ -35,7 +35,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["MemoryRecord", "record", "measure", "saved_bytes", "PeakRecord", "peak"]
 
@@ -207,9 +209,11 @@ def peak(step: Callable[[], Any], *owners: nn.Module | torch.optim.Optimizer) ->
     buffers, gradients; optimizers: their state) and every tensor created
     while ``step`` runs, for as long as it lives. Tensors created before the
     step and owned by none of ``owners`` (the input batch, say) are not
-    counted. Measured by torch's ``MemTracker`` (torch.distributed._tools),
-    which follows tensor storages through a dispatch mode: it works on the
-    CPU and needs no allocator support, but not inside ``torch.compile``d code.
+    counted, nor are views of them made during the step. Measured by torch's
+    ``MemTracker`` (torch.distributed._tools), which follows tensor storages
+    through a dispatch mode: it works on the CPU and needs no allocator
+    support, but not inside ``torch.compile``d code, and it does not see the
+    temporaries an operator makes inside its own kernel.
 
     Run one step before measuring: an optimizer such as Adam allocates its
     state on its first step, which a steady-state step does not.
@@ -237,7 +241,28 @@ def peak(step: Callable[[], Any], *owners: nn.Module | torch.optim.Optimizer) ->
         raise RuntimeError("radgrad.memory.peak needs a torch built with torch.distributed "
                            f"(its MemTracker measures the peak): {err}") from None
 
+    from torch.distributed._tools.common_utils import get_untyped_storages
+
     class _Tracker(MemTracker):
+        # torch's counts the whole storage of any tensor an op returns that it has not seen, a view of
+        # the input batch too (a minibatch sliced from a dataset tensor: the whole dataset). Storages
+        # an op reads before the tracker has seen them existed before the step: never counted.
+        def __init__(self) -> None:
+            super().__init__()
+            self._before = WeakIdKeyDictionary()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, Tensor):
+                    for st in get_untyped_storages(t):
+                        if st not in self._WINFO:
+                            self._before[st] = True
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _track(self, reftype, t: Tensor) -> None:
+            if not all(st in self._before for st in get_untyped_storages(t)):
+                super()._track(reftype, t)
+
         def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True):
             # torch's hooks the gradient of every parameter a module holds, which raises for a
             # frozen one (fine-tuning, a fixed embedding): a placeholder entry makes it skip those
