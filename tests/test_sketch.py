@@ -204,10 +204,13 @@ def test_state_must_fit():
 
 
 @pytest.mark.parametrize("d,dtype", [(d, torch.int16) for d in (1, 2, 7, 784, 2**15 - 1, 2**15)]
-                         + [(d, torch.int32) for d in (1, 784, 2**15, 2**15 + 1, 2**20)])
+                         + [(d, torch.int32) for d in (1, 784, 2**15, 2**15 + 1, 2**20)]
+                         + [(d, torch.int64) for d in (1, 2**20)]  # a state= a user drew in other types
+                         + [(d, torch.uint8) for d in (1, 200, 255)] + [(d, torch.int8) for d in (1, 127)])
 def test_sample_indices_are_the_sum_mod_d(d, dtype):
     # NOTE [Sampling with shared offsets]: (a + o) mod D, computed with shifts in the state's own
-    # type, at the edges of that type (int16 states are drawn for D <= 2**15, int32 above and compiled)
+    # type, at the edges of that type (int16 states are drawn for D <= 2**15, int32 above and compiled;
+    # state= accepts any integer type)
     g = torch.Generator().manual_seed(d)
     bases, offsets = (torch.randint(0, d, (n,), generator=g, dtype=dtype) for n in (40, 30))
     bases[:2], offsets[:2] = torch.tensor([0, d - 1]), torch.tensor([0, d - 1])

@@ -48,12 +48,15 @@ def draw(rows: int, d: int, k: int, per_example: bool, after: Tensor,
     return rng.draw(0, d, state_shape(rows, k, per_example), dtype, after, generator)
 
 
+_SIGNED = (torch.int16, torch.int32, torch.int64)
+
+
 def _indices(bases: Tensor, offsets: Tensor, d: int) -> Tensor:
     """The ``(len(bases), k)`` sampled indices ``(a + o) mod D``."""
     # (a + o) mod D as t = a + (o - D) in [-D, D), plus D where t < 0: shifts and adds in
-    # the state's own type (int16 holds t and D up to D = 2**15 - 1), several times faster
-    # on a CPU than a comparison or a remainder, and no conversion before them.
-    if bases.dtype == torch.int16 and d >= 2**15:
+    # the state's own type where it holds t and D (int16 up to D = 2**15 - 1), several times
+    # faster on a CPU than a comparison or a remainder, and no conversion before them.
+    if bases.dtype not in _SIGNED or d >= 2 ** (8 * bases.element_size() - 1):
         bases, offsets = bases.int(), offsets.int()
     t = bases.unsqueeze(1) + (offsets - d)
     return t.add_(t.bitwise_right_shift(8 * t.element_size() - 1).bitwise_and_(d)).long()
