@@ -82,7 +82,7 @@ def test_relu_matches_torch_bitwise(shape, layout, seed):
        chunk=st.sampled_from([8, 16, 40]), grad_like_output=st.booleans(), seed=st.integers(0, 2**31))
 def test_relu_masks_in_chunks_match_torch_bitwise(shape, layout, chunk, grad_like_output, seed):
     # NOTE [Masks in chunks]: a mask of more than _CHUNK entries is packed and applied a chunk at a
-    # time; small chunks make every case here cross chunk boundaries, whole bytes or not
+    # time; small chunks make most cases here cross chunk boundaries, whole bytes or not
     if layout == "channels_last" and len(shape) < 3:
         layout = "permuted"
     leaf, view = strided(shape, layout, seed)
