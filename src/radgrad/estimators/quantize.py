@@ -306,11 +306,11 @@ def dequantize(codes: Tensor, scale: Tensor, bits: int, n: int, dtype: torch.dty
     if torch.compiler.is_compiling():
         estimate = _scaled_planes(codes, scale, bits, group, lo, used)
         return (estimate if estimate.shape[1] == n else estimate[:, :n]).to(dtype)
-    codes = _unpack_planes(codes, bits, used).view(rows, -1)  # the n codes and the padding, one byte each
+    unpacked = _unpack_planes(codes, bits, used).view(rows, -1)  # the n codes and the padding, one byte each
     # the padding cut while still bytes: converted from the strided view, the estimate is made
     # contiguous in the one pass, never held beside a padded float copy (wav2vec2's first group
     # norm, 3199 positions: one map-sized temporary fewer at the step's peak)
-    estimate = (codes if codes.shape[1] == n else codes[:, :n]).to(scale.dtype)
+    estimate = (unpacked if unpacked.shape[1] == n else unpacked[:, :n]).to(scale.dtype)
     if lo == 0 and known(rows == scale.shape[0] * group):  # whole groups, each one (lo, step)
         # in place rather than addcmul, which is several times slower broadcasting a column
         estimate.view(-1, group, n).mul_(scale[:, 1, None, None]).add_(scale[:, 0, None, None])
