@@ -1,4 +1,6 @@
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -212,3 +214,29 @@ def test_rebuilding_a_padded_sketch_holds_one_float_copy():
     assert estimates[0].is_contiguous()
     one_float_copy, codes_as_bytes = x.numel() * 4, 512 * 4 * 800
     assert one_float_copy <= record.peak <= one_float_copy + codes_as_bytes
+
+
+def _forward_only(model, x):
+    with record(model):
+        model(x)
+
+
+@pytest.mark.parametrize("converted", [False, True], ids=["plain", "converted"])
+@pytest.mark.parametrize("ruler", [
+    _forward_only,
+    measure,
+    lambda model, x: radgrad.coverage(model, x),
+    lambda model, x: radgrad.memory.peak(lambda: model(x).sum().backward(), model),
+], ids=["record", "measure", "coverage", "peak"])
+def test_the_rulers_let_go_of_the_model_they_measured(ruler, converted):
+    # a measured model must be freed with its last reference, or a loop over models (a benchmark
+    # of twenty families) keeps every one. Plain Tanh saves its own output, and a graph never run
+    # backward is what record and measure leave behind.
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    if converted:
+        model = radgrad.convert(model, keep=0.5)
+    weights = [weakref.ref(p) for p in model.parameters()]
+    ruler(model, torch.randn(5, 6))
+    del model
+    gc.collect()
+    assert [w() for w in weights] == [None] * len(weights)

@@ -82,13 +82,20 @@ class _Ruler:
         self.stack.pop()
 
     def pack(self, tensor: Tensor) -> Tensor:
+        self._count(tensor)
+        # Returned as it is, an output saved by its own node (exp's, tanh's) would hold that node
+        # through its grad_fn: a cycle through C++ that keeps a graph never run backward alive for
+        # good, and the parameters it reaches. torch reattaches the grad_fn of an unpacked output.
+        return tensor.detach()
+
+    def _count(self, tensor: Tensor) -> None:
         self.record.tensors += 1
         if isinstance(tensor, nn.Parameter) or isinstance(tensor._base, nn.Parameter) \
                 or tensor.layout != torch.strided:
-            return tensor
+            return
         key = _storage_key(tensor)
         if key in self.excluded:
-            return tensor
+            return
         # Keep the tensor alive so its storage cannot be freed and reused by
         # another tensor while recording, which would count one address twice.
         self.keepalive.append(tensor)
@@ -97,7 +104,6 @@ class _Ruler:
             owner = self.stack[-1] if self.stack else OUTSIDE
             self.record.by_module[owner] = self.record.by_module.get(owner, 0) + added
             self.record.total += added
-        return tensor
 
     def _add_span(self, key: int, span: tuple[int, int]) -> int:
         """Add ``span`` to the storage's covered intervals; return the bytes newly covered."""
@@ -274,7 +280,7 @@ def peak(step: Callable[[], Any], *owners: nn.Module | torch.optim.Optimizer) ->
 
     tracker = _Tracker()
     tracker.track_external(*owners)
-    with tracker:
+    with _multi_grad_hooks_removed_after(), tracker:
         at_start = _total(tracker.get_tracker_snapshot("current"))
         step()
     snapshot = tracker.get_tracker_snapshot("peak")
@@ -284,6 +290,29 @@ def peak(step: Callable[[], Any], *owners: nn.Module | torch.optim.Optimizer) ->
             if kind != "Total":
                 by_kind[_KINDS[kind.value]] += nbytes
     return PeakRecord(peak=_total(snapshot), at_start=at_start, by_kind=by_kind)
+
+
+@contextlib.contextmanager
+def _multi_grad_hooks_removed_after() -> Iterator[None]:
+    # MemTracker's ModTracker hooks every module's inputs with a multi-grad hook whose closure holds
+    # their autograd nodes: a cycle through C++ that Python's gc cannot see, which kept every
+    # parameter the step used alive for the life of the process. Removing the hooks breaks it.
+    from torch.distributed._tools import mod_tracker
+
+    register = mod_tracker.register_multi_grad_hook
+    handles: list[RemovableHandle] = []
+
+    def register_and_keep(*args: Any, **kwargs: Any) -> RemovableHandle:
+        handles.append(register(*args, **kwargs))
+        return handles[-1]
+
+    mod_tracker.register_multi_grad_hook = register_and_keep
+    try:
+        yield
+    finally:
+        mod_tracker.register_multi_grad_hook = register
+        for handle in handles:
+            handle.remove()
 
 
 def _total(snapshot: dict) -> int:
