@@ -206,6 +206,22 @@ def test_coverage_lists_what_was_converted_and_left_exact():
     assert "3 modules converted, 1 routed" in text and "left exact: 5: GRU" in text
 
 
+def test_coverage_counts_a_parametrized_weight_with_its_layer():
+    # weight norm keeps a layer's parameters in its parametrizations (as wav2vec2's positional
+    # convolution does): they are the converted layer's, not a module left exact
+    torch.manual_seed(0)
+    normed = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3))
+    plain = nn.Sequential(normed, nn.ReLU(), nn.Conv1d(4, 2, 1), nn.GRU(5, 2))
+    model = radgrad.convert(copy.deepcopy(plain), keep=0.5)
+    x = torch.randn(3, 4, 7)
+    report = radgrad.coverage(model, x)
+    assert report.converted == {"0": "radgrad.nn.Conv1d", "1": "radgrad.nn.ReLU", "2": "radgrad.nn.Conv1d"}
+    assert report.exact == {"3": "GRU: not a module type radgrad converts"}
+    covered = (4 + 4 * 4 * 3 + 4) + (2 * 4 + 2)  # weight norm's magnitude and direction, bias; the 1x1 conv
+    assert report.parameter_share == covered / (covered + sum(p.numel() for p in plain[3].parameters()))
+    assert torch.equal(model.eval()[:3](x), plain.eval()[:3](x))
+
+
 def test_group_norms_and_transposed_convolutions_are_covered():
     torch.manual_seed(0)
     plain = UNetBlock()

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from radgrad import memory, route
 from radgrad.nn import CONVERSIONS, _Converted, torch_parent
@@ -38,7 +39,8 @@ class Coverage:
             that saves nothing (a learned offset), or whose calls radgrad routed, is not listed; a
             routed module whose own code saved everything exactly is (its calls were not routed).
         parameter_share: trainable parameters in converted or routed modules, over all trainable
-            parameters (embeddings, which save only indices, counted apart).
+            parameters (embeddings, which save only indices, counted apart; a parametrized layer's,
+            weight norm's say, are those of its parametrizations).
         saved_bytes: with inputs given, bytes saved for backward as converted and with every
             sketch exact (``{"converted": ..., "exact": ...}``); empty otherwise.
         holders: with inputs given, the modules holding the most converted saved bytes.
@@ -85,9 +87,16 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
     inside_routed = routed_children(model)
     # excluded from conversion: the route lets their calls through to torch
     alone = {id(sub) for m in model.modules() if route.is_left_alone(m) for sub in m.modules()}
+    # a parametrized module's parameters (weight norm's magnitude and direction) live in its
+    # `parametrizations`, which compute its weight: theirs are the module's own
+    parametrizing = {id(sub) for m in model.modules() if parametrize.is_parametrized(m)
+                     for sub in m.parametrizations.modules()}
     for name, module in model.named_modules():
-        own = sum(p.numel() for p in module.parameters(recurse=False)
-                  if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter))
+        if id(module) in parametrizing:
+            continue
+        mine = [*module.parameters(recurse=False),
+                *(module.parametrizations.parameters() if parametrize.is_parametrized(module) else ())]
+        own = sum(p.numel() for p in mine if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter))
         if id(module) in inside_routed:
             covered += own
             total += own
