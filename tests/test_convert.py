@@ -204,6 +204,10 @@ def test_coverage_lists_what_was_converted_and_left_exact():
     assert report.parameter_share == covered / (covered + gru)
     text = str(report)
     assert "3 modules converted, 1 routed" in text and "left exact: 5: GRU" in text
+    with pytest.raises(TypeError, match="radgrad.coverage: model must be an nn.Module, got str"):
+        radgrad.coverage("model")
+    with pytest.raises(ValueError, match="radgrad.coverage: top must be a non-negative int, got -1"):
+        radgrad.coverage(model, top=-1)
 
 
 def test_coverage_counts_a_parametrized_weight_with_its_layer():

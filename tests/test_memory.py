@@ -183,6 +183,11 @@ def test_normalization_peak_is_torchs_plus_its_sketches(module, shape):
 def test_peak_rejects_what_it_cannot_track():
     with pytest.raises(TypeError, match="radgrad.memory.peak: owners must be modules or optimizers, got Tensor"):
         radgrad.memory.peak(lambda: None, torch.zeros(1))
+    with pytest.raises(TypeError, match="radgrad.memory.peak: step must be a callable running the step, got int"):
+        radgrad.memory.peak(3)
+    with pytest.raises(TypeError, match="radgrad.memory.record: model must be an nn.Module or None, got str"):
+        with record("model"):
+            pass
 
 
 def test_peak_does_not_count_the_dataset_a_batch_is_sliced_from():

@@ -310,6 +310,11 @@ def test_bad_tensor_and_batch_dims():
         pack(torch.ones(3, 4, dtype=torch.long), SketchConfig(), batch_dims=1)
     with pytest.raises(ValueError, match=r"batch_dims must be an int in \[0, 2\]"):
         pack(torch.ones(3, 4), SketchConfig(), batch_dims=3)
+    with pytest.raises(TypeError, match="radgrad: config must be a radgrad.SketchConfig, got float"):
+        pack(torch.ones(3, 4), 0.5, batch_dims=1)
+    with pytest.raises(TypeError, match=r"radgrad.unpack: sketch must be a radgrad.Sketch \(from radgrad.pack\), "
+                                        "got Tensor"):
+        unpack(torch.ones(3, 4))
 
 
 @pytest.mark.parametrize("keep,expected", [(np.float32(0.5), 0.5), (np.int64(1), 1.0), (torch.tensor(0.25), 0.25)])

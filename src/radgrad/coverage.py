@@ -82,6 +82,10 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
     (batch norms' running statistics) and torch's random state are left as
     they were.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"radgrad.coverage: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise ValueError(f"radgrad.coverage: top must be a non-negative int, got {top!r}")
     report = Coverage()
     covered = total = 0
     inside_routed = routed_children(model)

@@ -153,6 +153,8 @@ def record(model: nn.Module | None = None) -> Iterator[MemoryRecord]:
             loss = model(x).sum()
         print(rec.total, rec.by_module)
     """
+    if model is not None and not isinstance(model, nn.Module):
+        raise TypeError(f"radgrad.memory.record: model must be an nn.Module or None, got {type(model).__name__}")
     ruler = _Ruler(model)
     handles = []
     if model is not None:
@@ -235,9 +237,11 @@ def peak(step: Callable[[], Any], *owners: nn.Module | torch.optim.Optimizer) ->
         print(radgrad.memory.peak(step, model, optimizer).peak)
 
     Raises:
-        TypeError: an owner is neither a module nor an optimizer.
+        TypeError: ``step`` is not callable, or an owner is neither a module nor an optimizer.
         RuntimeError: torch was built without ``torch.distributed`` (MemTracker lives there).
     """
+    if not callable(step):
+        raise TypeError(f"radgrad.memory.peak: step must be a callable running the step, got {type(step).__name__}")
     for owner in owners:
         if not isinstance(owner, (nn.Module, torch.optim.Optimizer)):
             raise TypeError(f"radgrad.memory.peak: owners must be modules or optimizers, got {type(owner).__name__}")

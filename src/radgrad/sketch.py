@@ -232,7 +232,7 @@ def draw(x: Tensor, config: SketchConfig, *, batch_dims: int,
     two tensors packed with one state keep the same positions or signs.
     Rounding (``bits``) is drawn by :func:`pack` itself.
     """
-    _check(x, batch_dims)
+    _check(x, config, batch_dims)
     rows, d = _rows_and_width(x.shape, batch_dims)
     k = config.kept(d)
     if rows == 0 or not _positions(config, k, d) or config.method == "norm":
@@ -267,7 +267,7 @@ def pack(
         itself (nothing drawn).
 
     Raises:
-        TypeError: ``x`` is not a floating-point tensor.
+        TypeError: ``x`` is not a floating-point tensor, or ``config`` not a :class:`SketchConfig`.
         ValueError: ``batch_dims`` is not between 0 and ``x.dim()``, a row has
             more than 2**31 - 1 entries, or ``state`` does not fit.
     """
@@ -291,7 +291,7 @@ def pack_copies(x: Tensor, config: SketchConfig, *, batch_dims: int, copies: int
 
 def _pack(x: Tensor, config: SketchConfig, batch_dims: int, generator: torch.Generator | None,
           state: Tensor | None, copies: int) -> list[Sketch]:
-    _check(x, batch_dims)
+    _check(x, config, batch_dims)
     rows, d = _rows_and_width(x.shape, batch_dims)
     k = config.kept(d)
     positions = _positions(config, k, d)
@@ -330,6 +330,9 @@ def unpack(sketch: Sketch) -> Tensor:
     For a randomized sketch the result is a new tensor; otherwise it is the
     packed tensor itself.
     """
+    if not isinstance(sketch, Sketch):
+        raise TypeError(f"radgrad.unpack: sketch must be a radgrad.Sketch (from radgrad.pack), "
+                        f"got {type(sketch).__name__}")
     if sketch.exact:
         return sketch.values
     return unpack_rows(sketch, 0, _rows_and_width(sketch.shape, sketch.batch_dims)[0]).view(sketch.shape)
@@ -395,7 +398,9 @@ def tie(output: Tensor, *items: Tensor | Sketch | None) -> Tensor:
     return output
 
 
-def _check(x: Tensor, batch_dims: int) -> None:
+def _check(x: Tensor, config: SketchConfig, batch_dims: int) -> None:
+    if not isinstance(config, SketchConfig):
+        raise TypeError(f"radgrad: config must be a radgrad.SketchConfig, got {type(config).__name__}")
     if not isinstance(x, Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, Tensor) else type(x).__name__
         raise TypeError(f"radgrad: can only sketch floating-point tensors, got {got}")
