@@ -60,3 +60,10 @@ def test_bad_arguments():
         radgrad.allocate(model, loss, 0.5, draws=1)
     with pytest.raises(ValueError, match="has no converted linear or convolution layer"):
         radgrad.allocate(nn.Sequential(nn.ReLU()), lambda: torch.zeros(()), 0.5)
+    with pytest.raises(TypeError, match="radgrad.allocate: model must be an nn.Module, got str"):
+        radgrad.allocate("model", loss, 0.5)
+    with pytest.raises(TypeError, match="radgrad.allocate: loss must be a callable computing a loss from the "
+                                        "model, got Tensor"):
+        radgrad.allocate(model, loss(), 0.5)
+    with pytest.raises(TypeError, match="radgrad.allocate: candidates must be radgrad.SketchConfig objects, got 0.1"):
+        radgrad.allocate(model, loss, 0.5, candidates=[radgrad.SketchConfig(), 0.1])

@@ -2,6 +2,7 @@
 and the weight gradient the exact formula applied to the sketch of the input."""
 
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -293,6 +294,45 @@ def test_max_pool_offsets_are_exact_on_wide_planes(shape):
 def test_functional_linear_matches_torch_when_not_randomized():
     x, w = torch.randn(3, 4), torch.randn(2, 4)
     assert torch.equal(radgrad.functional.linear(x, w), nn.functional.linear(x, w))
+
+
+_F = radgrad.functional
+_X, _W4, _MAP = torch.randn(3, 4), torch.randn(4, 4), torch.randn(2, 3, 5, 5)
+_CONFIG_TAKERS = {  # every public function with a config, called with what it takes but the config
+    "linear": lambda c: _F.linear(_X, _W4, config=c),
+    "conv": lambda c: _F.conv(_MAP, torch.randn(2, 3, 3, 3), config=c),
+    "conv_transpose": lambda c: _F.conv_transpose(_MAP, torch.randn(3, 2, 3, 3), config=c),
+    "elementwise": lambda c: _F.elementwise(torch.tanh, _X, config=c),
+    "layer_norm": lambda c: _F.layer_norm(_X, (4,), config=c),
+    "rms_norm": lambda c: _F.rms_norm(_X, (4,), config=c),
+    "batch_norm": lambda c: _F.batch_norm(_MAP, None, None, training=True, config=c),
+    "group_norm": lambda c: _F.group_norm(_MAP, 1, config=c),
+    "instance_norm": lambda c: _F.instance_norm(_MAP, config=c),
+    "scaled_dot_product_attention": lambda c: _F.scaled_dot_product_attention(_MAP, _MAP, _MAP, config=c),
+    "multi_head_attention_forward": lambda c: _F.multi_head_attention_forward(
+        _X[:, None], _X[:, None], _X[:, None], 4, 2, torch.randn(12, 4), None, None, None, False, 0.0, _W4, None,
+        config=c),
+    "matmul": lambda c: _F.matmul(_X, _W4, config=c),
+    "baddbmm": lambda c: _F.baddbmm(_MAP[0], _MAP[0], _MAP[0], config=c),
+    "mul": lambda c: _F.mul(_X, _X, config=c),
+    "softmax": lambda c: _F.softmax(_X, -1, config=c),
+    "log_softmax": lambda c: _F.log_softmax(_X, -1, config=c),
+    "cross_entropy": lambda c: _F.cross_entropy(_X, torch.tensor([0, 1, 2]), config=c),
+    "recurrence": lambda c: _F.recurrence(torch.randn(2, 3, 4), torch.zeros(3, 4), _W4, config=c),
+}
+
+
+@pytest.mark.parametrize("name", _CONFIG_TAKERS)
+def test_a_config_that_is_not_a_sketch_config_is_an_error(name):
+    _CONFIG_TAKERS[name](radgrad.SketchConfig(method="quantize"))  # the call is right but for the config
+    with pytest.raises(TypeError, match=rf"radgrad.functional.{name}: config must be a radgrad.SketchConfig, "
+                                        "got float"):
+        _CONFIG_TAKERS[name](0.1)
+
+
+def test_every_function_with_a_config_is_checked():
+    takers = {n for n in _F.__all__ if "config" in inspect.signature(getattr(_F, n)).parameters}
+    assert takers == set(_CONFIG_TAKERS)
 
 
 def test_strided_same_padding_is_an_error():

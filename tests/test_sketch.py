@@ -315,6 +315,8 @@ def test_bad_tensor_and_batch_dims():
     with pytest.raises(TypeError, match=r"radgrad.unpack: sketch must be a radgrad.Sketch \(from radgrad.pack\), "
                                         "got Tensor"):
         unpack(torch.ones(3, 4))
+    with pytest.raises(TypeError, match="radgrad.tie: output must be a Tensor, got list"):
+        radgrad.tie([torch.ones(3)])
 
 
 @pytest.mark.parametrize("keep,expected", [(np.float32(0.5), 0.5), (np.int64(1), 1.0), (torch.tensor(0.25), 0.25)])

@@ -111,16 +111,26 @@ def allocate(
         draws: sketches per layer and candidate in the variance measurement (at least 2).
 
     Raises:
+        TypeError: ``model`` is not a module, ``loss`` not callable, or a
+            candidate not a :class:`SketchConfig`.
         ValueError: ``budget`` outside (0, 1], fewer than 2 ``draws``, no
             candidates, no linear or convolution layer, or a budget below the
             least any choice saves (the message gives that least fraction).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"radgrad.allocate: model must be an nn.Module, got {type(model).__name__}")
+    if not callable(loss):
+        raise TypeError(f"radgrad.allocate: loss must be a callable computing a loss from the model, "
+                        f"got {type(loss).__name__}")
     if not (isinstance(budget, (int, float)) and 0 < budget <= 1):
         raise ValueError(f"radgrad.allocate: budget must be a fraction in (0, 1], got {budget!r}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
         raise ValueError(f"radgrad.allocate: draws must be an int >= 2, got {draws!r}")
     if not candidates:
         raise ValueError("radgrad.allocate: candidates is empty")
+    if not all(isinstance(c, SketchConfig) for c in candidates):
+        wrong = next(c for c in candidates if not isinstance(c, SketchConfig))
+        raise TypeError(f"radgrad.allocate: candidates must be radgrad.SketchConfig objects, got {wrong!r}")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, _LAYERS)}
     if not layers:
         raise ValueError("radgrad.allocate: the model has no converted linear or convolution layer "

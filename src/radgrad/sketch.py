@@ -387,6 +387,8 @@ def tie(output: Tensor, *items: Tensor | Sketch | None) -> Tensor:
     forward pass (NOTE [Draws are saved, never redrawn] in :mod:`radgrad.rng`).
     Eagerly it returns ``output`` untouched.
     """
+    if not isinstance(output, Tensor):
+        raise TypeError(f"radgrad.tie: output must be a Tensor, got {type(output).__name__}")
     if not torch.compiler.is_compiling():
         return output
     for item in items:

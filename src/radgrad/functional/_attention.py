@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from radgrad import bits
-from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from, _torch
+from radgrad.functional._base import (
+    _DEFAULT, _RADFunction, _check_config, _check_input, _packed, _sketch_from, _torch,
+)
 from radgrad.functional._linear import linear
 from radgrad.functional._source import rebuild, source
 from radgrad.saved import save_for_backward, saved_tensors
@@ -182,6 +184,7 @@ def scaled_dot_product_attention(
     exact config, or when the batch dimensions of query, key and value
     differ otherwise.
     """
+    _check_config("functional.scaled_dot_product_attention", config)
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_input(f"functional.scaled_dot_product_attention: {name}", t)
     if not 0.0 <= dropout_p < 1.0:
@@ -241,6 +244,7 @@ def multi_head_attention_forward(
     ``need_weights=False``, as ``nn.Transformer*`` layers do), with
     ``bias_k``/``bias_v``, ``add_zero_attn`` or static keys and values.
     """
+    _check_config("functional.multi_head_attention_forward", config)
     args = (query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v,
             add_zero_attn, dropout_p, out_proj_weight, out_proj_bias)
     kwargs = dict(training=training, key_padding_mask=key_padding_mask, need_weights=need_weights,

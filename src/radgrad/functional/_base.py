@@ -55,6 +55,11 @@ def _check_input(name: str, input: Tensor) -> None:
         )
 
 
+def _check_config(name: str, config: SketchConfig) -> None:
+    if not isinstance(config, SketchConfig):
+        raise TypeError(f"radgrad.{name}: config must be a radgrad.SketchConfig, got {type(config).__name__}")
+
+
 def _lives_on(t: Tensor) -> bool:
     """Whether ``t`` or the tensor it views is a parameter or a leaf that needs a gradient: its
     storage lives on whatever is saved (NOTE [Products of two activations])."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from radgrad.functional._base import (
-    _DEFAULT, _RADFunction, _apply, _blocks, _check_input, _packed, _randomized, _sketch_from, _torch,
+    _DEFAULT, _RADFunction, _apply, _blocks, _check_config, _check_input, _packed, _randomized, _sketch_from, _torch,
     _tuple,
 )
 from radgrad.saved import save_for_backward, saved_tensors
@@ -102,6 +102,7 @@ def conv(
     as in torch; uneven ``"same"`` padding is applied with ``F.pad`` first, as
     torch does.
     """
+    _check_config("functional.conv", config)
     _check_input("functional.conv", input)
     n = weight.dim() - 2
     if not _randomized(config, weight):
@@ -135,6 +136,7 @@ def conv_transpose(
     (example, channel) pair a row; the output, input and bias gradients are
     exact and the weight gradient an unbiased estimate.
     """
+    _check_config("functional.conv_transpose", config)
     _check_input("functional.conv_transpose", input)
     n = weight.dim() - 2
     if not _randomized(config, weight):

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from radgrad import bits
-from radgrad.functional._base import _DEFAULT, _RADFunction, _check_input, _packed, _sketch_from, _torch
+from radgrad.functional._base import (
+    _DEFAULT, _RADFunction, _check_config, _check_input, _packed, _sketch_from, _torch,
+)
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig
 
@@ -125,6 +127,7 @@ def elementwise(fn: Callable[[Tensor], Tensor], input: Tensor, config: SketchCon
     routing it here. With an exact config or no gradient needed,
     ``fn(input)`` runs as it is.
     """
+    _check_config("functional.elementwise", config)
     _check_input("functional.elementwise", input)
     if config.exact or not (input.requires_grad and torch.is_grad_enabled()):
         return _torch(fn, input)

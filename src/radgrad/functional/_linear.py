@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from radgrad.functional._base import (
-    _DEFAULT, _RADFunction, _apply, _autocast_dtype, _blocks, _check_input, _packed, _randomized, _sketch_from,
-    _torch,
+    _DEFAULT, _RADFunction, _apply, _autocast_dtype, _blocks, _check_config, _check_input, _packed, _randomized,
+    _sketch_from, _torch,
 )
 from radgrad.functional._matmul import product_sketches
 from radgrad.functional._source import record
@@ -95,6 +95,7 @@ def linear(
     NOTE [A product's sketches serve the next layer] in
     :mod:`radgrad.functional._matmul`).
     """
+    _check_config("functional.linear", config)
     _check_input("functional.linear", input)
     if not _randomized(config, weight):
         output = _torch(F.linear, input, weight, bias)

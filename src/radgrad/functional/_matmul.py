@@ -52,8 +52,9 @@ import math
 import torch
 from torch import Tensor
 
-from radgrad.functional._base import (_DEFAULT, _RADFunction, _apply, _check_input, _lives_on, _packed,
-                                     _sketch_from, _torch)
+from radgrad.functional._base import (
+    _DEFAULT, _RADFunction, _apply, _check_config, _check_input, _lives_on, _packed, _sketch_from, _torch,
+)
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import Sketch, SketchConfig
 
@@ -142,6 +143,7 @@ def matmul(a: Tensor, b: Tensor, config: SketchConfig = _DEFAULT) -> Tensor:
     it is. With an exact config, no gradient needed, or an operand of fewer than
     two dimensions, ``torch.matmul`` runs unchanged.
     """
+    _check_config("functional.matmul", config)
     _check_input("functional.matmul: a", a)
     _check_input("functional.matmul: b", b)
     need_a, need_b = a.requires_grad, b.requires_grad
@@ -164,6 +166,7 @@ def baddbmm(input: Tensor, batch1: Tensor, batch2: Tensor, beta: float = 1, alph
     attention scores this way. With an exact config, no product operand
     needing a gradient, or nothing to sketch, ``torch.baddbmm`` runs unchanged.
     """
+    _check_config("functional.baddbmm", config)
     for name, t in (("input", input), ("batch1", batch1), ("batch2", batch2)):
         _check_input(f"functional.baddbmm: {name}", t)
     need_a, need_b = batch1.requires_grad, batch2.requires_grad
@@ -207,6 +210,7 @@ def mul(a: Tensor, b: Tensor, config: SketchConfig = _DEFAULT) -> Tensor:
     is. With an exact config, no gradient needed, nothing to sketch, operands
     of two dtypes, or a 0-dim or empty output, ``torch.mul`` runs unchanged.
     """
+    _check_config("functional.mul", config)
     _check_input("functional.mul: a", a)
     _check_input("functional.mul: b", b)
     need_a, need_b = a.requires_grad, b.requires_grad

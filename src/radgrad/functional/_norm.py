@@ -36,7 +36,7 @@ from torch import Tensor
 
 from radgrad.estimators.quantize import compute_dtype
 from radgrad.functional._base import (
-    _DEFAULT, _RADFunction, _autocast_dtype, _check_input, _packed, _sketch_from, _torch,
+    _DEFAULT, _RADFunction, _autocast_dtype, _check_config, _check_input, _packed, _sketch_from, _torch,
 )
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import Sketch, SketchConfig, plane_shape
@@ -197,6 +197,7 @@ def layer_norm(
     standard deviation of each row (NOTE [Layer norm from two sketches]);
     each normalized group is a row.
     """
+    _check_config("functional.layer_norm", config)
     _check_input("functional.layer_norm", input)
     shape = list(normalized_shape) if not isinstance(normalized_shape, int) else [normalized_shape]
     if config.exact or not _needs_grad(input, weight, bias) or math.prod(shape) == 0:
@@ -244,6 +245,7 @@ def rms_norm(
     a model's own RMS normalization with ``weight`` and ``eps``, whose
     output then stays bit for bit its own (:class:`radgrad.nn.RMSNormLike`).
     """
+    _check_config("functional.rms_norm", config)
     _check_input("functional.rms_norm", input)
     shape = list(normalized_shape) if not isinstance(normalized_shape, int) else [normalized_shape]
     if eps is None:  # torch's: the epsilon of the dtype it computes in
@@ -302,6 +304,7 @@ def batch_norm(
     deviation (NOTE [Layer norm from two sketches]). Not training (running
     statistics used), it is torch's function: it saves nothing randomized.
     """
+    _check_config("functional.batch_norm", config)
     _check_input("functional.batch_norm", input)
     if config.exact or not (training and _needs_grad(input, weight, bias)) or input.numel() == 0:
         return _torch(F.batch_norm, input, running_mean, running_var, weight, bias, training, momentum, eps)
@@ -381,6 +384,7 @@ def group_norm(
     example and channel) and the inverse standard deviation of each
     example's group (NOTE [Layer norm from two sketches]).
     """
+    _check_config("functional.group_norm", config)
     _check_input("functional.group_norm", input)
     if config.exact or not _needs_grad(input, weight, bias) or input.dim() < 2 or input.numel() == 0 \
             or not isinstance(num_groups, int) or num_groups <= 0 or input.shape[1] % num_groups:
@@ -415,6 +419,7 @@ def instance_norm(
     own. With the running statistics it is torch's function: it saves
     nothing randomized.
     """
+    _check_config("functional.instance_norm", config)
     _check_input("functional.instance_norm", input)
 
     def norm(x: Tensor) -> Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from radgrad import bits
-from radgrad.functional._base import _DEFAULT, _EXACT, _RADFunction, _packed, _sketch_from
+from radgrad.functional._base import _DEFAULT, _EXACT, _check_config, _RADFunction, _packed, _sketch_from
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import SketchConfig
 
@@ -114,6 +114,7 @@ def recurrence(
     Estimated (ReLU, keep < 1): the gradient of ``weight``, from per-step
     sketches of the states (NOTE [RAD recurrence]).
     """
+    _check_config("functional.recurrence", config)
     if nonlinearity not in ("relu", "tanh"):
         raise ValueError(f"radgrad.functional.recurrence: nonlinearity must be 'relu' or 'tanh', got {nonlinearity!r}")
     if v.shape[0] == 0:

@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from radgrad.functional._base import _DEFAULT, _RADFunction, _autocast_dtype, _check_input, _packed, \
-    _sketch_from, _torch
+from radgrad.functional._base import (
+    _DEFAULT, _RADFunction, _autocast_dtype, _check_config, _check_input, _packed, _sketch_from, _torch,
+)
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import Sketch, SketchConfig
 
@@ -80,6 +81,7 @@ def _weighted_sum(sketch: Sketch, grad: Tensor, dim: int) -> Tensor:
 
 def _softmax(name: str, log: bool, input: Tensor, dim: int | None, dtype: torch.dtype | None,
              config: SketchConfig) -> Tensor:
+    _check_config(f"functional.{name}", config)
     _check_input(f"functional.{name}", input)
     if dim is None:
         raise TypeError(f"radgrad.functional.{name}: dim must be an int, got None")
@@ -161,6 +163,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None, i
     unchanged for probability targets, with ``label_smoothing``, under
     autocast, with an exact config, or when no gradient is needed.
     """
+    _check_config("functional.cross_entropy", config)
     _check_input("functional.cross_entropy", input)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"radgrad.functional.cross_entropy: reduction must be 'mean', 'sum' or 'none', "
