@@ -206,3 +206,10 @@ def test_bad_settings_are_clear_errors():
     for dims in (1, 2, 3):
         with pytest.raises(ValueError, match=f"radgrad.nn.MaxPool{dims}d: return_indices=True is not supported"):
             getattr(radgrad.nn, f"MaxPool{dims}d")(2, return_indices=True)
+    for made_by_convert in (radgrad.nn.Activation, radgrad.nn.RMSNormLike):
+        with pytest.raises(TypeError, match=rf"radgrad.nn.{made_by_convert.__name__} is not constructed directly: "
+                                            r"radgrad.convert\(model\) makes it from a module of the model"):
+            made_by_convert(torch.tanh)
+    # the class convert makes from a module's own class constructs as that class does
+    gelu = radgrad.convert(nn.Sequential(nn.GELU()), method="quantize")[0]
+    assert type(gelu)(approximate="tanh").approximate == "tanh"

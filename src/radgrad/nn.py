@@ -16,7 +16,7 @@ these, in place, keeping the same Parameter objects.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -378,6 +378,12 @@ class _Dynamic(_Sketched):
     checks of the model's code still pass); it pickles and deep-copies as its
     original class plus the mixin.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if getattr(type(self), "_radgrad_base", None) is None:
+            raise TypeError(f"radgrad.nn.{type(self).__name__} is not constructed directly: radgrad.convert(model) "
+                            f"makes it from a module of the model")
+        super().__init__(*args, **kwargs)
 
 
 _SUBCLASSES: dict[tuple[type, type], type] = {}
