@@ -100,7 +100,8 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
             continue
         mine = [*module.parameters(recurse=False),
                 *(module.parametrizations.parameters() if parametrize.is_parametrized(module) else ())]
-        own = sum(p.numel() for p in mine if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter))
+        own = sum(p.numel() for p in mine
+                  if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter))
         if id(module) in inside_routed:
             covered += own
             total += own
