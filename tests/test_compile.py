@@ -145,6 +145,17 @@ def test_compiled_3d_convnet_draws_what_eager_draws():
     _assert_compiled_grads_equal_eager(model, torch.randn(2, 2, 8, 8, 8, dtype=torch.float64), "aot_eager")
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_compiled_prelu_draws_what_eager_draws(memory_format):
+    torch.manual_seed(0)
+    model = radgrad.convert(nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.PReLU(4), nn.Flatten(), nn.Linear(64, 5), nn.PReLU(),
+    ).double(), method="quantize")
+    assert isinstance(model[1], radgrad.nn.PReLU) and isinstance(model[4], radgrad.nn.PReLU)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64).to(memory_format=memory_format)
+    _assert_compiled_grads_equal_eager(model, x, "aot_eager")
+
+
 class _InPlaceOnOutputs(nn.Module):
     """A model that writes into a linear layer's output (a time mask, a residual added in place)."""
 

@@ -226,6 +226,19 @@ def test_coverage_counts_a_parametrized_weight_with_its_layer():
     assert torch.equal(model.eval()[:3](x), plain.eval()[:3](x))
 
 
+def test_prelu_is_converted_and_saves_a_mask_and_a_sketch():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3), nn.PReLU(8), nn.Conv2d(8, 2, 1), nn.PReLU())
+    model = radgrad.convert(copy.deepcopy(plain), method="quantize")
+    x = torch.randn(4, 3, 10, 10)
+    report = radgrad.coverage(model, x)
+    assert report.converted["1"] == report.converted["3"] == "radgrad.nn.PReLU"
+    assert report.exact == {} and report.parameter_share == 1.0
+    assert report.saved_bytes["converted"] < 0.2 * report.saved_bytes["exact"]
+    plain.eval(), model.eval()
+    assert torch.equal(model(x), plain(x))
+
+
 def test_group_norms_and_transposed_convolutions_are_covered():
     torch.manual_seed(0)
     plain = UNetBlock()

@@ -256,6 +256,67 @@ def test_relu_nan_and_zero_gradients_match_torch():
     assert torch.equal(got, expected)
 
 
+def _randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+_PRELU_CASES = {  # the input, slopes
+    "map": (lambda: _randn(4, 3, 5, 5), 3),
+    "map-channels-last": (lambda: _randn(4, 3, 5, 5).to(memory_format=torch.channels_last), 3),
+    "one-slope": (lambda: _randn(4, 3, 5, 5), 1),
+    "rows": (lambda: _randn(6, 5), 5),
+    "sequence": (lambda: _randn(4, 3, 7), 3),
+    "transposed": (lambda: _randn(4, 7, 3).transpose(1, 2), 3),
+    "sliced": (lambda: _randn(4, 3, 8, 8)[:, :, ::2, 1::3], 3),
+    "expanded": (lambda: _randn(1, 3, 1, 4).expand(5, 3, 6, 4), 3),
+    "empty": (lambda: _randn(0, 3, 4, 4), 3),
+}
+
+
+@pytest.mark.parametrize("config", [radgrad.SketchConfig(0.5), radgrad.SketchConfig(method="quantize", bits=2)],
+                         ids=config_id)
+@pytest.mark.parametrize("case", _PRELU_CASES)
+def test_prelu_input_gradient_is_torchs_and_slope_gradient_the_formula_on_the_sketch(case, config):
+    # the slope's gradient is linear in the sketch of min(x, 0), whose unpacking is unbiased
+    # (test_sketch): the gradient is that formula applied to the very sketch the op draws
+    make, slopes = _PRELU_CASES[case]
+    torch.manual_seed(0)
+    x = make()
+    if x.numel() and 0 not in x.stride():  # an expanded tensor cannot be written
+        x[0, 0] = 0.0  # 0 takes the slope, as in torch
+    x.requires_grad_()
+    w = torch.rand(slopes, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(x.shape, dtype=torch.float64)
+    output = nn.functional.prelu(x, w)
+    want_x, _ = torch.autograd.grad(output, (x, w), grad)
+    torch.manual_seed(1)
+    got = radgrad.functional.prelu(x, w, config)
+    got_x, got_w = torch.autograd.grad(got, (x, w), grad)
+    assert torch.equal(got, output) and torch.equal(got_x, want_x)
+    torch.manual_seed(1)
+    estimate = sketched(x.detach().clamp(max=0), config, batch_dims=2 if x.dim() > 2 else 1)
+    dims = [0, *range(2, x.dim())] if slopes > 1 else list(range(x.dim()))
+    assert_same_up_to_rounding(got_w, (grad * estimate).sum(dims).reshape(w.shape))
+
+
+def test_prelu_saves_a_mask_and_a_sketch_or_only_the_mask():
+    x = torch.randn(64, 8, 16, 16, requires_grad=True)
+    w = nn.Parameter(torch.full((8,), 0.25))
+    config = radgrad.SketchConfig(method="quantize", bits=2)
+    with radgrad.memory.record() as plain:
+        nn.functional.prelu(x, w)
+    with radgrad.memory.record() as rad:
+        radgrad.functional.prelu(x, w, config)
+    mask = x.numel() // 8
+    assert mask < rad.total <= mask + x.numel() // 4 + 64 * 8 * 8 and plain.total == x.numel() * 4
+    w.requires_grad_(False)  # a frozen slope: the input gradient needs the mask alone
+    with radgrad.memory.record() as frozen:
+        out = radgrad.functional.prelu(x, w, config)
+    assert frozen.total == mask
+    (got,) = torch.autograd.grad(out, x, torch.ones_like(x))
+    assert torch.equal(got, torch.where(x > 0, 1.0, 0.25))
+
+
 @pytest.mark.parametrize("shape, kernel", [((1, 1, 20, 20), 17), ((1, 1, 8, 8, 8), 7)])  # 289, 343 entries
 def test_large_max_pool_windows_use_wider_offsets(shape, kernel):
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
@@ -319,6 +380,7 @@ _CONFIG_TAKERS = {  # every public function with a config, called with what it t
     "log_softmax": lambda c: _F.log_softmax(_X, -1, config=c),
     "cross_entropy": lambda c: _F.cross_entropy(_X, torch.tensor([0, 1, 2]), config=c),
     "recurrence": lambda c: _F.recurrence(torch.randn(2, 3, 4), torch.zeros(3, 4), _W4, config=c),
+    "prelu": lambda c: _F.prelu(_MAP, torch.rand(3), config=c),
 }
 
 

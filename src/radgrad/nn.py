@@ -25,7 +25,7 @@ from radgrad import functional as RF
 from radgrad.functional._elementwise import FUSED, fused_derivative
 from radgrad.sketch import SketchConfig
 
-__all__ = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ReLU",
+__all__ = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ReLU", "PReLU",
            "AvgPool1d", "AvgPool2d", "AvgPool3d", "MaxPool1d", "MaxPool2d", "MaxPool3d", "RNN", "LayerNorm", "RMSNorm",
            "Dropout", "Activation", "RMSNormLike", "TransposedLinear"]
 
@@ -196,6 +196,23 @@ class ReLU(_Converted, nn.ReLU):
         if not self.training:
             return super().forward(input)
         return RF.relu(input)
+
+
+class PReLU(_Sketched, nn.PReLU):
+    """``nn.PReLU`` that saves a 1-bit mask and a sketch of its input's negative part instead of its input.
+
+    Exact: the output and the input gradient. Estimated (unbiased): the
+    slope's gradient (:func:`radgrad.functional.prelu`).
+
+    Args:
+        keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
+        Other arguments as ``torch.nn.PReLU``.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        if not self.training:
+            return super().forward(input)
+        return RF.prelu(input, self.weight, self.sketch)
 
 
 class AvgPool1d(_Converted, nn.AvgPool1d):
@@ -499,6 +516,7 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.ConvTranspose2d: ConvTranspose2d,
     nn.ConvTranspose3d: ConvTranspose3d,
     nn.ReLU: ReLU,
+    nn.PReLU: PReLU,
     nn.AvgPool1d: AvgPool1d,
     nn.AvgPool2d: AvgPool2d,
     nn.AvgPool3d: AvgPool3d,
