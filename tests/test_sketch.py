@@ -1,4 +1,5 @@
 import math
+from unittest import mock
 
 import numpy as np
 
@@ -434,6 +435,26 @@ def test_uniform_grid_is_uniform_and_pairwise_independent():
     diagonal = bins[:, 1, 1]  # u[1,1] - u[1,0] - u[0,1] + u[0,0] = 0 mod 1: triples are dependent, pairs not
     assert chi2(first * 5 + diagonal, 25) < 80
     assert chi2(first * 5 + first, 25) > 1000  # power
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rounding_is_exact_to_the_grain_of_the_dtype(dtype):
+    # NOTE [Pairwise-independent uniforms]: 2**-30 above level 0 rounds up to 1 with probability
+    # 2**-30, and the largest uniform of a float64 grid, 1 - 2**-52, is a draw that takes it
+    # there; on a grid of 2**-23 (float32's) no draw does: a bias of 2**-30 of a step that
+    # float64 tensors used to carry. Any entry further from its level, 0.5, rounds up either way.
+    x = torch.tensor([[0.0, 3.0, 2.0**-30, 0.5]], dtype=dtype)  # 2 bits between 0 and 3: a code is its value
+    grain = 52 if dtype == torch.float64 else 23
+
+    def largest(low, high, shape, dtype, after, generator=None):
+        assert high == 2**grain
+        drawn = torch.full(shape, high - 1, dtype=dtype)
+        drawn[0] = 0  # the grid's one row part; its columns all 1 - 2**-grain
+        return drawn
+
+    with mock.patch.object(rng, "draw", largest):
+        estimate = unpack(pack(x, SketchConfig(method="quantize", bits=2), batch_dims=1))
+    assert estimate.tolist() == [[0.0, 3.0, 1.0 if dtype == torch.float64 else 0.0, 1.0]]
 
 
 @pytest.mark.parametrize("rows", [5, 128], ids=["part-of-a-group", "one-whole-group"])

@@ -42,7 +42,12 @@ NOTE [Pairwise-independent uniforms]
     numbers, for the cost of ``rows + n`` draws. The sum is formed in
     floating point, ``frac(a[r] / 2**23 + b[s] / 2**23)``: two passes over
     the grid instead of four integer ones, and exact, since a multiple of
-    ``2**-23`` below 2 fits float32's 24-bit significand.
+    ``2**-23`` below 2 fits float32's 24-bit significand. Grids of float64
+    numbers use ``2**52`` in place of ``2**23`` (float64's 53-bit
+    significand): a probability drawn against them, such as stochastic
+    rounding's, is then exact to float64's grain rather than float32's (on
+    a 2**-23 grid an entry within 2**-23 of a quantization level always
+    rounds the same way, a bias of up to 2**-23 of a step).
 
 NOTE [Ranks draw independently]
     Under ``torch.distributed`` every rank is usually seeded alike, so the
@@ -184,9 +189,10 @@ def uniform(rows: int, n: int, dtype: torch.dtype, after: Tensor,
 def draw_grid(rows: int, n: int, after: Tensor, generator: torch.Generator | None = None,
               dtype: torch.dtype = torch.float32, copies: int = 1) -> list[Tensor]:
     """``copies`` independent grids, drawn in one call: each the ``rows + n`` numbers, multiples of
-    ``2**-23`` in ``[0, 1)`` of ``dtype`` (float32 or float64), that define a grid of
-    :func:`uniform` numbers."""
-    grids = draw(0, 2**23, (copies * (rows + n),), dtype, after, generator).mul_(2**-23)
+    ``2**-23`` (float32) or ``2**-52`` (float64) in ``[0, 1)`` of ``dtype``, that define a grid of
+    :func:`uniform` numbers (NOTE [Pairwise-independent uniforms])."""
+    grain = 52 if dtype == torch.float64 else 23
+    grids = draw(0, 2**grain, (copies * (rows + n),), dtype, after, generator).mul_(2.0**-grain)
     return [grids] if copies == 1 else list(grids.view(copies, rows + n).unbind(0))
 
 

@@ -22,8 +22,9 @@ NOTE [Stochastic rounding]
     (a ResNet's 1x1 maps, 8192 rows of one entry: 288 instead of 8193). Two
     entries of one group read different columns, two of different groups
     different rows, so any two are still independent. They are multiples of
-    ``2**-23``: the rounding probability is exact up to that grain, which is
-    float32's own rounding of ``f + u`` once ``f >= 1``.
+    ``2**-23`` (``2**-52`` for float64 tensors): the rounding probability is
+    exact up to that grain, which is the compute dtype's own rounding of
+    ``f + u`` once ``f >= 1``.
 
 NOTE [Code packing]
     ``8 / bits`` codes share a byte, in planes: a row's ``n`` codes (padded
