@@ -9,9 +9,8 @@ NOTE [PReLU from a mask and a sketch]
     ``dx`` needs only where ``x > 0``, one bit per entry, and the slope
     itself: it is exact. ``da`` is linear in ``min(x, 0)``, so an unbiased
     sketch of that makes it an unbiased estimate; its rows are (example,
-    channel) pairs, as a convolution's input's are (of examples for an
-    ``(N, C)`` input). With a frozen slope only
-    the mask is saved.
+    channel) pairs, as a convolution's input's are (examples, for an
+    ``(N, C)`` input). With a frozen slope only the mask is saved.
 """
 
 from __future__ import annotations
