@@ -145,6 +145,11 @@ FAMILIES: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
     "levit": _image(T.LevitConfig, T.LevitForImageClassification, image_size=PIXELS),
     "mobilevit": _image(T.MobileViTConfig, T.MobileViTForImageClassification, image_size=PIXELS),
     "poolformer": _image(T.PoolFormerConfig, T.PoolFormerForImageClassification),
+    # relative attention written with torch.einsum
+    "xlnet": _language(T.XLNetConfig, T.XLNetLMHeadModel, d_model=256, n_layer=4, n_head=4, d_inner=1024,
+                       vocab_size=VOCABULARY),
+    "funnel": _language(T.FunnelConfig, T.FunnelForMaskedLM, d_model=256, n_head=4, d_head=64, d_inner=1024,
+                        block_sizes=[2, 2], vocab_size=VOCABULARY),
 }
 
 

@@ -201,3 +201,17 @@ class UNetBlock(nn.Module):
     def forward(self, x):
         h = self.conv(nn.functional.silu(self.norm(x)))
         return self.out(x + self.up(nn.functional.silu(self.down(h))))
+
+
+class RelativeAttention(nn.Module):
+    """Attention scores written with torch.einsum, as XLNet and Funnel write them."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.position = nn.Parameter(torch.randn(2, 4))
+
+    def forward(self, x):  # (positions, batch, features)
+        q, k, v = (layer(x).view(*x.shape[:2], 2, 4) for layer in (self.q, self.k, self.v))
+        scores = torch.einsum("ibnd,jbnd->bnij", q, k) + torch.einsum("ibnd,nd->bni", [q, self.position])[..., None]
+        return torch.einsum("bnij,jbnd->ibnd", scores.softmax(-1), v).reshape(x.shape)

@@ -14,7 +14,7 @@ def test_public_names_are_pinned():
         "max_pool1d", "max_pool2d", "max_pool3d",
         "recurrence", "relu", "prelu", "scaled_dot_product_attention", "batch_norm", "group_norm", "instance_norm",
         "multi_head_attention_forward",
-        "baddbmm", "matmul", "mul", "rms_norm", "softmax", "log_softmax", "cross_entropy"])
+        "baddbmm", "einsum", "matmul", "mul", "rms_norm", "softmax", "log_softmax", "cross_entropy"])
     assert sorted(radgrad.METHODS) == ["norm", "project", "quantize", "sample"]
     assert radgrad.BITS == (1, 2, 4, 8)
 

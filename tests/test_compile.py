@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import radgrad
 from radgrad import bits
 from radgrad.estimators import sample
-from problems import (QuickGELU, UNetBlock, assert_unbiased, channels_last_convnet, config_id, load_example, options,
+from problems import (QuickGELU, RelativeAttention, UNetBlock, assert_unbiased, channels_last_convnet, config_id, load_example, options,
                       problem, weight_grads)
 
 # Ops whose result size or value the host must read: each is a device-to-host
@@ -154,6 +154,12 @@ def test_compiled_prelu_draws_what_eager_draws(memory_format):
     assert isinstance(model[1], radgrad.nn.PReLU) and isinstance(model[4], radgrad.nn.PReLU)
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64).to(memory_format=memory_format)
     _assert_compiled_grads_equal_eager(model, x, "aot_eager")
+
+
+def test_compiled_einsum_draws_what_eager_draws():
+    torch.manual_seed(0)
+    model = radgrad.convert(RelativeAttention().double(), method="quantize")
+    _assert_compiled_grads_equal_eager(model, torch.randn(6, 3, 8, dtype=torch.float64), "aot_eager")
 
 
 class _InPlaceOnOutputs(nn.Module):

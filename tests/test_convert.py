@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import radgrad
-from problems import UNetBlock
+from problems import RelativeAttention, UNetBlock
 
 
 def _model():
@@ -239,6 +239,18 @@ def test_prelu_is_converted_and_saves_a_mask_and_a_sketch():
     assert torch.equal(model(x), plain(x))
 
 
+def test_einsum_is_routed():
+    torch.manual_seed(0)
+    plain = RelativeAttention()
+    model = radgrad.convert(copy.deepcopy(plain), method="quantize")
+    x = torch.randn(6, 3, 8)
+    report = radgrad.coverage(model, x)
+    assert report.exact == {} and report.saved_bytes["converted"] < 0.2 * report.saved_bytes["exact"]
+    for training in (True, False):
+        plain.train(training), model.train(training)
+        assert torch.equal(model(x), plain(x))
+
+
 def test_group_norms_and_transposed_convolutions_are_covered():
     torch.manual_seed(0)
     plain = UNetBlock()
@@ -271,14 +283,14 @@ class _Bias(nn.Module):
 
 
 class _Bilinear(nn.Module):
-    """A product with a weight through torch.einsum, which radgrad does not route: saved exactly."""
+    """A product with a weight through an einsum with an ellipsis, which radgrad leaves to torch: saved exactly."""
 
     def __init__(self):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(1, 8, 8))
 
     def forward(self, x):
-        return x + torch.einsum("bij,bjk->bik", x, self.weight.expand(x.shape[0], -1, -1))
+        return x + torch.einsum("...ij,...jk->...ik", x, self.weight.expand(x.shape[0], -1, -1))
 
 
 class _EinsumLinear(nn.Linear):
@@ -295,7 +307,7 @@ def test_coverage_with_inputs_lists_only_modules_whose_own_saves_stayed_exact():
     static = radgrad.coverage(model)  # without inputs: by module type only
     assert set(static.exact) == {"0", "2"} and static.routed == ["1", "3"]
     report = radgrad.coverage(model, torch.randn(4, 8, 8))
-    # the bias saves nothing; the linear's `@` is routed (it saves a sketch); einsum saves x exactly
+    # the bias saves nothing; the linear's `@` is routed (it saves a sketch); einsums with an ellipsis save x exactly
     assert report.exact == {"2": "_Bilinear: not a module type radgrad converts",
                             "3": "_EinsumLinear: its own code saved everything exactly "
                                  "(it calls no torch function radgrad routes)"}

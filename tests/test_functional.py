@@ -299,6 +299,52 @@ def test_prelu_input_gradient_is_torchs_and_slope_gradient_the_formula_on_the_sk
     assert_same_up_to_rounding(got_w, (grad * estimate).sum(dims).reshape(w.shape))
 
 
+@pytest.mark.parametrize("equation,shapes", [
+    ("ij,jk->ik", ((5, 6), (6, 7))),
+    ("bhid,bhjd->bhij", ((2, 3, 4, 5), (2, 3, 6, 5))),  # attention scores
+    ("ibnd,jbnd->bnij", ((4, 2, 3, 5), (6, 2, 3, 5))),  # XLNet's relative attention
+    ("ind,nd->in", ((4, 3, 5), (3, 5))),  # a bias per head, broadcast over positions
+    ("i j , j k -> k i", ((5, 6), (6, 7))),
+])
+def test_einsum_output_is_torchs_and_gradients_the_formula_on_the_sketches(equation, shapes):
+    # each operand's gradient is the output gradient times the other operand, an einsum linear in
+    # that operand's sketch (unbiased: test_sketch); the sketches are drawn a first, then b
+    config = radgrad.SketchConfig(method="quantize", bits=2)
+    torch.manual_seed(0)
+    a, b = (torch.randn(s, dtype=torch.float64, requires_grad=True) * 1 for s in shapes)  # not leaves: sketched
+    output = torch.einsum(equation, a, b)
+    grad = torch.randn(output.shape, dtype=torch.float64)
+    torch.manual_seed(1)
+    got = radgrad.functional.einsum(equation, a, b, config)
+    got_a, got_b = torch.autograd.grad(got, (a, b), grad)
+    assert torch.equal(got, output)
+    torch.manual_seed(1)
+    estimate_a, estimate_b = (sketched(t.detach(), config, batch_dims=t.dim() - 1) for t in (a, b))
+    spec_a, spec_b, spec_out = equation.replace(" ", "").replace("->", ",").split(",")
+    assert_same_up_to_rounding(got_a, torch.einsum(f"{spec_out},{spec_b}->{spec_a}", grad, estimate_b))
+    assert_same_up_to_rounding(got_b, torch.einsum(f"{spec_a},{spec_out}->{spec_b}", estimate_a, grad))
+
+
+@pytest.mark.parametrize("equation,shapes", [
+    ("ij,jk", ((5, 6), (6, 7))),  # implicit output
+    ("...ij,...jk->...ik", ((2, 5, 6), (2, 6, 7))),  # ellipsis
+    ("ii,ij->j", ((5, 5), (5, 7))),  # a diagonal
+    ("ijk,jl->il", ((5, 6, 3), (6, 7))),  # k summed within a alone
+    ("ij,jk->ik", ((5, 1), (6, 7))),  # j broadcast
+])
+def test_einsum_runs_torchs_where_its_gradients_are_not_einsums_of_one_kind(equation, shapes):
+    a, b = (torch.randn(s, dtype=torch.float64, requires_grad=True) * 1 for s in shapes)
+    output = torch.einsum(equation, a, b)
+    grad = torch.randn(output.shape, dtype=torch.float64)
+    with radgrad.memory.record() as exact:
+        want = torch.autograd.grad(torch.einsum(equation, a, b), (a, b), grad)
+    with radgrad.memory.record() as rad:
+        got = radgrad.functional.einsum(equation, a, b, radgrad.SketchConfig(method="quantize"))
+    assert torch.equal(got, output) and rad.total == exact.total
+    for g, w in zip(torch.autograd.grad(got, (a, b), grad), want):
+        assert torch.equal(g, w)
+
+
 def test_prelu_saves_a_mask_and_a_sketch_or_only_the_mask():
     x = torch.randn(64, 8, 16, 16, requires_grad=True)
     w = nn.Parameter(torch.full((8,), 0.25))
@@ -381,6 +427,7 @@ _CONFIG_TAKERS = {  # every public function with a config, called with what it t
     "cross_entropy": lambda c: _F.cross_entropy(_X, torch.tensor([0, 1, 2]), config=c),
     "recurrence": lambda c: _F.recurrence(torch.randn(2, 3, 4), torch.zeros(3, 4), _W4, config=c),
     "prelu": lambda c: _F.prelu(_MAP, torch.rand(3), config=c),
+    "einsum": lambda c: _F.einsum("ij,jk->ik", _X, _W4, config=c),
 }
 
 

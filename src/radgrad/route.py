@@ -26,6 +26,7 @@ with gradients on, which sends these calls to :mod:`radgrad.functional`:
     ``F.softplus``                    the same
     ``torch.matmul``, ``bmm``, ``@``  a sketch of each operand but a parameter
     ``torch.baddbmm``                 the same; the added tensor needs nothing
+    ``torch.einsum`` of two tensors   the same (subscripts as ``functional.einsum`` takes them)
     ``torch.mul``, ``*``              the same, for operands the size of the output
     ``-``, ``+``, ``/``, ``torch.cat``  torch's op, noted when attention may rebuild its output
     ``contiguous()``, ``clone()``     the same
@@ -180,6 +181,14 @@ def _bmm(func, config, input, mat2, *, out=None):
     return RF.matmul(input, mat2, config)
 
 
+def _einsum(config, equation, *operands):
+    # torch.einsum(equation, a, b) and torch.einsum(equation, [a, b]); other forms run as they are
+    pair = operands[0] if len(operands) == 1 and isinstance(operands[0], (list, tuple)) else operands
+    if not isinstance(equation, str) or len(pair) != 2 or not _floating(*pair):
+        return torch.einsum(equation, *operands)
+    return RF.einsum(equation, *pair, config=config)
+
+
 def _baddbmm(func, config, input, batch1, batch2, *, beta=1, alpha=1, out=None):
     if out is not None or not _floating(input, batch1, batch2) or not _batches(batch1, batch2):
         kwargs = {} if out is None else {"out": out}
@@ -241,6 +250,7 @@ ROUTED = {
     **{func: functools.partial(_product, func, RF.matmul)
        for func in (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)},
     **{func: functools.partial(_bmm, func) for func in (torch.bmm, torch.Tensor.bmm)},
+    torch.einsum: _einsum,
     **{func: functools.partial(_baddbmm, func) for func in (torch.baddbmm, torch.Tensor.baddbmm)},
     **{func: functools.partial(_mul, func)
        for func in (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)},

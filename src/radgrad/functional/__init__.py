@@ -15,7 +15,7 @@ Contract of every function here:
     * prelu: the input gradient exact (a bit mask and the slope), the slope's
       gradient an estimate from a sketch of the input's negative part;
     * elementwise, layer_norm, rms_norm, batch_norm, group_norm, instance_norm,
-      scaled_dot_product_attention, matmul, baddbmm, mul, softmax, log_softmax, cross_entropy: the gradients
+      scaled_dot_product_attention, matmul, baddbmm, einsum, mul, softmax, log_softmax, cross_entropy: the gradients
       that flow on to the inputs are estimates too (each function's
       docstring says which), built from independent sketches of the factors
       the backward pass multiplies, so every estimate is unbiased;
@@ -32,7 +32,7 @@ from radgrad.functional._attention import multi_head_attention_forward, scaled_d
 from radgrad.functional._conv import conv, conv_transpose
 from radgrad.functional._elementwise import dropout, elementwise
 from radgrad.functional._linear import linear
-from radgrad.functional._matmul import baddbmm, matmul, mul
+from radgrad.functional._matmul import baddbmm, einsum, matmul, mul
 from radgrad.functional._norm import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
 from radgrad.functional._prelu import prelu
 from radgrad.functional._pool import avg_pool1d, avg_pool2d, avg_pool3d, max_pool1d, max_pool2d, max_pool3d, relu
@@ -44,5 +44,5 @@ __all__ = [
     "max_pool2d", "max_pool3d",
     "recurrence",
     "elementwise", "dropout", "layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm",
-    "scaled_dot_product_attention", "multi_head_attention_forward", "baddbmm", "matmul", "mul", "softmax", "log_softmax", "cross_entropy",
+    "scaled_dot_product_attention", "multi_head_attention_forward", "baddbmm", "einsum", "matmul", "mul", "softmax", "log_softmax", "cross_entropy",
 ]

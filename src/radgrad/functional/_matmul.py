@@ -53,12 +53,13 @@ import torch
 from torch import Tensor
 
 from radgrad.functional._base import (
-    _DEFAULT, _RADFunction, _apply, _check_config, _check_input, _lives_on, _packed, _sketch_from, _torch,
+    _DEFAULT, _RADFunction, _apply, _autocast_dtype, _check_config, _check_input, _lives_on, _packed, _sketch_from,
+    _torch,
 )
 from radgrad.saved import save_for_backward, saved_tensors
 from radgrad.sketch import Sketch, SketchConfig
 
-__all__ = ["baddbmm", "matmul", "mul"]
+__all__ = ["baddbmm", "einsum", "matmul", "mul"]
 
 
 def _rows_view(t: Tensor) -> tuple[Tensor, bool]:
@@ -96,6 +97,48 @@ class _Matmul(_RADFunction):
         if given > 4 and ctx.needs_input_grad[4]:
             grad_base = (grad if ctx.beta == 1 else grad * ctx.beta).sum_to_size(ctx.base_shape)
         return (grad_a, grad_b, None, None, grad_base, None, None)[:given]
+
+
+class _Einsum(_RADFunction):
+    """``torch.einsum(equation, a, b)`` for an equation :func:`_einsum_specs` accepts."""
+
+    @staticmethod
+    def forward(a, b, config, sketched, equation):
+        return _pack_operands(torch.einsum(equation, a, b), a, b, config, sketched, _same)
+
+    @staticmethod
+    def setup_context(ctx, inputs, outputs):
+        _save_operands(ctx, inputs, outputs, _same)
+        ctx.specs = _einsum_specs(inputs[4])
+
+    @staticmethod
+    def backward(ctx, grad, *_):
+        a, b = (_estimate(t, False) for t in saved_tensors(ctx, unpack=False))
+        spec_a, spec_b, spec_out = ctx.specs
+        # each operand's gradient is the product of the output's gradient with the other operand
+        grad_a = torch.einsum(f"{spec_out},{spec_b}->{spec_a}", grad, b) if ctx.needs_input_grad[0] else None
+        grad_b = torch.einsum(f"{spec_a},{spec_out}->{spec_b}", a, grad) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None, None, None
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _einsum_specs(equation: str) -> tuple[str, str, str] | None:
+    """The operand and output subscripts of a two-operand ``equation`` whose gradients are einsums of
+    the same kind, else None: an explicit output, no ellipsis, no subscript repeated within an
+    operand or the output, and each operand's subscripts all in the other operand or the output."""
+    inputs, arrow, out = equation.replace(" ", "").partition("->")
+    specs = inputs.split(",")
+    if not arrow or len(specs) != 2 or "." in equation or not all(s.isalpha() for s in (*specs, out) if s):
+        return None
+    a, b = specs
+    if any(len(set(s)) != len(s) for s in (a, b, out)) or not set(out) <= set(a) | set(b):
+        return None
+    if not (set(a) <= set(b) | set(out) and set(b) <= set(a) | set(out)):
+        return None
+    return a, b, out
 
 
 def _pack_operands(output: Tensor, a: Tensor, b: Tensor, config: SketchConfig, sketched, rows) -> tuple:
@@ -153,6 +196,34 @@ def matmul(a: Tensor, b: Tensor, config: SketchConfig = _DEFAULT) -> Tensor:
     if not any(sketched):
         return _torch(torch.matmul, a, b)
     return _apply(lambda a, b, _, config: _Matmul.run(a, b, config, sketched), a, b, None, config)[0]
+
+
+def einsum(equation: str, a: Tensor, b: Tensor, config: SketchConfig = _DEFAULT) -> Tensor:
+    """RAD ``torch.einsum`` of two tensors.
+
+    Exact: the output (torch's own einsum). Estimated (unbiased): the
+    gradient of ``a`` from a sketch of ``b`` and that of ``b`` from an
+    independent sketch of ``a``, as for :func:`matmul`; a parameter operand
+    is saved as it is. Runs ``torch.einsum`` unchanged with an exact config,
+    no gradient needed, an implicit output (no ``->``), an ellipsis, a
+    subscript repeated within an operand (a diagonal), one summed within a
+    single operand, operands whose shared subscripts differ in size
+    (broadcast) or of two dtypes, or under autocast.
+    """
+    _check_config("functional.einsum", config)
+    _check_input("functional.einsum: a", a)
+    _check_input("functional.einsum: b", b)
+    need_a, need_b = a.requires_grad, b.requires_grad
+    specs = _einsum_specs(equation) if isinstance(equation, str) else None
+    if config.exact or not ((need_a or need_b) and torch.is_grad_enabled()) or specs is None \
+            or _autocast_dtype(a.device.type) is not None or a.dtype != b.dtype \
+            or len(specs[0]) != a.dim() or len(specs[1]) != b.dim() \
+            or any(a.shape[specs[0].index(c)] != b.shape[specs[1].index(c)] for c in set(specs[0]) & set(specs[1])):
+        return _torch(torch.einsum, equation, a, b)
+    sketched = (need_b and not _lives_on(a), need_a and not _lives_on(b))
+    if not any(sketched):
+        return _torch(torch.einsum, equation, a, b)
+    return _Einsum.run(a, b, config, sketched, equation)[0]
 
 
 def baddbmm(input: Tensor, batch1: Tensor, batch2: Tensor, beta: float = 1, alpha: float = 1,
