@@ -127,11 +127,13 @@ def _same(t: Tensor) -> Tensor:
 
 def _einsum_specs(equation: str) -> tuple[str, str, str] | None:
     """The operand and output subscripts of a two-operand ``equation`` whose gradients are einsums of
-    the same kind, else None: an explicit output, no ellipsis, no subscript repeated within an
-    operand or the output, and each operand's subscripts all in the other operand or the output."""
+    the same kind, else None: an explicit output, no ellipsis, no 0-dim operand, no subscript
+    repeated within an operand or the output, and each operand's subscripts all in the other operand
+    or the output."""
     inputs, arrow, out = equation.replace(" ", "").partition("->")
     specs = inputs.split(",")
-    if not arrow or len(specs) != 2 or "." in equation or not all(s.isalpha() for s in (*specs, out) if s):
+    if not arrow or len(specs) != 2 or "." in equation or not all(s.isalpha() for s in (*specs, out) if s) \
+            or not all(specs):  # a 0-dim operand: nothing worth sketching
         return None
     a, b = specs
     if any(len(set(s)) != len(s) for s in (a, b, out)) or not set(out) <= set(a) | set(b):
