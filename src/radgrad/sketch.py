@@ -400,9 +400,14 @@ def tie(output: Tensor, *items: Tensor | Sketch | None) -> Tensor:
     return output
 
 
-def _check(x: Tensor, config: SketchConfig, batch_dims: int) -> None:
+def check_config(where: str, config: SketchConfig) -> None:
+    """Raise a TypeError, prefixed ``where``, unless ``config`` is a :class:`SketchConfig`."""
     if not isinstance(config, SketchConfig):
-        raise TypeError(f"radgrad: config must be a radgrad.SketchConfig, got {type(config).__name__}")
+        raise TypeError(f"{where}: config must be a radgrad.SketchConfig, got {type(config).__name__}")
+
+
+def _check(x: Tensor, config: SketchConfig, batch_dims: int) -> None:
+    check_config("radgrad", config)
     if not isinstance(x, Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, Tensor) else type(x).__name__
         raise TypeError(f"radgrad: can only sketch floating-point tensors, got {got}")

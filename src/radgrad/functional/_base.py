@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.autograd import Function
 
 from radgrad.sizes import known, row_blocks
-from radgrad.sketch import Sketch, SketchConfig, pack_copies, tie
+from radgrad.sketch import Sketch, SketchConfig, check_config, pack_copies, tie
 
 _DEFAULT = SketchConfig()
 _EXACT = SketchConfig(keep=1.0)
@@ -56,8 +56,7 @@ def _check_input(name: str, input: Tensor) -> None:
 
 
 def _check_config(name: str, config: SketchConfig) -> None:
-    if not isinstance(config, SketchConfig):
-        raise TypeError(f"radgrad.{name}: config must be a radgrad.SketchConfig, got {type(config).__name__}")
+    check_config(f"radgrad.{name}", config)
 
 
 def _lives_on(t: Tensor) -> bool:
