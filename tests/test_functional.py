@@ -361,6 +361,15 @@ def test_prelu_saves_a_mask_and_a_sketch_or_only_the_mask():
     assert frozen.total == mask
     (got,) = torch.autograd.grad(out, x, torch.ones_like(x))
     assert torch.equal(got, torch.where(x > 0, 1.0, 0.25))
+    w.requires_grad_(True)  # an input that needs no gradient: the sketch alone
+    with radgrad.memory.record() as sketch_only:
+        radgrad.functional.prelu(x.detach(), w, config)
+    assert sketch_only.total == rad.total - mask
+    x64, w64 = x.detach().double(), nn.Parameter(w.detach().double())
+    torch.manual_seed(1)
+    (got,) = torch.autograd.grad(radgrad.functional.prelu(x64, w64, config).sum(), w64)
+    torch.manual_seed(1)
+    assert_same_up_to_rounding(got, sketched(x64.clamp(max=0), config, batch_dims=2).sum((0, 2, 3)))
 
 
 @pytest.mark.parametrize("shape, kernel", [((1, 1, 20, 20), 17), ((1, 1, 8, 8, 8), 7)])  # 289, 343 entries

@@ -10,7 +10,8 @@ NOTE [PReLU from a mask and a sketch]
     itself: it is exact. ``da`` is linear in ``min(x, 0)``, so an unbiased
     sketch of that makes it an unbiased estimate; its rows are (example,
     channel) pairs, as a convolution's input's are (examples, for an
-    ``(N, C)`` input). With a frozen slope only the mask is saved.
+    ``(N, C)`` input). With a frozen slope only the mask is saved; for an
+    input that needs no gradient, only the sketch.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class _PReLU(_RADFunction):
     def setup_context(ctx, inputs, outputs):
         input, weight, config = inputs
         # torch's backward passes the gradient as it is where input > 0 (NaN: times the slope)
-        mask = bits.pack(input > 0)
+        mask = bits.pack(input > 0) if ctx.needs_input_grad[0] else None
         sketch = None if config is None else _sketch_from(ctx, outputs[1:], input.shape, config, _batch_dims(input),
                                                           input.dtype)
         save_for_backward(ctx, mask, sketch, weight)
@@ -47,11 +48,12 @@ class _PReLU(_RADFunction):
     @staticmethod
     def backward(ctx, grad, *_):
         mask, sketch, weight = saved_tensors(ctx, unpack=False)
-        slope = weight.view(-1, *[1] * (grad.dim() - 2)) if weight.numel() > 1 else weight.view(())
-        passed = bits.masked_grad(grad, mask)
-        # where the mask is set this adds (grad - grad) * slope = 0; elsewhere 0 + grad * slope
-        grad_input = passed.add_((grad - passed).mul_(slope)) if ctx.needs_input_grad[0] else None
-        grad_weight = None
+        grad_input = grad_weight = None
+        if mask is not None:
+            slope = weight.view(-1, *[1] * (grad.dim() - 2)) if weight.numel() > 1 else weight.view(())
+            passed = bits.masked_grad(grad, mask)
+            # where the mask is set this adds (grad - grad) * slope = 0; elsewhere 0 + grad * slope
+            grad_input = passed.add_((grad - passed).mul_(slope))
         if sketch is not None:
             product = sketch.unpack().mul_(grad)
             dims = [0, *range(2, grad.dim())] if weight.numel() > 1 else list(range(grad.dim()))
