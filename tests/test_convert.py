@@ -283,35 +283,59 @@ class _Bias(nn.Module):
 
 
 class _Bilinear(nn.Module):
-    """A product with a weight through an einsum with an ellipsis, which radgrad leaves to torch: saved exactly."""
+    """A product with a weight through an einsum of three operands, which radgrad leaves to torch: saved exactly."""
 
     def __init__(self):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(1, 8, 8))
+        self.weight = nn.Parameter(torch.randn(8, 8))
 
     def forward(self, x):
-        return x + torch.einsum("...ij,...jk->...ik", x, self.weight.expand(x.shape[0], -1, -1))
+        return x + torch.einsum("bij,jk,bkl->bil", x, self.weight, x)
 
 
 class _EinsumLinear(nn.Linear):
-    """A linear layer's subclass whose own forward calls nothing radgrad routes."""
+    """A linear layer's subclass whose own forward calls nothing radgrad sketches."""
 
     def forward(self, x):
-        return torch.einsum("...i,oi->...o", x, self.weight)
+        return torch.einsum("...ii,oi->...o", x.diag_embed(), self.weight)
 
 
 def test_coverage_with_inputs_lists_only_modules_whose_own_saves_stayed_exact():
     torch.manual_seed(0)
     model = nn.Sequential(_Bias(), _OwnForwardLinear(8, 8), _Bilinear(), _EinsumLinear(8, 8))
     radgrad.convert(model, method="quantize")
-    static = radgrad.coverage(model)  # without inputs: by module type only
-    assert set(static.exact) == {"0", "2"} and static.routed == ["1", "3"]
+    static = radgrad.coverage(model)  # without inputs: by module type only; every call of the model's own code is routed
+    assert static.exact == {} and static.routed == ["0", "1", "2", "3"] and static.parameter_share == 1.0
     report = radgrad.coverage(model, torch.randn(4, 8, 8))
-    # the bias saves nothing; the linear's `@` is routed (it saves a sketch); einsums with an ellipsis save x exactly
-    assert report.exact == {"2": "_Bilinear: not a module type radgrad converts",
-                            "3": "_EinsumLinear: its own code saved everything exactly "
-                                 "(it calls no torch function radgrad routes)"}
-    assert report.routed == ["1"]
+    # the bias saves nothing; the linear's `@` is routed (it saves a sketch); the einsums torch runs save x exactly
+    why = "its own code saved everything exactly (none of its torch calls is one radgrad sketches)"
+    assert report.exact == {"2": f"_Bilinear: {why}", "3": f"_EinsumLinear: {why}"}
+    assert report.routed == ["0", "1"]
+    assert report.parameter_share == 1 - (8 * 8 + 8 * 8 + 8) / (8 + (8 * 8 + 8) + 8 * 8 + (8 * 8 + 8))
+
+
+class _RawProjection(nn.Module):
+    """Projections kept as raw parameters and applied by torch.einsum, as XLNet's attention does."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = nn.Parameter(torch.randn(8, 2, 4)), nn.Parameter(torch.randn(8, 2, 4))
+
+    def forward(self, x):  # (positions, batch, features)
+        return torch.einsum("ibnd,hnd->ibh", torch.einsum("ibh,hnd->ibnd", x, self.q).tanh(), self.o)
+
+
+def test_a_models_own_module_with_raw_parameters_counts_as_routed():
+    torch.manual_seed(0)
+    model = nn.Sequential(_RawProjection(), nn.Linear(8, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left exact by type: no warning
+        radgrad.convert(model, method="quantize")
+    static = radgrad.coverage(model)
+    assert static.routed == ["0"] and static.exact == {} and static.parameter_share == 1.0
+    report = radgrad.coverage(model, torch.randn(6, 3, 8))
+    assert report.routed == ["0"] and report.exact == {} and report.parameter_share == 1.0
+    assert report.saved_bytes["converted"] < 0.2 * report.saved_bytes["exact"]
 
 
 def test_coverage_names_excluded_modules():

@@ -83,7 +83,10 @@ def convert(
     Converting twice is harmless; converting a converted model with other
     settings updates them. :func:`radgrad.coverage` reports what was
     converted, what was left exact and why; ``convert`` warns when less than
-    half of the trainable parameters are in modules it covers.
+    half of the trainable parameters are in modules it covers (judged by
+    module type: a module of the model's own code counts as covered, since
+    its torch calls are routed; ``radgrad.coverage(model, *inputs)``
+    measures what it saved).
 
     Args:
         model: the model to convert.

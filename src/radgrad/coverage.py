@@ -32,15 +32,19 @@ class Coverage:
     Attributes:
         converted: qualified name -> what it became (``"radgrad.nn.Linear"``, ...).
         routed: modules whose functional calls are routed while training: batch, group and instance
-            norm, multi-head attention, and subclasses of the layers radgrad converts that have their own forward
-            (Falcon's ``FalconLinear``: its ``@`` is routed).
+            norm, multi-head attention, subclasses of the layers radgrad converts that have their own
+            forward (Falcon's ``FalconLinear``: its ``@`` is routed), and the model's own modules
+            (classes not from torch) with parameters: XLNet's attention, whose ``torch.einsum``
+            calls are routed. Without inputs this says where the route acts, not that it
+            compressed anything: inputs tell.
         exact: modules with parameters left exact -> why. With inputs given, only those whose own
             code saved bytes for backward with every sketch exact and no fewer as converted: one
             that saves nothing (a learned offset), or whose calls radgrad routed, is not listed; a
-            routed module whose own code saved everything exactly is (its calls were not routed).
-        parameter_share: trainable parameters in converted or routed modules, over all trainable
-            parameters (embeddings, which save only indices, counted apart; a parametrized layer's,
-            weight norm's say, are those of its parametrizations).
+            routed module whose own code saved everything exactly is (none of its calls was
+            sketched).
+        parameter_share: trainable parameters outside the modules listed in ``exact``, over all
+            trainable parameters (embeddings, which save only indices, counted apart; a
+            parametrized layer's, weight norm's say, are those of its parametrizations).
         saved_bytes: with inputs given, bytes saved for backward as converted and with every
             sketch exact (``{"converted": ..., "exact": ...}``); empty otherwise.
         holders: with inputs given, the modules holding the most converted saved bytes.
@@ -87,7 +91,8 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise ValueError(f"radgrad.coverage: top must be a non-negative int, got {top!r}")
     report = Coverage()
-    covered = total = 0
+    total = 0
+    counted: dict[str, int] = {}  # trainable parameters of each module the share counts
     inside_routed = routed_children(model)
     # excluded from conversion: the route lets their calls through to torch
     alone = {id(sub) for m in model.modules() if route.is_left_alone(m) for sub in m.modules()}
@@ -103,11 +108,11 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
         own = sum(p.numel() for p in mine
                   if p.requires_grad and not isinstance(p, nn.parameter.UninitializedParameter))
         if id(module) in inside_routed:
-            covered += own
             total += own
             continue
         routed = id(module) not in alone and (isinstance(module, _ROUTED) or (
-            own and type(module) not in CONVERSIONS and torch_parent(type(module)) is not None))
+            own and type(module) not in CONVERSIONS and (torch_parent(type(module)) is not None
+                                                          or not _from_torch(type(module)))))
         if isinstance(module, _Converted):
             report.converted[name] = f"radgrad.nn.{_kind(module)}"
         elif routed:
@@ -122,8 +127,7 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
         elif own:
             report.exact[name] = f"{type(module).__name__}: not a module type radgrad converts"
         total += own
-        covered += own if isinstance(module, _Converted) or routed else 0
-    report.parameter_share = covered / total if total else 1.0
+        counted[name] = own
     if inputs or kwargs:
         modes = {m: m.training for m in model.modules()}
         buffers = [(b, b.clone()) for b in model.buffers()]
@@ -145,11 +149,18 @@ def coverage(model: nn.Module, *inputs: Any, top: int = 5, **kwargs: Any) -> Cov
         report.saved_bytes = {"converted": converted.total, "exact": exact.total}
         report.holders = dict(sorted(converted.by_module.items(), key=lambda kv: -kv[1])[:top])
         unrouted = {name: f"{type(model.get_submodule(name)).__name__}: its own code saved everything "
-                          f"exactly (it calls no torch function radgrad routes)" for name in report.routed}
+                          f"exactly (none of its torch calls is one radgrad sketches)" for name in report.routed}
         report.exact = {name: why for name, why in {**report.exact, **unrouted}.items()
                         if converted.by_module.get(name, 0) >= exact.by_module.get(name, 0) > 0}
         report.routed = [name for name in report.routed if name not in report.exact]
+    left = sum(counted.get(name, 0) for name in report.exact)
+    report.parameter_share = (total - left) / total if total else 1.0
     return report
+
+
+def _from_torch(cls: type) -> bool:
+    """Whether ``cls`` is one of torch's own modules (whose forward may call C++ that nothing routes)."""
+    return cls.__module__ == "torch" or cls.__module__.startswith("torch.")
 
 
 def routed_children(model: nn.Module) -> set[int]:
