@@ -148,6 +148,11 @@ FAMILIES: dict[str, Callable[[], tuple[nn.Module, dict]]] = {
     # relative attention written with torch.einsum
     "xlnet": _language(T.XLNetConfig, T.XLNetLMHeadModel, d_model=256, n_layer=4, n_head=4, d_inner=1024,
                        vocab_size=VOCABULARY),
+    # local and transient-global attention written with einsums over an ellipsis
+    "longt5": _language(T.LongT5Config, T.LongT5ForConditionalGeneration, d_model=256, d_ff=1024, num_layers=4,
+                        num_heads=4, d_kv=64, vocab_size=VOCABULARY, decoder_start_token_id=0, pad_token_id=0,
+                        eos_token_id=1, encoder_attention_type="transient-global", local_radius=32,
+                        global_block_size=16),
     "funnel": _language(T.FunnelConfig, T.FunnelForMaskedLM, d_model=256, n_head=4, d_head=64, d_inner=1024,
                         block_sizes=[2, 2], vocab_size=VOCABULARY),
 }

@@ -204,7 +204,8 @@ class UNetBlock(nn.Module):
 
 
 class RelativeAttention(nn.Module):
-    """Attention scores written with torch.einsum, as XLNet and Funnel write them."""
+    """Attention scores written with torch.einsum, as XLNet and Funnel write them (the position term
+    over an ellipsis, as LongT5 writes its local attention)."""
 
     def __init__(self):
         super().__init__()
@@ -213,5 +214,5 @@ class RelativeAttention(nn.Module):
 
     def forward(self, x):  # (positions, batch, features)
         q, k, v = (layer(x).view(*x.shape[:2], 2, 4) for layer in (self.q, self.k, self.v))
-        scores = torch.einsum("ibnd,jbnd->bnij", q, k) + torch.einsum("ibnd,nd->bni", [q, self.position])[..., None]
+        scores = torch.einsum("ibnd,jbnd->bnij", q, k) + torch.einsum("i...d,...d->...i", [q, self.position])[..., None]
         return torch.einsum("bnij,jbnd->ibnd", scores.softmax(-1), v).reshape(x.shape)

@@ -299,14 +299,22 @@ def test_prelu_input_gradient_is_torchs_and_slope_gradient_the_formula_on_the_sk
     assert_same_up_to_rounding(got_w, (grad * estimate).sum(dims).reshape(w.shape))
 
 
-@pytest.mark.parametrize("equation,shapes", [
-    ("ij,jk->ik", ((5, 6), (6, 7))),
-    ("bhid,bhjd->bhij", ((2, 3, 4, 5), (2, 3, 6, 5))),  # attention scores
-    ("ibnd,jbnd->bnij", ((4, 2, 3, 5), (6, 2, 3, 5))),  # XLNet's relative attention
-    ("ind,nd->in", ((4, 3, 5), (3, 5))),  # a bias per head, broadcast over positions
-    ("i j , j k -> k i", ((5, 6), (6, 7))),
+@pytest.mark.parametrize("equation,spelled,shapes", [
+    ("ij,jk->ik", "ij,jk->ik", ((5, 6), (6, 7))),
+    ("bhid,bhjd->bhij", "bhid,bhjd->bhij", ((2, 3, 4, 5), (2, 3, 6, 5))),  # attention scores
+    ("ibnd,jbnd->bnij", "ibnd,jbnd->bnij", ((4, 2, 3, 5), (6, 2, 3, 5))),  # XLNet's relative attention
+    ("ind,nd->in", "ind,nd->in", ((4, 3, 5), (3, 5))),  # a bias per head, broadcast over positions
+    ("i j , j k -> k i", "ij,jk->ki", ((5, 6), (6, 7))),
+    # torch's readings of an implicit output and an ellipsis
+    ("jk,ij", "jk,ij->ik", ((6, 7), (5, 6))),  # the subscripts used once, in alphabetical order
+    ("Bj,jb", "Bj,jb->Bb", ((5, 6), (6, 7))),  # capitals first
+    ("bij,bjk", "bij,bjk->ik", ((2, 5, 6), (2, 6, 7))),  # b, used twice, summed
+    ("...ij,...jk->...ik", "xij,xjk->xik", ((2, 5, 6), (2, 6, 7))),
+    ("...ij,jk", "xyij,jk->xyik", ((2, 3, 5, 6), (6, 7))),  # implicit: the ellipsis first
+    ("...ij,...jk->ik", "xij,xjk->ik", ((2, 5, 6), (2, 6, 7))),  # left out of the output: summed
+    ("i...,...j->...ij", "iy,yj->yij", ((5, 3), (3, 7))),
 ])
-def test_einsum_output_is_torchs_and_gradients_the_formula_on_the_sketches(equation, shapes):
+def test_einsum_output_is_torchs_and_gradients_the_formula_on_the_sketches(equation, spelled, shapes):
     # each operand's gradient is the output gradient times the other operand, an einsum linear in
     # that operand's sketch (unbiased: test_sketch); the sketches are drawn a first, then b
     config = radgrad.SketchConfig(method="quantize", bits=2)
@@ -320,14 +328,13 @@ def test_einsum_output_is_torchs_and_gradients_the_formula_on_the_sketches(equat
     assert torch.equal(got, output)
     torch.manual_seed(1)
     estimate_a, estimate_b = (sketched(t.detach(), config, batch_dims=t.dim() - 1) for t in (a, b))
-    spec_a, spec_b, spec_out = equation.replace(" ", "").replace("->", ",").split(",")
+    spec_a, spec_b, spec_out = spelled.replace("->", ",").split(",")
     assert_same_up_to_rounding(got_a, torch.einsum(f"{spec_out},{spec_b}->{spec_a}", grad, estimate_b))
     assert_same_up_to_rounding(got_b, torch.einsum(f"{spec_a},{spec_out}->{spec_b}", estimate_a, grad))
 
 
 @pytest.mark.parametrize("equation,shapes", [
-    ("ij,jk", ((5, 6), (6, 7))),  # implicit output
-    ("...ij,...jk->...ik", ((2, 5, 6), (2, 6, 7))),  # ellipsis
+    ("...ij,...jk->...ik", ((2, 5, 6), (1, 6, 7))),  # the ellipsis broadcast
     ("ii,ij->j", ((5, 5), (5, 7))),  # a diagonal
     ("ijk,jl->il", ((5, 6, 3), (6, 7))),  # k summed within a alone
     ("ij,jk->ik", ((5, 1), (6, 7))),  # j broadcast

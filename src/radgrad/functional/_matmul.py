@@ -47,6 +47,8 @@ NOTE [A product's sketches serve the next layer]
 
 from __future__ import annotations
 
+import string
+
 import math
 
 import torch
@@ -100,16 +102,17 @@ class _Matmul(_RADFunction):
 
 
 class _Einsum(_RADFunction):
-    """``torch.einsum(equation, a, b)`` for an equation :func:`_einsum_specs` accepts."""
+    """``torch.einsum(equation, a, b)`` for an equation whose spelled-out form :func:`_einsum_specs` accepts
+    (``specs``)."""
 
     @staticmethod
-    def forward(a, b, config, sketched, equation):
+    def forward(a, b, config, sketched, equation, specs):
         return _pack_operands(torch.einsum(equation, a, b), a, b, config, sketched, _same)
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
         _save_operands(ctx, inputs, outputs, _same)
-        ctx.specs = _einsum_specs(inputs[4])
+        ctx.specs = inputs[5]
 
     @staticmethod
     def backward(ctx, grad, *_):
@@ -118,21 +121,49 @@ class _Einsum(_RADFunction):
         # each operand's gradient is the product of the output's gradient with the other operand
         grad_a = torch.einsum(f"{spec_out},{spec_b}->{spec_a}", grad, b) if ctx.needs_input_grad[0] else None
         grad_b = torch.einsum(f"{spec_a},{spec_out}->{spec_b}", a, grad) if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, None, None, None
+        return grad_a, grad_b, None, None, None, None
 
 
 def _same(t: Tensor) -> Tensor:
     return t
 
 
-def _einsum_specs(equation: str) -> tuple[str, str, str] | None:
-    """The operand and output subscripts of a two-operand ``equation`` whose gradients are einsums of
-    the same kind, else None: an explicit output, no ellipsis, no 0-dim operand, no subscript
-    repeated within an operand or the output, and each operand's subscripts all in the other operand
-    or the output."""
+def _spelled_out(equation: str, dims: tuple[int, int]) -> str | None:
+    """``equation`` for two operands of ``dims`` dimensions, its output written out and its
+    ellipsis spelled in unused letters, as torch reads it; None when it is not of that form.
+
+    torch's implicit output is the ellipsis, then the subscripts used once, in
+    alphabetical order (capitals first); an ellipsis stands for the same
+    trailing dimensions, right-aligned, in every operand and in the output.
+    """
     inputs, arrow, out = equation.replace(" ", "").partition("->")
     specs = inputs.split(",")
-    if not arrow or len(specs) != 2 or "." in equation or not all(s.isalpha() for s in (*specs, out) if s) \
+    if len(specs) != 2:
+        return None
+    if not arrow:
+        out = ("..." if "..." in inputs else "") + "".join(
+            sorted(c for c in set(inputs) if c.isalpha() and inputs.count(c) == 1))
+    if "." not in inputs + out:
+        return f"{specs[0]},{specs[1]}->{out}"
+    if any(t.count(".") not in (0, 3) or t.count(".") != 3 * t.count("...") for t in (*specs, out)):
+        return None
+    counts = [dim - (len(spec) - 3) if "..." in spec else 0 for spec, dim in zip(specs, dims)]
+    free = [c for c in string.ascii_letters if c not in inputs + out]
+    if min(counts) < 0 or max(counts) > len(free):
+        return None
+    letters = "".join(free[:max(counts)])
+    a, b = (spec.replace("...", letters[len(letters) - n:]) for spec, n in zip(specs, counts))
+    return f"{a},{b}->{out.replace('...', letters)}"
+
+
+def _einsum_specs(equation: str) -> tuple[str, str, str] | None:
+    """The operand and output subscripts of a two-operand ``equation`` (spelled out: no ellipsis, an
+    explicit output) whose gradients are einsums of the same kind, else None: no 0-dim operand, no
+    subscript repeated within an operand or the output, and each operand's subscripts all in the
+    other operand or the output."""
+    inputs, arrow, out = equation.replace(" ", "").partition("->")
+    specs = inputs.split(",")
+    if not arrow or len(specs) != 2 or not all(s.isalpha() for s in (*specs, out) if s) \
             or not all(specs):  # a 0-dim operand: nothing worth sketching
         return None
     a, b = specs
@@ -206,17 +237,19 @@ def einsum(equation: str, a: Tensor, b: Tensor, config: SketchConfig = _DEFAULT)
     Exact: the output (torch's own einsum). Estimated (unbiased): the
     gradient of ``a`` from a sketch of ``b`` and that of ``b`` from an
     independent sketch of ``a``, as for :func:`matmul`; a parameter operand
-    is saved as it is. Runs ``torch.einsum`` unchanged with an exact config,
-    no gradient needed, an implicit output (no ``->``), an ellipsis, a
-    subscript repeated within an operand (a diagonal), one summed within a
-    single operand, operands whose shared subscripts differ in size
-    (broadcast) or of two dtypes, or under autocast.
+    is saved as it is. An implicit output (no ``->``) and an ellipsis are
+    read as torch reads them. Runs ``torch.einsum`` unchanged with an exact
+    config, no gradient needed, a subscript repeated within an operand (a
+    diagonal), one summed within a single operand, operands whose shared
+    subscripts or ellipsis dimensions differ in size (broadcast) or of two
+    dtypes, or under autocast.
     """
     _check_config("functional.einsum", config)
     _check_input("functional.einsum: a", a)
     _check_input("functional.einsum: b", b)
     need_a, need_b = a.requires_grad, b.requires_grad
-    specs = _einsum_specs(equation) if isinstance(equation, str) else None
+    spelled = _spelled_out(equation, (a.dim(), b.dim())) if isinstance(equation, str) else None
+    specs = _einsum_specs(spelled) if spelled is not None else None
     if config.exact or not ((need_a or need_b) and torch.is_grad_enabled()) or specs is None \
             or _autocast_dtype(a.device.type) is not None or a.dtype != b.dtype \
             or len(specs[0]) != a.dim() or len(specs[1]) != b.dim() \
@@ -225,7 +258,7 @@ def einsum(equation: str, a: Tensor, b: Tensor, config: SketchConfig = _DEFAULT)
     sketched = (need_b and not _lives_on(a), need_a and not _lives_on(b))
     if not any(sketched):
         return _torch(torch.einsum, equation, a, b)
-    return _Einsum.run(a, b, config, sketched, equation)[0]
+    return _Einsum.run(a, b, config, sketched, equation, specs)[0]
 
 
 def baddbmm(input: Tensor, batch1: Tensor, batch2: Tensor, beta: float = 1, alpha: float = 1,
