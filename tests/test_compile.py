@@ -732,3 +732,19 @@ def test_compiled_relu_recurrence_matches_eager():
     for a, b in zip(grads(torch.compile(radgrad.functional.recurrence, fullgraph=True)),
                     grads(radgrad.functional.recurrence)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_lstm_recurrence_draws_what_eager_draws():
+    torch.manual_seed(0)
+    v = torch.randn(3, 2, 12, dtype=torch.float64, requires_grad=True)
+    h0, c0 = (torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weight = (0.3 * torch.randn(12, 3, dtype=torch.float64)).requires_grad_()
+
+    def grads(fn):
+        torch.manual_seed(1)
+        out, h, c = fn(v, h0, c0, weight, radgrad.SketchConfig(method="quantize"))
+        return torch.autograd.grad(out.square().mean() + c.sum(), (v, h0, c0, weight))
+
+    for a, b in zip(grads(torch.compile(radgrad.functional.lstm_recurrence, fullgraph=True, backend="aot_eager")),
+                    grads(radgrad.functional.lstm_recurrence)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

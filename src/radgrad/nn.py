@@ -26,7 +26,7 @@ from radgrad.functional._elementwise import FUSED, fused_derivative
 from radgrad.sketch import SketchConfig
 
 __all__ = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ReLU", "PReLU",
-           "AvgPool1d", "AvgPool2d", "AvgPool3d", "MaxPool1d", "MaxPool2d", "MaxPool3d", "RNN", "LayerNorm", "RMSNorm",
+           "AvgPool1d", "AvgPool2d", "AvgPool3d", "MaxPool1d", "MaxPool2d", "MaxPool3d", "RNN", "LSTM", "LayerNorm", "RMSNorm",
            "Dropout", "Activation", "RMSNormLike", "TransposedLinear"]
 
 M = TypeVar("M", bound=nn.Module)
@@ -288,7 +288,53 @@ class MaxPool3d(_MaxPoolNd, nn.MaxPool3d):
     """
 
 
-class RNN(_Sketched, nn.RNN):
+class _Recurrent(_Sketched):
+    """Mixin of the recurrent layers: the loop over layers around a RAD recurrence (``_recurrence``)."""
+
+    def _randomized(self) -> bool:
+        return self.training and torch.is_grad_enabled() and not self.sketch.exact \
+            and any(p.requires_grad for p in self.parameters())
+
+    def _recurrence(self, v: Tensor, states: list[Tensor], weight: Tensor) -> tuple[Tensor, ...]:
+        """One layer over all steps: ``v`` its input projections, ``states`` its initial states;
+        returns the outputs, then the last states."""
+        raise NotImplementedError
+
+    def _layers(self, input: Tensor, states: tuple[Tensor, ...] | None, count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The outputs of the last layer and the last states of every layer (``count`` kinds:
+        hidden, and cell for an LSTM), as torch's module returns them."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"radgrad.nn.{self._torch_name}: PackedSequence inputs are not supported; "
+                            "exclude this module from radgrad.convert()")
+        batched = input.dim() == 3
+        if not batched:
+            input, states = input.unsqueeze(1), None if states is None else tuple(s.unsqueeze(1) for s in states)
+        elif self.batch_first:
+            input = input.transpose(0, 1)
+        if states is None:
+            states = (input.new_zeros(self.num_layers, input.shape[1], self.hidden_size),) * count
+        last = []
+        for layer in range(self.num_layers):
+            w_ih, w_hh = getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}")
+            b_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
+            v = RF.linear(input, w_ih, b_ih, self.sketch)
+            if self.bias:
+                v = v + getattr(self, f"bias_hh_l{layer}")
+            input, *ends = self._recurrence(v, [s[layer] for s in states], w_hh)
+            last.append(ends)
+            if self.dropout and layer < self.num_layers - 1:
+                input = nn.functional.dropout(input, self.dropout, training=True)
+        ends = tuple(torch.stack(kind) for kind in zip(*last))
+        if not batched:
+            return input.squeeze(1), tuple(e.squeeze(1) for e in ends)
+        return (input.transpose(0, 1) if self.batch_first else input), ends
+
+    @property
+    def _torch_name(self) -> str:
+        return next(c.__name__ for c in type(self).__mro__ if c.__module__.startswith("torch."))
+
+
+class RNN(_Recurrent, nn.RNN):
     """``nn.RNN`` (Elman, ReLU or tanh) with RAD weight gradients.
 
     Same parameters and ``state_dict`` as ``torch.nn.RNN``. While training,
@@ -319,34 +365,13 @@ class RNN(_Sketched, nn.RNN):
         return not module.bidirectional
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if not (self.training and torch.is_grad_enabled() and not self.sketch.exact
-                and any(p.requires_grad for p in self.parameters())):
+        if not self._randomized():
             return super().forward(input, hx)
-        if not isinstance(input, Tensor):
-            raise TypeError("radgrad.nn.RNN: PackedSequence inputs are not supported; "
-                            "exclude this module from radgrad.convert()")
-        batched = input.dim() == 3
-        if not batched:
-            input, hx = input.unsqueeze(1), None if hx is None else hx.unsqueeze(1)
-        elif self.batch_first:
-            input = input.transpose(0, 1)
-        if hx is None:
-            hx = input.new_zeros(self.num_layers, input.shape[1], self.hidden_size)
-        last = []
-        for layer in range(self.num_layers):
-            w_ih, w_hh = getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}")
-            b_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
-            v = RF.linear(input, w_ih, b_ih, self.sketch)
-            if self.bias:
-                v = v + getattr(self, f"bias_hh_l{layer}")
-            input, h_last = RF.recurrence(v, hx[layer], w_hh, self.nonlinearity, self.sketch)
-            last.append(h_last)
-            if self.dropout and layer < self.num_layers - 1:
-                input = nn.functional.dropout(input, self.dropout, training=True)
-        h_n = torch.stack(last)
-        if not batched:
-            return input.squeeze(1), h_n.squeeze(1)
-        return (input.transpose(0, 1) if self.batch_first else input), h_n
+        output, (h_n,) = self._layers(input, None if hx is None else (hx,), 1)
+        return output, h_n
+
+    def _recurrence(self, v: Tensor, states: list[Tensor], weight: Tensor) -> tuple[Tensor, ...]:
+        return RF.recurrence(v, states[0], weight, self.nonlinearity, self.sketch)
 
 
 class LayerNorm(_Sketched, nn.LayerNorm):
@@ -506,6 +531,46 @@ class TransposedLinear(_Dynamic):
         return RF.linear(input, self.weight.t(), self.bias, self.sketch)
 
 
+class LSTM(_Recurrent, nn.LSTM):
+    """``nn.LSTM`` whose backward pass through time reads compressed coefficients.
+
+    Same parameters and ``state_dict`` as ``torch.nn.LSTM``. While training,
+    each layer's input-to-hidden weight gradient comes from sketches of its
+    inputs, the hidden-to-hidden weight gradient from sketches of the
+    previous states (a fresh draw at every time step and for every example),
+    and the backward pass through time from six coefficients per step and
+    hidden unit rounded stochastically to 4 bits (NOTE [RAD LSTM] in
+    :mod:`radgrad.functional._lstm`). Every gradient is then an unbiased
+    estimate; the outputs are torch's up to rounding (the same arithmetic in
+    another order; in eval mode, under ``no_grad`` or with an exact config
+    torch's own LSTM runs).
+
+    Not supported: ``bidirectional=True``, ``proj_size`` and ``PackedSequence`` inputs.
+
+    Args:
+        keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
+        Other arguments as ``torch.nn.LSTM``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.bidirectional or self.proj_size:
+            raise ValueError("radgrad.nn.LSTM: bidirectional=True and proj_size > 0 are not supported")
+
+    @classmethod
+    def convertible(cls, module: nn.Module) -> bool:
+        return not module.bidirectional and not module.proj_size
+
+    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        if not self._randomized():
+            return super().forward(input, hx)
+        output, (h_n, c_n) = self._layers(input, hx, 2)
+        return output, (h_n, c_n)
+
+    def _recurrence(self, v: Tensor, states: list[Tensor], weight: Tensor) -> tuple[Tensor, ...]:
+        return RF.lstm_recurrence(v, states[0], states[1], weight, self.sketch)
+
+
 # torch module type -> RAD class; convert() and its documentation read this table.
 CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: Linear,
@@ -524,6 +589,7 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.MaxPool2d: MaxPool2d,
     nn.MaxPool3d: MaxPool3d,
     nn.RNN: RNN,
+    nn.LSTM: LSTM,
     nn.LayerNorm: LayerNorm,
     nn.RMSNorm: RMSNorm,
     nn.Dropout: Dropout,

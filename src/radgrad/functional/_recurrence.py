@@ -85,8 +85,9 @@ class _Recurrence(_RADFunction):
         return grad_v, carry, grad_weight, None, None
 
 
-def _chunks(steps: int) -> list[tuple[int, int]]:
-    return [(lo, min(steps, lo + _RECURRENCE_CHUNK)) for lo in range(0, steps, _RECURRENCE_CHUNK)]
+def _chunks(steps: int, size: int | None = None) -> list[tuple[int, int]]:
+    size = _RECURRENCE_CHUNK if size is None else size  # read at the call: tests set it
+    return [(lo, min(steps, lo + size)) for lo in range(0, steps, size)]
 
 
 def _previous_states(output: Tensor, h0: Tensor, lo: int, hi: int) -> Tensor:
