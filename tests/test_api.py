@@ -8,12 +8,12 @@ def test_public_names_are_pinned():
     ]
     assert radgrad.nn.__all__ == ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
                                   "ConvTranspose3d", "ReLU", "PReLU", "AvgPool1d", "AvgPool2d", "AvgPool3d", "MaxPool1d", "MaxPool2d",
-                                  "MaxPool3d", "RNN", "LSTM", "LayerNorm", "RMSNorm", "Dropout", "Activation", "RMSNormLike",
+                                  "MaxPool3d", "RNN", "LSTM", "GRU", "LayerNorm", "RMSNorm", "Dropout", "Activation", "RMSNormLike",
                                   "TransposedLinear"]
     assert sorted(radgrad.functional.__all__) == sorted([
         "avg_pool1d", "avg_pool2d", "avg_pool3d", "conv", "conv_transpose", "dropout", "elementwise", "layer_norm", "linear",
         "max_pool1d", "max_pool2d", "max_pool3d",
-        "recurrence", "lstm_recurrence", "relu", "prelu", "scaled_dot_product_attention", "batch_norm", "group_norm", "instance_norm",
+        "recurrence", "lstm_recurrence", "gru_recurrence", "relu", "prelu", "scaled_dot_product_attention", "batch_norm", "group_norm", "instance_norm",
         "multi_head_attention_forward",
         "baddbmm", "einsum", "matmul", "mul", "rms_norm", "softmax", "log_softmax", "cross_entropy"])
     assert sorted(radgrad.METHODS) == ["norm", "project", "quantize", "sample"]

@@ -748,3 +748,20 @@ def test_compiled_lstm_recurrence_draws_what_eager_draws():
     for a, b in zip(grads(torch.compile(radgrad.functional.lstm_recurrence, fullgraph=True, backend="aot_eager")),
                     grads(radgrad.functional.lstm_recurrence)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_compiled_gru_recurrence_draws_what_eager_draws():
+    torch.manual_seed(0)
+    v = torch.randn(3, 2, 9, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    weight = (0.3 * torch.randn(9, 3, dtype=torch.float64)).requires_grad_()
+    bias = torch.randn(9, dtype=torch.float64, requires_grad=True)
+
+    def grads(fn):
+        torch.manual_seed(1)
+        out, h = fn(v, h0, weight, bias, radgrad.SketchConfig(method="quantize"))
+        return torch.autograd.grad(out.square().mean() + h.sum(), (v, h0, weight, bias))
+
+    for a, b in zip(grads(torch.compile(radgrad.functional.gru_recurrence, fullgraph=True, backend="aot_eager")),
+                    grads(radgrad.functional.gru_recurrence)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -192,18 +192,18 @@ def test_zero_feature_linear_trains():
 
 def test_coverage_lists_what_was_converted_and_left_exact():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.GELU(), nn.LayerNorm(8),
-                          nn.BatchNorm1d(4), nn.GRU(8, 8))
-    with pytest.warns(UserWarning, match=r"only 18% of the model's trainable parameters .* left exact: 5 \(GRU\)"):
+                          nn.BatchNorm1d(4), nn.Bilinear(8, 8, 8))
+    with pytest.warns(UserWarning, match=r"only 16% of the model's trainable parameters .* left exact: 5 \(Bilinear\)"):
         radgrad.convert(model, method="quantize")
     report = radgrad.coverage(model)
     assert report.converted == {"1": "radgrad.nn.Linear", "2": "radgrad.nn.Activation", "3": "radgrad.nn.LayerNorm"}
     assert report.routed == ["4"]
-    assert report.exact == {"5": "GRU: not a module type radgrad converts"}
+    assert report.exact == {"5": "Bilinear: not a module type radgrad converts"}
     covered = (8 * 8 + 8) + 2 * 8 + 2 * 4  # Linear, LayerNorm, BatchNorm; the embedding is counted apart
-    gru = 2 * (3 * 8) * 8 + 2 * 3 * 8
-    assert report.parameter_share == covered / (covered + gru)
+    bilinear = 8 * 8 * 8 + 8
+    assert report.parameter_share == covered / (covered + bilinear)
     text = str(report)
-    assert "3 modules converted, 1 routed" in text and "left exact: 5: GRU" in text
+    assert "3 modules converted, 1 routed" in text and "left exact: 5: Bilinear" in text
     with pytest.raises(TypeError, match="radgrad.coverage: model must be an nn.Module, got str"):
         radgrad.coverage("model")
     with pytest.raises(ValueError, match="radgrad.coverage: top must be a non-negative int, got -1"):
@@ -215,12 +215,12 @@ def test_coverage_counts_a_parametrized_weight_with_its_layer():
     # convolution does): they are the converted layer's, not a module left exact
     torch.manual_seed(0)
     normed = nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 4, 3))
-    plain = nn.Sequential(normed, nn.ReLU(), nn.Conv1d(4, 2, 1), nn.GRU(5, 2))
+    plain = nn.Sequential(normed, nn.ReLU(), nn.Conv1d(4, 2, 1), nn.GRU(5, 1, bidirectional=True))
     model = radgrad.convert(copy.deepcopy(plain), keep=0.5)
     x = torch.randn(3, 4, 7)
     report = radgrad.coverage(model, x)
     assert report.converted == {"0": "radgrad.nn.Conv1d", "1": "radgrad.nn.ReLU", "2": "radgrad.nn.Conv1d"}
-    assert report.exact == {"3": "GRU: not a module type radgrad converts"}
+    assert report.exact == {"3": "GRU: its settings are not supported by radgrad.nn.GRU"}
     covered = (4 + 4 * 4 * 3 + 4) + (2 * 4 + 2)  # weight norm's magnitude and direction, bias; the 1x1 conv
     assert report.parameter_share == covered / (covered + sum(p.numel() for p in plain[3].parameters()))
     assert torch.equal(model.eval()[:3](x), plain.eval()[:3](x))

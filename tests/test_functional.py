@@ -442,6 +442,8 @@ _CONFIG_TAKERS = {  # every public function with a config, called with what it t
     "log_softmax": lambda c: _F.log_softmax(_X, -1, config=c),
     "cross_entropy": lambda c: _F.cross_entropy(_X, torch.tensor([0, 1, 2]), config=c),
     "recurrence": lambda c: _F.recurrence(torch.randn(2, 3, 4), torch.zeros(3, 4), _W4, config=c),
+    "gru_recurrence": lambda c: _F.gru_recurrence(torch.randn(2, 3, 12), torch.zeros(3, 4),
+                                                  torch.randn(12, 4, requires_grad=True), config=c),
     "lstm_recurrence": lambda c: _F.lstm_recurrence(torch.randn(2, 3, 16), torch.zeros(3, 4), torch.zeros(3, 4),
                                                     torch.randn(16, 4, requires_grad=True), config=c),
     "prelu": lambda c: _F.prelu(_MAP, torch.rand(3), config=c),

@@ -26,8 +26,8 @@ from radgrad.functional._elementwise import FUSED, fused_derivative
 from radgrad.sketch import SketchConfig
 
 __all__ = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "ReLU", "PReLU",
-           "AvgPool1d", "AvgPool2d", "AvgPool3d", "MaxPool1d", "MaxPool2d", "MaxPool3d", "RNN", "LSTM", "LayerNorm", "RMSNorm",
-           "Dropout", "Activation", "RMSNormLike", "TransposedLinear"]
+           "AvgPool1d", "AvgPool2d", "AvgPool3d", "MaxPool1d", "MaxPool2d", "MaxPool3d", "RNN", "LSTM", "GRU",
+           "LayerNorm", "RMSNorm", "Dropout", "Activation", "RMSNormLike", "TransposedLinear"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -291,16 +291,42 @@ class MaxPool3d(_MaxPoolNd, nn.MaxPool3d):
 class _Recurrent(_Sketched):
     """Mixin of the recurrent layers: the loop over layers around a RAD recurrence (``_recurrence``)."""
 
+    _states = 1  # kinds of state per layer: hidden (and cell, for an LSTM)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        unsupported = [name for name, value in (("bidirectional=True", self.bidirectional),
+                                                ("proj_size > 0", getattr(self, "proj_size", 0))) if value]
+        if unsupported:
+            raise ValueError(f"radgrad.nn.{self._torch_name}: {' and '.join(unsupported)} "
+                             f"{'is' if len(unsupported) == 1 else 'are'} not supported")
+
+    @classmethod
+    def convertible(cls, module: nn.Module) -> bool:
+        return not module.bidirectional and not getattr(module, "proj_size", 0)
+
+    def forward(self, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Any]:
+        if not self._randomized():
+            return super().forward(input, hx)
+        states = None if hx is None else tuple(hx) if self._states > 1 else (hx,)
+        output, last = self._layers(input, states, self._states)
+        return output, (last if self._states > 1 else last[0])
+
     def _randomized(self) -> bool:
         return self.training and torch.is_grad_enabled() and not self.sketch.exact \
             and any(p.requires_grad for p in self.parameters())
 
-    def _recurrence(self, v: Tensor, states: list[Tensor], weight: Tensor) -> tuple[Tensor, ...]:
-        """One layer over all steps: ``v`` its input projections, ``states`` its initial states;
-        returns the outputs, then the last states."""
+    def _recurrence(self, layer: int, v: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
+        """Layer ``layer`` over all steps: ``v`` its input projections (input bias included),
+        ``states`` its initial states; returns the outputs, then the last states."""
         raise NotImplementedError
 
-    def _layers(self, input: Tensor, states: tuple[Tensor, ...] | None, count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def _hidden(self, layer: int) -> tuple[Tensor, Tensor | None]:
+        """Layer ``layer``'s hidden-to-hidden weight and bias (None without biases)."""
+        return getattr(self, f"weight_hh_l{layer}"), getattr(self, f"bias_hh_l{layer}") if self.bias else None
+
+    def _layers(self, input: Tensor, states: tuple[Tensor, ...] | None,
+                count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
         """The outputs of the last layer and the last states of every layer (``count`` kinds:
         hidden, and cell for an LSTM), as torch's module returns them."""
         if not isinstance(input, Tensor):
@@ -315,12 +341,9 @@ class _Recurrent(_Sketched):
             states = (input.new_zeros(self.num_layers, input.shape[1], self.hidden_size),) * count
         last = []
         for layer in range(self.num_layers):
-            w_ih, w_hh = getattr(self, f"weight_ih_l{layer}"), getattr(self, f"weight_hh_l{layer}")
             b_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
-            v = RF.linear(input, w_ih, b_ih, self.sketch)
-            if self.bias:
-                v = v + getattr(self, f"bias_hh_l{layer}")
-            input, *ends = self._recurrence(v, [s[layer] for s in states], w_hh)
+            v = RF.linear(input, getattr(self, f"weight_ih_l{layer}"), b_ih, self.sketch)
+            input, *ends = self._recurrence(layer, v, [s[layer] for s in states])
             last.append(ends)
             if self.dropout and layer < self.num_layers - 1:
                 input = nn.functional.dropout(input, self.dropout, training=True)
@@ -355,23 +378,9 @@ class RNN(_Recurrent, nn.RNN):
         Other arguments as ``torch.nn.RNN``.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.bidirectional:
-            raise ValueError("radgrad.nn.RNN: bidirectional=True is not supported")
-
-    @classmethod
-    def convertible(cls, module: nn.Module) -> bool:
-        return not module.bidirectional
-
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if not self._randomized():
-            return super().forward(input, hx)
-        output, (h_n,) = self._layers(input, None if hx is None else (hx,), 1)
-        return output, h_n
-
-    def _recurrence(self, v: Tensor, states: list[Tensor], weight: Tensor) -> tuple[Tensor, ...]:
-        return RF.recurrence(v, states[0], weight, self.nonlinearity, self.sketch)
+    def _recurrence(self, layer: int, v: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
+        weight, bias = self._hidden(layer)
+        return RF.recurrence(v if bias is None else v + bias, states[0], weight, self.nonlinearity, self.sketch)
 
 
 class LayerNorm(_Sketched, nn.LayerNorm):
@@ -552,23 +561,35 @@ class LSTM(_Recurrent, nn.LSTM):
         Other arguments as ``torch.nn.LSTM``.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if self.bidirectional or self.proj_size:
-            raise ValueError("radgrad.nn.LSTM: bidirectional=True and proj_size > 0 are not supported")
+    _states = 2
 
-    @classmethod
-    def convertible(cls, module: nn.Module) -> bool:
-        return not module.bidirectional and not module.proj_size
+    def _recurrence(self, layer: int, v: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
+        weight, bias = self._hidden(layer)
+        return RF.lstm_recurrence(v if bias is None else v + bias, states[0], states[1], weight, self.sketch)
 
-    def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        if not self._randomized():
-            return super().forward(input, hx)
-        output, (h_n, c_n) = self._layers(input, hx, 2)
-        return output, (h_n, c_n)
 
-    def _recurrence(self, v: Tensor, states: list[Tensor], weight: Tensor) -> tuple[Tensor, ...]:
-        return RF.lstm_recurrence(v, states[0], states[1], weight, self.sketch)
+class GRU(_Recurrent, nn.GRU):
+    """``nn.GRU`` whose backward pass through time reads compressed coefficients.
+
+    Same parameters and ``state_dict`` as ``torch.nn.GRU``. While training,
+    the input-to-hidden weight gradient comes from sketches of each layer's
+    inputs, the hidden-to-hidden weight gradient from sketches of the
+    previous states, and the backward pass through time from five
+    coefficients per step and hidden unit rounded stochastically to 4 bits
+    (NOTE [RAD GRU] in :mod:`radgrad.functional._gru`). Every gradient is
+    then an unbiased estimate; the outputs are torch's up to rounding (in
+    eval mode, under ``no_grad`` or with an exact config torch's own GRU runs).
+
+    Not supported: ``bidirectional=True`` and ``PackedSequence`` inputs.
+
+    Args:
+        keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
+        Other arguments as ``torch.nn.GRU``.
+    """
+
+    def _recurrence(self, layer: int, v: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
+        weight, bias = self._hidden(layer)
+        return RF.gru_recurrence(v, states[0], weight, bias, self.sketch)
 
 
 # torch module type -> RAD class; convert() and its documentation read this table.
@@ -590,6 +611,7 @@ CONVERSIONS: dict[type[nn.Module], type[nn.Module]] = {
     nn.MaxPool3d: MaxPool3d,
     nn.RNN: RNN,
     nn.LSTM: LSTM,
+    nn.GRU: GRU,
     nn.LayerNorm: LayerNorm,
     nn.RMSNorm: RMSNorm,
     nn.Dropout: Dropout,

@@ -11,7 +11,7 @@ Contract of every function here:
       need the weight, never the input) and only the weight gradient is an
       estimate, computed from an unpacked sketch of the input
       (:mod:`radgrad.sketch`);
-    * lstm_recurrence: the outputs exact up to rounding (torch's arithmetic in
+    * lstm_recurrence, gru_recurrence: the outputs exact up to rounding (torch's arithmetic in
       another order); every gradient an estimate, from per-step coefficients
       rounded stochastically and, for the recurrent weight, sketches of the states;
     * relu, pooling, dropout: everything exact (bit masks, offsets, shapes);
@@ -34,6 +34,7 @@ for the torch op, and the op runs in that dtype.
 from radgrad.functional._attention import multi_head_attention_forward, scaled_dot_product_attention
 from radgrad.functional._conv import conv, conv_transpose
 from radgrad.functional._elementwise import dropout, elementwise
+from radgrad.functional._gru import gru_recurrence
 from radgrad.functional._linear import linear
 from radgrad.functional._lstm import lstm_recurrence
 from radgrad.functional._matmul import baddbmm, einsum, matmul, mul
@@ -46,7 +47,7 @@ from radgrad.functional._softmax import cross_entropy, log_softmax, softmax
 __all__ = [
     "linear", "conv", "conv_transpose", "relu", "prelu", "avg_pool1d", "avg_pool2d", "avg_pool3d", "max_pool1d",
     "max_pool2d", "max_pool3d",
-    "recurrence", "lstm_recurrence",
+    "recurrence", "lstm_recurrence", "gru_recurrence",
     "elementwise", "dropout", "layer_norm", "rms_norm", "batch_norm", "group_norm", "instance_norm",
     "scaled_dot_product_attention", "multi_head_attention_forward", "baddbmm", "einsum", "matmul", "mul", "softmax", "log_softmax", "cross_entropy",
 ]

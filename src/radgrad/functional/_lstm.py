@@ -42,7 +42,7 @@ __all__ = ["lstm_recurrence"]
 #   config, as the Elman recurrence does (NOTE [RAD recurrence]). Steps are
 #   packed and rebuilt in chunks of _CHUNK: a chunk's gates, cells and
 #   coefficients are dense while it is packed, and the byte-level LSTM of
-#   benchmarks/bench_lstm.py peaked at 73.8 MB with chunks of 64 steps, 53.1
+#   benchmarks/bench_gated_rnn.py peaked at 73.8 MB with chunks of 64 steps, 53.1
 #   with 16, in the same time.
 _CHUNK = 16
 
@@ -122,6 +122,31 @@ class _LSTM(_RADFunction):
         return grad_v, carry_h, carry_c, grad_weight, None, None
 
 
+def _check_shapes(name: str, gates: int, v: Tensor, weight: Tensor, **others: tuple[Tensor | None, str]) -> None:
+    """Raise a ValueError naming ``name`` unless ``v`` is ``(T, B, gates H)`` with ``T >= 1``, ``weight``
+    ``(gates H, H)`` and each of ``others`` (a tensor or None, and its shape in ``B`` and ``H``) fits."""
+    if v.dim() != 3 or v.shape[0] == 0:
+        raise ValueError(f"radgrad.functional.{name}: v must be (T, B, {gates}H) with T >= 1, "
+                         f"got shape {tuple(v.shape)}")
+    sizes = {"T": v.shape[0], "B": v.shape[1], "H": weight.shape[-1]}
+    wanted = {"weight": (weight, f"({gates}H, H)"), "v": (v, f"(T, B, {gates}H)"), **others}
+
+    def shape(text: str) -> tuple[int, ...]:
+        return tuple(int(d[:-1] or 1) * sizes[d[-1]] if d[-1] in sizes else int(d)
+                     for d in text.strip("(,)").replace(" ", "").split(",") if d)
+
+    if any(t is not None and tuple(t.shape) != shape(text) for t, text in wanted.values()):
+        raise ValueError(
+            f"radgrad.functional.{name}: expected " + ", ".join(f"{k} {text}" for k, (_, text) in wanted.items())
+            + "; got " + ", ".join(f"{k} {None if t is None else tuple(t.shape)}" for k, (t, _) in wanted.items()))
+
+
+def _coefficient_config(coefficient_bits: int | None) -> SketchConfig:
+    """How a recurrence stores its backward coefficients: stochastic rounding to ``coefficient_bits``, or exactly."""
+    bits = _bits("coefficient_bits", coefficient_bits)
+    return _EXACT if bits is None else SketchConfig(method="quantize", bits=bits)
+
+
 def lstm_recurrence(
     v: Tensor, h0: Tensor, c0: Tensor, weight: Tensor, config: SketchConfig = _DEFAULT,
     coefficient_bits: int | None = 4,
@@ -146,17 +171,8 @@ def lstm_recurrence(
     sketches of the previous states.
     """
     _check_config("functional.lstm_recurrence", config)
-    bits = _bits("coefficient_bits", coefficient_bits)
-    if v.dim() != 3 or v.shape[0] == 0:
-        raise ValueError("radgrad.functional.lstm_recurrence: v must be (T, B, 4H) with T >= 1, "
-                         f"got shape {tuple(v.shape)}")
-    hidden = weight.shape[-1]
-    if weight.shape != (4 * hidden, hidden) or v.shape[-1] != 4 * hidden \
-            or h0.shape != (v.shape[1], hidden) or c0.shape != h0.shape:
-        raise ValueError(
-            "radgrad.functional.lstm_recurrence: expected weight (4H, H), v (T, B, 4H), h0 and c0 (B, H); got "
-            f"weight {tuple(weight.shape)}, v {tuple(v.shape)}, h0 {tuple(h0.shape)}, c0 {tuple(c0.shape)}")
+    coefficients = _coefficient_config(coefficient_bits)
+    _check_shapes("lstm_recurrence", 4, v, weight, h0=(h0, "(B, H)"), c0=(c0, "(B, H)"))
     if not (weight.requires_grad and torch.is_grad_enabled()):
         config = _EXACT  # nothing reads the states but dL/dW: store no sketch
-    coefficients = _EXACT if bits is None else SketchConfig(method="quantize", bits=bits)
     return tuple(_LSTM.run(v, h0, c0, weight, config, coefficients)[:3])

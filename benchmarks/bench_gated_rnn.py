@@ -1,9 +1,10 @@
-"""A byte-level LSTM language model on the standard library's source: memory, step time and training loss.
+"""A byte-level LSTM or GRU language model on the standard library's source: memory, step time and training loss.
 
-    python benchmarks/bench_lstm.py --out results/bench_lstm.json
+    python benchmarks/bench_gated_rnn.py --cell lstm --out results/bench_lstm.json
+    python benchmarks/bench_gated_rnn.py --cell gru --out results/bench_gru.json
 
-An embedding of the 256 byte values (64 wide), a two-layer ``nn.LSTM`` (256
-hidden units) and a linear head, trained on windows of 128 bytes, batch 32,
+An embedding of the 256 byte values (64 wide), a two-layer ``nn.LSTM`` or
+``nn.GRU`` (256 hidden units) and a linear head, trained on windows of 128 bytes, batch 32,
 with Adam (lr 2e-3), one thread; plain torch against
 ``radgrad.convert(model, method="quantize")``. Reported: bytes saved for
 backward and the step's peak of live tensors (``radgrad.memory``), the median
@@ -29,15 +30,15 @@ from radgrad.experiments.data import byte_windows, stdlib_bytes
 BATCH, LENGTH = 32, 128
 
 
-class ByteLSTM(nn.Module):
-    def __init__(self, width: int = 64, hidden: int = 256, layers: int = 2) -> None:
+class ByteRNN(nn.Module):
+    def __init__(self, cell: str = "lstm", width: int = 64, hidden: int = 256, layers: int = 2) -> None:
         super().__init__()
         self.embed = nn.Embedding(256, width)
-        self.lstm = nn.LSTM(width, hidden, num_layers=layers, batch_first=True)
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell](width, hidden, num_layers=layers, batch_first=True)
         self.head = nn.Linear(hidden, 256)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lstm(self.embed(ids))[0])
+        return self.head(self.rnn(self.embed(ids))[0])
 
 
 def _loss(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
@@ -67,6 +68,7 @@ def _train(models: dict[str, nn.Module], text: torch.Tensor, steps: int, seed: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cell", choices=["lstm", "gru"], default="lstm")
     parser.add_argument("--steps", type=int, default=300, help="training steps per seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -76,7 +78,7 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         torch.manual_seed(seed)
-        plain = ByteLSTM()
+        plain = ByteRNN(args.cell)
         models = {"plain": plain, "radgrad": radgrad.convert(copy.deepcopy(plain), method="quantize")}
         window = byte_windows(text, BATCH, LENGTH + 1, torch.Generator().manual_seed(seed))
         saved = {k: radgrad.memory.saved_bytes(m, window[:, :-1]) for k, m in models.items()}
@@ -84,7 +86,8 @@ def main() -> None:
         run = {"seed": seed, "saved_bytes": saved, "peak_bytes": peaks, **_train(models, text, args.steps, seed)}
         runs.append(run)
         step, final = run["step_seconds"], run["final_loss"]
-        print(f"seed {seed}: saved {saved['radgrad'] / saved['plain']:.3f}, peak {peaks['radgrad'] / peaks['plain']:.3f}, "
+        print(f"seed {seed}: saved {saved['radgrad'] / saved['plain']:.3f}, "
+              f"peak {peaks['radgrad'] / peaks['plain']:.3f}, "
               f"step {step['radgrad'] / step['plain']:.2f}x ({step['plain'] * 1e3:.0f} ms plain), final loss "
               f"{final['plain']:.4f} plain, {final['radgrad']:.4f} radgrad "
               f"({final['radgrad'] / final['plain'] - 1:+.2%})", flush=True)
