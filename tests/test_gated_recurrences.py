@@ -160,3 +160,37 @@ def test_gru_skips_bidirectional_and_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match=r"expected weight \(3H, H\), v \(T, B, 3H\), h0 \(B, H\), bias \(3H,\); "
                                          r"got weight \(9, 3\), v \(4, 2, 9\), h0 \(2, 3\), bias \(3,\)"):
         radgrad.functional.gru_recurrence(torch.randn(4, 2, 9), torch.zeros(2, 3), w, torch.zeros(3))
+
+
+def _recurrence(kind, v, h0, weight):
+    config = radgrad.SketchConfig(method="quantize")
+    if kind == "LSTM":
+        return radgrad.functional.lstm_recurrence(v, h0, h0 * 0.5, weight, config)
+    return radgrad.functional.gru_recurrence(v, h0, weight, None, config)
+
+
+@KINDS
+@pytest.mark.parametrize("layout", ["empty-batch", "strided", "expanded-state", "meta"])
+def test_recurrence_takes_any_layout(kind, layout):
+    gates = 4 if kind == "LSTM" else 3
+    device = "meta" if layout == "meta" else "cpu"
+    batch = 0 if layout == "empty-batch" else 2
+    v = torch.randn(5, batch, 2 * gates * 3, device=device)[..., ::2] if layout == "strided" else \
+        torch.randn(5, batch, gates * 3, device=device)
+    h0 = torch.randn(1, 3).expand(batch, 3) if layout == "expanded-state" else torch.randn(batch, 3, device=device)
+    v, h0 = v.requires_grad_(), h0.requires_grad_()
+    weight = torch.randn(gates * 3, 3, device=device, requires_grad=True)
+
+    def run(v, h0):
+        torch.manual_seed(1)
+        outputs = _recurrence(kind, v, h0, weight)
+        return outputs, torch.autograd.grad(sum(o.square().sum() for o in outputs), (v, h0, weight))
+
+    outputs, grads = run(v, h0)
+    assert outputs[0].shape == (5, batch, 3) and all(o.shape == (batch, 3) for o in outputs[1:])
+    assert [g.shape for g in grads] == [v.shape, h0.shape, weight.shape]
+    if device == "cpu":  # the same draws give the same gradients as contiguous inputs
+        want_outputs, want = run(v.detach().contiguous().requires_grad_(), h0.detach().contiguous().requires_grad_())
+        assert all(torch.equal(a, b) for a, b in zip(outputs, want_outputs))
+        assert all(torch.equal(a, b) for a, b in zip(grads, want))
+        assert batch or grads[2].abs().sum() == 0  # no examples: no gradient

@@ -46,7 +46,7 @@ class _GRU(_RADFunction):
                 previous = output[t - 1] if t else h0
                 u = (torch.mm(previous, weight.t()) if bias is None else torch.addmm(bias, previous, weight.t()))
                 u = u.view(batch, 3, hidden)
-                a, x = gates[t - lo], v[t].view(batch, 3, hidden)
+                a, x = gates[t - lo], v[t].reshape(batch, 3, hidden)
                 a[:, :2] = (x[:, :2] + u[:, :2]).sigmoid_()
                 recurrent_n[t - lo] = u[:, 2]
                 a[:, 2] = torch.addcmul(x[:, 2], a[:, 0], u[:, 2]).tanh_()
