@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from radgrad.functional._base import _DEFAULT, _EXACT, _RADFunction, _check_config, _packed, _sketch_from
-from radgrad.functional._lstm import _CHUNK, _check_shapes, _coefficient_config
+from radgrad.functional._base import _DEFAULT, _EXACT, _RADFunction, _check_config
+from radgrad.functional._lstm import _CHUNK, _check_shapes, _coefficient_config, _pack_chunk, _save_chunks
 from radgrad.functional._recurrence import _chunks, _previous_states
-from radgrad.saved import save_for_backward, saved_tensors
+from radgrad.saved import saved_tensors
 from radgrad.sketch import SketchConfig
 
 __all__ = ["gru_recurrence"]
@@ -59,25 +59,14 @@ class _GRU(_RADFunction):
             coeff[:, :, 2] = recurrent_n * (r * (1 - r))
             coeff[:, :, 3] = r
             coeff[:, :, 4] = z
-            tied, *packed = _packed(tied, previous, config, 2)
-            parts += packed
-            tied, *packed = _packed(tied, coeff, coefficients, 3, fresh=True)
-            parts += packed
+            tied = _pack_chunk(tied, parts, output, h0, lo, hi, coeff, config, coefficients)
         return tied, output[-1].clone(), *parts
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
         v, h0, weight, bias, config, coefficients = inputs
-        output, parts = outputs[0], outputs[2:]
-        chunks = _chunks(v.shape[0], _CHUNK)
-        ctx.chunks, ctx.shape, ctx.has_bias = chunks, v.shape, bias is not None
-        saved = [weight]
-        for n, (lo, hi) in enumerate(chunks):
-            previous = _previous_states(output, h0, lo, hi)
-            saved.append(_sketch_from(ctx, parts[6 * n:6 * n + 3], previous, config, 2))
-            shape = torch.Size((hi - lo, v.shape[1], 5, h0.shape[-1]))
-            saved.append(_sketch_from(ctx, parts[6 * n + 3:6 * n + 6], shape, coefficients, 3, v.dtype))
-        save_for_backward(ctx, *saved)
+        ctx.has_bias = bias is not None
+        _save_chunks(ctx, v, h0, weight, outputs[0], outputs[2:], config, coefficients, 5)
 
     @staticmethod
     def backward(ctx, grad_output, grad_h, *_):

@@ -80,25 +80,13 @@ class _LSTM(_RADFunction):
             coeff[:, :, 4] = o * (1 - tanh_cells.square())
             coeff[:, :, 5] = f
             c = c.clone()
-            tied, *packed = _packed(tied, _previous_states(output, h0, lo, hi), config, 2)
-            parts += packed
-            tied, *packed = _packed(tied, coeff, coefficients, 3, fresh=True)
-            parts += packed
+            tied = _pack_chunk(tied, parts, output, h0, lo, hi, coeff, config, coefficients)
         return tied, output[-1].clone(), c, *parts
 
     @staticmethod
     def setup_context(ctx, inputs, outputs):
         v, h0, c0, weight, config, coefficients = inputs
-        output, parts = outputs[0], outputs[3:]
-        chunks = _chunks(v.shape[0], _CHUNK)
-        ctx.chunks, ctx.shape = chunks, v.shape
-        saved = [weight]
-        for n, (lo, hi) in enumerate(chunks):
-            previous = _previous_states(output, h0, lo, hi)
-            saved.append(_sketch_from(ctx, parts[6 * n:6 * n + 3], previous, config, 2))
-            shape = torch.Size((hi - lo, v.shape[1], 6, h0.shape[-1]))
-            saved.append(_sketch_from(ctx, parts[6 * n + 3:6 * n + 6], shape, coefficients, 3, v.dtype))
-        save_for_backward(ctx, *saved)
+        _save_chunks(ctx, v, h0, weight, outputs[0], outputs[3:], config, coefficients, 6)
 
     @staticmethod
     def backward(ctx, grad_output, grad_h, grad_c, *_):
@@ -120,6 +108,32 @@ class _LSTM(_RADFunction):
                 carry_h = grad_v[t].mm(weight)
             grad_weight.addmm_(grad_v[lo:hi].flatten(0, 1).t(), previous.flatten(0, 1))
         return grad_v, carry_h, carry_c, grad_weight, None, None
+
+
+def _pack_chunk(tied: Tensor, parts: list[Tensor | None], output: Tensor, h0: Tensor, lo: int, hi: int,
+                coeff: Tensor, config: SketchConfig, coefficients: SketchConfig) -> Tensor:
+    """``tied`` tied to the sketches of steps ``lo .. hi``: their previous states and their
+    coefficients ``coeff``, whose tensors are appended to ``parts`` (six per chunk)."""
+    tied, *packed = _packed(tied, _previous_states(output, h0, lo, hi), config, 2)
+    parts += packed
+    tied, *packed = _packed(tied, coeff, coefficients, 3, fresh=True)
+    parts += packed
+    return tied
+
+
+def _save_chunks(ctx, v: Tensor, h0: Tensor, weight: Tensor, output: Tensor, parts: tuple, config: SketchConfig,
+                 coefficients: SketchConfig, count: int) -> None:
+    """Save ``weight`` and, chunk by chunk, the sketches :func:`_pack_chunk` made (``count``
+    coefficients per step and unit); ``ctx.chunks`` and ``ctx.shape`` for the backward pass."""
+    chunks = _chunks(v.shape[0], _CHUNK)
+    ctx.chunks, ctx.shape = chunks, v.shape
+    saved = [weight]
+    for n, (lo, hi) in enumerate(chunks):
+        previous = _previous_states(output, h0, lo, hi)
+        saved.append(_sketch_from(ctx, parts[6 * n:6 * n + 3], previous, config, 2))
+        shape = torch.Size((hi - lo, v.shape[1], count, h0.shape[-1]))
+        saved.append(_sketch_from(ctx, parts[6 * n + 3:6 * n + 6], shape, coefficients, 3, v.dtype))
+    save_for_backward(ctx, *saved)
 
 
 def _check_shapes(name: str, gates: int, v: Tensor, weight: Tensor, **others: tuple[Tensor | None, str]) -> None:
