@@ -19,7 +19,9 @@ def _problem(kind, layers=2, batch=3, steps=7, seed=0, **kwargs):
     module = getattr(nn, kind)(5, 4, num_layers=layers, **kwargs).double()
     shape = (batch, steps, 5) if kwargs.get("batch_first") else (steps, batch, 5)
     x = torch.randn(shape, dtype=torch.float64)
-    states = [0.5 * torch.randn(layers, batch, 4, dtype=torch.float64) for _ in range(2 if kind == "LSTM" else 1)]
+    directions = 2 if kwargs.get("bidirectional") else 1
+    states = [0.5 * torch.randn(layers * directions, batch, 4, dtype=torch.float64)
+              for _ in range(2 if kind == "LSTM" else 1)]
     return module, x, states
 
 
@@ -69,8 +71,9 @@ def test_recurrence_with_exact_coefficients_equals_torch_float64(kind):
                          ids=config_id)
 def test_every_gradient_is_unbiased(kind, config):
     # every gradient is estimated: the coefficients of the backward pass through time are
-    # rounded at every step, the weights' also read sketches of the inputs and states
-    module, x, states = _problem(kind, steps=12)
+    # rounded at every step, the weights' also read sketches of the inputs and states;
+    # bidirectional: the second layer reads both directions of the first
+    module, x, states = _problem(kind, steps=12, bidirectional=True)
     exact = _flat(_grads(module, x, states))
     radgrad.convert(module, **options(config))
     assert type(module) is getattr(radgrad.nn, kind)
@@ -80,8 +83,9 @@ def test_every_gradient_is_unbiased(kind, config):
 
 
 @KINDS
-def test_training_outputs_are_torchs_and_eval_runs_torch_itself(kind):
-    module, x, states = _problem(kind, batch_first=True)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_training_outputs_are_torchs_and_eval_runs_torch_itself(kind, bidirectional):
+    module, x, states = _problem(kind, batch_first=True, bidirectional=bidirectional)
     plain = copy.deepcopy(module)
     params = list(module.parameters())
     radgrad.convert(module, method="quantize")
@@ -121,15 +125,13 @@ def test_saves_compressed_coefficients_and_sketches(kind, coefficients):
     assert codes <= rad.total < 1.5 * codes and rad.total < 0.15 * exact
 
 
-def test_convert_skips_bidirectional_and_projections_and_bad_input_is_a_clear_error():
-    for plain in (nn.LSTM(2, 3, bidirectional=True), nn.LSTM(2, 3, proj_size=2)):
-        with pytest.warns(UserWarning, match=r"left exact: \(model\) \(LSTM\)"):
-            assert type(radgrad.convert(plain)) is nn.LSTM
-        assert radgrad.coverage(plain).exact == {"": "LSTM: its settings are not supported by radgrad.nn.LSTM"}
+def test_convert_skips_projections_and_bad_input_is_a_clear_error():
+    plain = nn.LSTM(2, 3, proj_size=2)
+    with pytest.warns(UserWarning, match=r"left exact: \(model\) \(LSTM\)"):
+        assert type(radgrad.convert(plain)) is nn.LSTM
+    assert radgrad.coverage(plain).exact == {"": "LSTM: its settings are not supported by radgrad.nn.LSTM"}
     with pytest.raises(ValueError, match="radgrad.nn.LSTM: proj_size > 0 is not supported"):
         radgrad.nn.LSTM(2, 3, proj_size=2)
-    with pytest.raises(ValueError, match="radgrad.nn.LSTM: bidirectional=True and proj_size > 0 are not supported"):
-        radgrad.nn.LSTM(2, 3, proj_size=2, bidirectional=True)
     lstm = radgrad.nn.LSTM(2, 3, keep=0.5)
     with pytest.raises(TypeError, match="radgrad.nn.LSTM: PackedSequence inputs are not supported"):
         lstm(nn.utils.rnn.pack_sequence([torch.randn(4, 2), torch.randn(2, 2)]))
@@ -144,13 +146,7 @@ def test_convert_skips_bidirectional_and_projections_and_bad_input_is_a_clear_er
                                            coefficient_bits=3)
 
 
-def test_gru_skips_bidirectional_and_bad_input_is_a_clear_error():
-    plain = nn.GRU(2, 3, bidirectional=True)
-    with pytest.warns(UserWarning, match=r"left exact: \(model\) \(GRU\)"):
-        assert type(radgrad.convert(plain)) is nn.GRU
-    assert radgrad.coverage(plain).exact == {"": "GRU: its settings are not supported by radgrad.nn.GRU"}
-    with pytest.raises(ValueError, match="radgrad.nn.GRU: bidirectional=True is not supported"):
-        radgrad.nn.GRU(2, 3, bidirectional=True)
+def test_gru_bad_input_is_a_clear_error():
     gru = radgrad.nn.GRU(2, 3, keep=0.5)
     with pytest.raises(TypeError, match="radgrad.nn.GRU: PackedSequence inputs are not supported"):
         gru(nn.utils.rnn.pack_sequence([torch.randn(4, 2), torch.randn(2, 2)]))

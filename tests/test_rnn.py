@@ -13,11 +13,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
-def _problem(nonlinearity="relu", layers=2, seed=0, batch=2):
+def _problem(nonlinearity="relu", layers=2, seed=0, batch=2, bidirectional=False):
     torch.manual_seed(seed)
-    rnn = nn.RNN(3, 4, num_layers=layers, nonlinearity=nonlinearity).double()
+    rnn = nn.RNN(3, 4, num_layers=layers, nonlinearity=nonlinearity, bidirectional=bidirectional).double()
     x = torch.randn(6, batch, 3, dtype=torch.float64)  # (T, B, features)
-    h0 = 0.1 * torch.randn(layers, batch, 4, dtype=torch.float64)
+    h0 = 0.1 * torch.randn(layers * (2 if bidirectional else 1), batch, 4, dtype=torch.float64)
     return rnn, x, h0
 
 
@@ -135,11 +135,11 @@ def test_weight_gradients_are_unbiased(config):
     assert_unbiased(samples[:, weights], exact[weights])
 
 
-@pytest.mark.parametrize("nonlinearity", ["relu", "tanh"])
-def test_outputs_input_state_and_bias_gradients_are_exact(nonlinearity):
+@pytest.mark.parametrize("nonlinearity,bidirectional", [("relu", False), ("tanh", False), ("relu", True)])
+def test_outputs_input_state_and_bias_gradients_are_exact(nonlinearity, bidirectional):
     # Not bitwise: torch's RNN kernel adds the two biases in another order, so
     # the tolerance is a few float64 roundings.
-    rnn, x, h0 = _problem(nonlinearity)
+    rnn, x, h0 = _problem(nonlinearity, bidirectional=bidirectional)
     expected_out = rnn(x, h0)
     expected = _grads(rnn, x, h0)
     radgrad.convert(rnn, keep=0.2)
@@ -184,15 +184,10 @@ def test_batch_first_unbatched_no_bias_and_dropout():
     assert twin.state_dict().keys() == rnn.state_dict().keys()
 
 
-def test_convert_handles_rnn_and_skips_bidirectional():
+def test_convert_handles_rnn_bidirectional_too():
     model = nn.Sequential(nn.RNN(2, 3))
     assert type(radgrad.convert(model)[0]) is radgrad.nn.RNN
-    bidirectional = nn.RNN(2, 3, bidirectional=True)
-    with pytest.warns(UserWarning, match=r"left exact: \(model\) \(RNN\)"):
-        assert type(radgrad.convert(bidirectional)) is nn.RNN
-    assert radgrad.coverage(bidirectional).exact == {"": "RNN: its settings are not supported by radgrad.nn.RNN"}
-    with pytest.raises(ValueError, match="bidirectional=True is not supported"):
-        radgrad.nn.RNN(2, 3, bidirectional=True)
+    assert type(radgrad.convert(nn.RNN(2, 3, bidirectional=True))) is radgrad.nn.RNN
 
 
 def test_packed_sequences_are_a_clear_error():

@@ -52,7 +52,7 @@ def convert(
     convolution) becomes a subclass of both its class and the radgrad twin;
     one with its own ``forward`` is left alone, as are the children of
     ``nn.MultiheadAttention``, ``MaxPool1d/2d/3d(return_indices=True)`` and
-    bidirectional RNNs.
+    LSTMs with ``proj_size``.
     Lazy modules (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) not yet
     materialized become RAD layers on their first forward.
 

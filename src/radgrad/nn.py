@@ -295,15 +295,12 @@ class _Recurrent(_Sketched):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        unsupported = [name for name, value in (("bidirectional=True", self.bidirectional),
-                                                ("proj_size > 0", getattr(self, "proj_size", 0))) if value]
-        if unsupported:
-            raise ValueError(f"radgrad.nn.{self._torch_name}: {' and '.join(unsupported)} "
-                             f"{'is' if len(unsupported) == 1 else 'are'} not supported")
+        if getattr(self, "proj_size", 0):
+            raise ValueError(f"radgrad.nn.{self._torch_name}: proj_size > 0 is not supported")
 
     @classmethod
     def convertible(cls, module: nn.Module) -> bool:
-        return not module.bidirectional and not getattr(module, "proj_size", 0)
+        return not getattr(module, "proj_size", 0)
 
     def forward(self, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Any]:
         if not self._randomized():
@@ -316,19 +313,20 @@ class _Recurrent(_Sketched):
         return self.training and torch.is_grad_enabled() and not self.sketch.exact \
             and any(p.requires_grad for p in self.parameters())
 
-    def _recurrence(self, layer: int, v: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
-        """Layer ``layer`` over all steps: ``v`` its input projections (input bias included),
-        ``states`` its initial states; returns the outputs, then the last states."""
+    def _recurrence(self, layer: str, v: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
+        """Layer ``layer`` (``"0"``, ``"0_reverse"``, ...) over all steps: ``v`` its input projections
+        (input bias included), ``states`` its initial states; returns the outputs, then the last states."""
         raise NotImplementedError
 
-    def _hidden(self, layer: int) -> tuple[Tensor, Tensor | None]:
+    def _hidden(self, layer: str) -> tuple[Tensor, Tensor | None]:
         """Layer ``layer``'s hidden-to-hidden weight and bias (None without biases)."""
         return getattr(self, f"weight_hh_l{layer}"), getattr(self, f"bias_hh_l{layer}") if self.bias else None
 
     def _layers(self, input: Tensor, states: tuple[Tensor, ...] | None,
                 count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
-        """The outputs of the last layer and the last states of every layer (``count`` kinds:
-        hidden, and cell for an LSTM), as torch's module returns them."""
+        """The outputs of the last layer and the last states of every layer and direction
+        (``count`` kinds: hidden, and cell for an LSTM), as torch's module returns them. A
+        bidirectional layer runs its reverse direction on the reversed sequence."""
         if not isinstance(input, Tensor):
             raise TypeError(f"radgrad.nn.{self._torch_name}: PackedSequence inputs are not supported; "
                             "exclude this module from radgrad.convert()")
@@ -337,14 +335,21 @@ class _Recurrent(_Sketched):
             input, states = input.unsqueeze(1), None if states is None else tuple(s.unsqueeze(1) for s in states)
         elif self.batch_first:
             input = input.transpose(0, 1)
+        directions = 2 if self.bidirectional else 1
         if states is None:
-            states = (input.new_zeros(self.num_layers, input.shape[1], self.hidden_size),) * count
+            states = (input.new_zeros(self.num_layers * directions, input.shape[1], self.hidden_size),) * count
         last = []
         for layer in range(self.num_layers):
-            b_ih = getattr(self, f"bias_ih_l{layer}") if self.bias else None
-            v = RF.linear(input, getattr(self, f"weight_ih_l{layer}"), b_ih, self.sketch)
-            input, *ends = self._recurrence(layer, v, [s[layer] for s in states])
-            last.append(ends)
+            outputs = []
+            for direction, suffix in enumerate(("", "_reverse")[:directions]):
+                name = f"{layer}{suffix}"
+                b_ih = getattr(self, f"bias_ih_l{name}") if self.bias else None
+                sequence = input.flip(0) if direction else input
+                v = RF.linear(sequence, getattr(self, f"weight_ih_l{name}"), b_ih, self.sketch)
+                output, *ends = self._recurrence(name, v, [s[layer * directions + direction] for s in states])
+                outputs.append(output.flip(0) if direction else output)
+                last.append(ends)
+            input = outputs[0] if directions == 1 else torch.cat(outputs, -1)
             if self.dropout and layer < self.num_layers - 1:
                 input = nn.functional.dropout(input, self.dropout, training=True)
         ends = tuple(torch.stack(kind) for kind in zip(*last))
@@ -369,16 +374,16 @@ class RNN(_Recurrent, nn.RNN):
     are stored in full (the tanh derivative needs them), so the recurrent
     weight gradient is exact too and only the input weights are randomized.
 
-    Not supported: ``bidirectional=True``, ``proj_size`` (LSTM only) and
-    ``PackedSequence`` inputs. See :func:`radgrad.models.irnn_init_` for the
-    IRNN initialisation.
+    A bidirectional layer runs its reverse direction on the reversed
+    sequence. Not supported: ``PackedSequence`` inputs. See
+    :func:`radgrad.models.irnn_init_` for the IRNN initialisation.
 
     Args:
         keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
         Other arguments as ``torch.nn.RNN``.
     """
 
-    def _recurrence(self, layer: int, v: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
+    def _recurrence(self, layer: str, v: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
         weight, bias = self._hidden(layer)
         return RF.recurrence(v if bias is None else v + bias, states[0], weight, self.nonlinearity, self.sketch)
 
@@ -554,7 +559,7 @@ class LSTM(_Recurrent, nn.LSTM):
     another order; in eval mode, under ``no_grad`` or with an exact config
     torch's own LSTM runs).
 
-    Not supported: ``bidirectional=True``, ``proj_size`` and ``PackedSequence`` inputs.
+    Not supported: ``proj_size`` and ``PackedSequence`` inputs.
 
     Args:
         keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
@@ -563,7 +568,7 @@ class LSTM(_Recurrent, nn.LSTM):
 
     _states = 2
 
-    def _recurrence(self, layer: int, v: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
+    def _recurrence(self, layer: str, v: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
         weight, bias = self._hidden(layer)
         return RF.lstm_recurrence(v if bias is None else v + bias, states[0], states[1], weight, self.sketch)
 
@@ -580,14 +585,14 @@ class GRU(_Recurrent, nn.GRU):
     then an unbiased estimate; the outputs are torch's up to rounding (in
     eval mode, under ``no_grad`` or with an exact config torch's own GRU runs).
 
-    Not supported: ``bidirectional=True`` and ``PackedSequence`` inputs.
+    Not supported: ``PackedSequence`` inputs.
 
     Args:
         keep, method, per_example, bits: see :class:`radgrad.SketchConfig`.
         Other arguments as ``torch.nn.GRU``.
     """
 
-    def _recurrence(self, layer: int, v: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
+    def _recurrence(self, layer: str, v: Tensor, states: list[Tensor]) -> tuple[Tensor, ...]:
         weight, bias = self._hidden(layer)
         return RF.gru_recurrence(v, states[0], weight, bias, self.sketch)
 
