@@ -306,7 +306,7 @@ class _Recurrent(_Sketched):
         if not self._randomized():
             return super().forward(input, hx)
         states = None if hx is None else tuple(hx) if self._states > 1 else (hx,)
-        output, last = self._layers(input, states, self._states)
+        output, last = self._layers(input, states)
         return output, (last if self._states > 1 else last[0])
 
     def _randomized(self) -> bool:
@@ -322,10 +322,9 @@ class _Recurrent(_Sketched):
         """Layer ``layer``'s hidden-to-hidden weight and bias (None without biases)."""
         return getattr(self, f"weight_hh_l{layer}"), getattr(self, f"bias_hh_l{layer}") if self.bias else None
 
-    def _layers(self, input: Tensor, states: tuple[Tensor, ...] | None,
-                count: int) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def _layers(self, input: Tensor, states: tuple[Tensor, ...] | None) -> tuple[Tensor, tuple[Tensor, ...]]:
         """The outputs of the last layer and the last states of every layer and direction
-        (``count`` kinds: hidden, and cell for an LSTM), as torch's module returns them. A
+        (``_states`` kinds: hidden, and cell for an LSTM), as torch's module returns them. A
         bidirectional layer runs its reverse direction on the reversed sequence."""
         if not isinstance(input, Tensor):
             raise TypeError(f"radgrad.nn.{self._torch_name}: PackedSequence inputs are not supported; "
@@ -337,7 +336,7 @@ class _Recurrent(_Sketched):
             input = input.transpose(0, 1)
         directions = 2 if self.bidirectional else 1
         if states is None:
-            states = (input.new_zeros(self.num_layers * directions, input.shape[1], self.hidden_size),) * count
+            states = (input.new_zeros(self.num_layers * directions, input.shape[1], self.hidden_size),) * self._states
         last = []
         for layer in range(self.num_layers):
             outputs = []

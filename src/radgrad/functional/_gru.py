@@ -59,7 +59,7 @@ class _GRU(_RADFunction):
             coeff[:, :, 2] = recurrent_n * (r * (1 - r))
             coeff[:, :, 3] = r
             coeff[:, :, 4] = z
-            tied = _pack_chunk(tied, parts, output, h0, lo, hi, coeff, config, coefficients)
+            tied = _pack_chunk(tied, parts, previous, coeff, config, coefficients)
         return tied, output[-1].clone(), *parts
 
     @staticmethod
@@ -120,7 +120,7 @@ def gru_recurrence(
     """
     _check_config("functional.gru_recurrence", config)
     coefficients = _coefficient_config(coefficient_bits)
-    _check_shapes("gru_recurrence", 3, v, weight, h0=(h0, "(B, H)"), bias=(bias, "(3H,)"))
+    _check_shapes("gru_recurrence", 3, v, weight, {"h0": h0}, {"bias": bias})
     if not (weight.requires_grad and torch.is_grad_enabled()):
         config = _EXACT  # nothing reads the states but dL/dW: store no sketch
     return tuple(_GRU.run(v, h0, weight, bias, config, coefficients)[:2])

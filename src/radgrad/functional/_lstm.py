@@ -80,7 +80,7 @@ class _LSTM(_RADFunction):
             coeff[:, :, 4] = o * (1 - tanh_cells.square())
             coeff[:, :, 5] = f
             c = c.clone()
-            tied = _pack_chunk(tied, parts, output, h0, lo, hi, coeff, config, coefficients)
+            tied = _pack_chunk(tied, parts, _previous_states(output, h0, lo, hi), coeff, config, coefficients)
         return tied, output[-1].clone(), c, *parts
 
     @staticmethod
@@ -110,11 +110,11 @@ class _LSTM(_RADFunction):
         return grad_v, carry_h, carry_c, grad_weight, None, None
 
 
-def _pack_chunk(tied: Tensor, parts: list[Tensor | None], output: Tensor, h0: Tensor, lo: int, hi: int,
-                coeff: Tensor, config: SketchConfig, coefficients: SketchConfig) -> Tensor:
-    """``tied`` tied to the sketches of steps ``lo .. hi``: their previous states and their
+def _pack_chunk(tied: Tensor, parts: list[Tensor | None], previous: Tensor, coeff: Tensor, config: SketchConfig,
+                coefficients: SketchConfig) -> Tensor:
+    """``tied`` tied to the sketches of a chunk of steps: its ``previous`` states and its
     coefficients ``coeff``, whose tensors are appended to ``parts`` (six per chunk)."""
-    tied, *packed = _packed(tied, _previous_states(output, h0, lo, hi), config, 2)
+    tied, *packed = _packed(tied, previous, config, 2)
     parts += packed
     tied, *packed = _packed(tied, coeff, coefficients, 3, fresh=True)
     parts += packed
@@ -136,23 +136,22 @@ def _save_chunks(ctx, v: Tensor, h0: Tensor, weight: Tensor, output: Tensor, par
     save_for_backward(ctx, *saved)
 
 
-def _check_shapes(name: str, gates: int, v: Tensor, weight: Tensor, **others: tuple[Tensor | None, str]) -> None:
+def _check_shapes(name: str, gates: int, v: Tensor, weight: Tensor, states: dict[str, Tensor],
+                  biases: dict[str, Tensor | None] | None = None) -> None:
     """Raise a ValueError naming ``name`` unless ``v`` is ``(T, B, gates H)`` with ``T >= 1``, ``weight``
-    ``(gates H, H)`` and each of ``others`` (a tensor or None, and its shape in ``B`` and ``H``) fits."""
+    ``(gates H, H)``, every tensor of ``states`` ``(B, H)`` and every bias that is not None ``(gates H,)``."""
     if v.dim() != 3 or v.shape[0] == 0:
         raise ValueError(f"radgrad.functional.{name}: v must be (T, B, {gates}H) with T >= 1, "
                          f"got shape {tuple(v.shape)}")
-    sizes = {"T": v.shape[0], "B": v.shape[1], "H": weight.shape[-1]}
-    wanted = {"weight": (weight, f"({gates}H, H)"), "v": (v, f"(T, B, {gates}H)"), **others}
-
-    def shape(text: str) -> tuple[int, ...]:
-        return tuple(int(d[:-1] or 1) * sizes[d[-1]] if d[-1] in sizes else int(d)
-                     for d in text.strip("(,)").replace(" ", "").split(",") if d)
-
-    if any(t is not None and tuple(t.shape) != shape(text) for t, text in wanted.values()):
+    batch, hidden = v.shape[1], weight.shape[-1]
+    wanted = {"weight": (weight, f"({gates}H, H)", (gates * hidden, hidden)),
+              "v": (v, f"(T, B, {gates}H)", (v.shape[0], batch, gates * hidden)),
+              **{k: (t, "(B, H)", (batch, hidden)) for k, t in states.items()},
+              **{k: (t, f"({gates}H,)", (gates * hidden,)) for k, t in (biases or {}).items()}}
+    if any(t is not None and tuple(t.shape) != shape for t, _, shape in wanted.values()):
         raise ValueError(
-            f"radgrad.functional.{name}: expected " + ", ".join(f"{k} {text}" for k, (_, text) in wanted.items())
-            + "; got " + ", ".join(f"{k} {None if t is None else tuple(t.shape)}" for k, (t, _) in wanted.items()))
+            f"radgrad.functional.{name}: expected " + ", ".join(f"{k} {text}" for k, (_, text, _) in wanted.items())
+            + "; got " + ", ".join(f"{k} {None if t is None else tuple(t.shape)}" for k, (t, _, _) in wanted.items()))
 
 
 def _coefficient_config(coefficient_bits: int | None) -> SketchConfig:
@@ -186,7 +185,7 @@ def lstm_recurrence(
     """
     _check_config("functional.lstm_recurrence", config)
     coefficients = _coefficient_config(coefficient_bits)
-    _check_shapes("lstm_recurrence", 4, v, weight, h0=(h0, "(B, H)"), c0=(c0, "(B, H)"))
+    _check_shapes("lstm_recurrence", 4, v, weight, {"h0": h0, "c0": c0})
     if not (weight.requires_grad and torch.is_grad_enabled()):
         config = _EXACT  # nothing reads the states but dL/dW: store no sketch
     return tuple(_LSTM.run(v, h0, c0, weight, config, coefficients)[:3])
